@@ -1,0 +1,1 @@
+"""Run-time inference: KV cache, sampling, detokenization, the batched generation loop."""

@@ -1,0 +1,65 @@
+"""The engine's request and output types: the one interface between the server and the engine."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (validated at the HTTP boundary; the engine trusts them)."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    seed: int | None = None  # same seed + same prompt + same params = same output
+    repetition_penalty: float = 1.0  # >1 discourages tokens already in prompt or output (CTRL-style)
+    presence_penalty: float = 0.0  # OpenAI: subtract once if the token appeared in the output
+    frequency_penalty: float = 0.0  # OpenAI: subtract count times
+    stop: list[str] = field(default_factory=list)  # stop strings, not returned in the text
+    stop_token_ids: list[int] = field(default_factory=list)
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: chosen token's logprob plus top-k alternatives
+    prompt_logprobs: int | None = None  # same, for every prompt token (the first one has none)
+
+
+@dataclass
+class GenerationRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+
+
+@dataclass
+class TokenLogprob:
+    """One position: the token taken, its logprob, and the top alternatives (token_id -> logprob)."""
+
+    token_id: int
+    token: str  # the token's text piece as the tokenizer decodes it alone
+    logprob: float
+    top: dict[int, float] = field(default_factory=dict)
+
+
+@dataclass
+class GenerationOutput:
+    """One event of a request's stream: new text since the last event, and the final state when done.
+
+    `text` is a delta that never splits a UTF-8 character and never contains (part of) a stop string.
+    `finish_reason`: None while running, then "stop" (EOS or stop string), "length", "cancelled" or "error".
+    """
+
+    request_id: str
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)  # tokens generated since the last event
+    logprobs: list[TokenLogprob] | None = None  # one per token in token_ids when requested
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # only on the first event; first entry None
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0  # total so far
+    queue_wait_s: float | None = None  # set on the first event: seconds between submit and prefill start
+
+
+class EngineError(Exception):
+    """A request the engine refuses (e.g. prompt longer than the context); the server maps it to a 400."""

@@ -1,0 +1,211 @@
+"""The Llama-family decoder in plain PyTorch (Llama 2/3, Mistral, Qwen2, SmolLM).
+
+Module names mirror the Hugging Face checkpoints (`model.layers.0.self_attn.q_proj`, ...), so a
+state dict loads as is and quantization can swap any `nn.Linear` for a quantized module by name.
+The model knows nothing of quantization or serving.
+
+Shapes: B batch rows, T new tokens per row, L cached length, H query heads, Hkv kv heads, D head dim.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in fp32 as transformers does, then cast back before the scale.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> Tensor:
+    """Inverse frequencies (D/2,), with the configured scaling (none, linear, llama3)."""
+    d = config.head_dim
+    inv = 1.0 / (config.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    s = config.rope_scaling
+    if not s:
+        return inv.float()
+    kind = s.get("rope_type", s.get("type", "default"))
+    if kind == "default":
+        return inv.float()
+    if kind == "linear":
+        return (inv / s["factor"]).float()
+    if kind == "llama3":
+        # Llama 3.1: long wavelengths are slowed by `factor`, short kept, the band between blended.
+        factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+        old = s["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        smooth = (old / wavelen - low) / (high - low)
+        blended = (1 - smooth) * inv / factor + smooth * inv
+        out = torch.where(wavelen > old / low, inv / factor, blended)
+        out = torch.where(wavelen < old / high, inv, out)
+        return out.float()
+    raise ValueError(f"unsupported rope_scaling type {kind!r} (supported: default, linear, llama3)")
+
+
+def rotate_half(x: Tensor) -> Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class KVCache(nn.Module):
+    """Preallocated keys and values of one layer: (slots, Hkv, max_seq_len, D).
+
+    A slot is one sequence; the engine assigns slots and positions.
+    """
+
+    def __init__(self, slots: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> None:
+        super().__init__()
+        shape = (slots, kv_heads, max_seq_len, head_dim)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    def update(self, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, T, Hkv, D) at `positions` (B, T) of `slots` (B,); return (B, Hkv, length, D) views."""
+        self.k[slots[:, None], :, positions] = k
+        self.v[slots[:, None], :, positions] = v
+        b = slots.numel()
+        first = int(slots[0])
+        if b == 1 or bool((slots == torch.arange(first, first + b, device=slots.device)).all()):
+            return self.k[first:first + b, :, :length], self.v[first:first + b, :, :length]  # no copy
+        return self.k[slots, :, :length], self.v[slots, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hd, bias = config.head_dim, config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.n_heads * hd, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=bias)
+        self.o_proj = nn.Linear(self.n_heads * hd, config.hidden_size, bias=False)
+        self.kv_cache: KVCache | None = None
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, slots: Tensor | None,
+                length: int) -> Tensor:
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
+        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D)
+        q = (q * cos + rotate_half(q) * sin).to(v.dtype)
+        k = (k * cos + rotate_half(k) * sin).to(v.dtype)
+        q = q.transpose(1, 2)  # (B, H, T, D)
+        if self.kv_cache is None or positions is None:
+            # No cache: one causal window (evaluation, calibration).
+            k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        else:
+            keys, values = self.kv_cache.update(slots, positions, k, v, length)  # (B, Hkv, L, D)
+            # Row b, query t sees cached keys 0..positions[b, t].
+            mask = torch.arange(length, device=x.device)[None, None, None, :] <= positions[:, None, :, None]
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                               enable_gqa=self.n_kv_heads != self.n_heads)
+        y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*D)
+        return self.o_proj(y)
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.self_attn = Attention(config)
+        self.mlp = MLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, slots: Tensor | None,
+                length: int) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, slots, length)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    """`model.*` in HF names: embeddings, decoder layers, final norm."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.max_seq_len = 0
+
+    def setup_cache(self, slots: int, max_seq_len: int) -> None:
+        """Allocate a KV cache of `slots` sequences of up to `max_seq_len` tokens each."""
+        p = self.lm_head.weight
+        dtype = p.dtype if p.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = KVCache(slots, self.config.num_key_value_heads, max_seq_len,
+                                               self.config.head_dim, dtype, p.device)
+        self.max_seq_len = max_seq_len
+
+    def kv_cache_bytes(self) -> int:
+        caches = [layer.self_attn.kv_cache for layer in self.model.layers if layer.self_attn.kv_cache is not None]
+        return sum(c.k.numel() * c.k.element_size() * 2 for c in caches)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, slots: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits for `tokens` (B, T) at `positions` (B, T) in cache `slots` (B,).
+
+        Without positions, the tokens are one causal window at positions 0..T-1 and the cache is not used.
+        Returns (B, T, vocab) logits in fp32, or (B, 1, vocab) with `last_only`.
+        """
+        b, t = tokens.shape
+        if positions is None:
+            pos = torch.arange(t, device=tokens.device).expand(b, t)
+            length = t
+        else:
+            if slots is None:
+                raise ValueError("positions given without cache slots")
+            pos = positions
+            length = int(positions.max()) + 1
+            if length > self.max_seq_len:
+                raise ValueError(f"position {length - 1} is beyond the KV cache ({self.max_seq_len} tokens)")
+        freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        x = self.model.embed_tokens(tokens)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        for layer in self.model.layers:
+            x = layer(x, cos, sin, positions, slots, length)
+        if last_only:
+            x = x[:, -1:]
+        x = self.model.norm(x)
+        return self.lm_head(x).float()
