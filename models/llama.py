@@ -73,15 +73,31 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor, length: int) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, T, Hkv, D) at `positions` (B, T) of `slots` (B,); return (B, Hkv, length, D) views."""
+    def update(self, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor, length: int,
+               rows: slice | Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v (B, T, Hkv, D) at `positions` (B, T) of `slots` (B,); return (B, Hkv, length, D).
+
+        `rows` selects the slots to read: a slice when they are contiguous (a view, no copy), else `slots`.
+        """
         self.k[slots[:, None], :, positions] = k
         self.v[slots[:, None], :, positions] = v
-        b = slots.numel()
-        first = int(slots[0])
-        if b == 1 or bool((slots == torch.arange(first, first + b, device=slots.device)).all()):
-            return self.k[first:first + b, :, :length], self.v[first:first + b, :, :length]  # no copy
-        return self.k[slots, :, :length], self.v[slots, :, :length]
+        return self.k[rows, :, :length], self.v[rows, :, :length]
+
+
+# Up to this many new tokens per row, attention is two small matmuls (CPU SDPA kernels are slow for
+# a single query against a long cache); longer runs (prefill) use SDPA.
+_DECODE_QUERIES = 4
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, mask: Tensor) -> Tensor:
+    """Attention of few queries q (B, H, T, D) on cached keys/values (B, Hkv, L, D); mask (B, 1, T, L)."""
+    b, h, t, d = q.shape
+    hkv = keys.shape[1]
+    qg = q.reshape(b, hkv, (h // hkv) * t, d)  # GQA: the query heads of one kv head side by side
+    scores = (qg @ keys.transpose(-1, -2)) * (d ** -0.5)  # (B, Hkv, H/Hkv*T, L)
+    scores = scores.view(b, hkv, h // hkv, t, -1).masked_fill(~mask[:, :, None], float("-inf"))
+    probs = torch.softmax(scores.float(), dim=-1).to(values.dtype).view(b, hkv, (h // hkv) * t, -1)
+    return (probs @ values).view(b, h, t, d)
 
 
 class Attention(nn.Module):
@@ -98,7 +114,7 @@ class Attention(nn.Module):
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, slots: Tensor | None,
-                length: int) -> Tensor:
+                length: int, rows: slice | Tensor | None) -> Tensor:
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
@@ -112,11 +128,14 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            keys, values = self.kv_cache.update(slots, positions, k, v, length)  # (B, Hkv, L, D)
+            keys, values = self.kv_cache.update(slots, positions, k, v, length, rows)  # (B, Hkv, L, D)
             # Row b, query t sees cached keys 0..positions[b, t].
             mask = torch.arange(length, device=x.device)[None, None, None, :] <= positions[:, None, :, None]
-            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
-                                               enable_gqa=self.n_kv_heads != self.n_heads)
+            if t <= _DECODE_QUERIES:
+                y = decode_attention(q, keys, values, mask)
+            else:
+                y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask,
+                                                   enable_gqa=self.n_kv_heads != self.n_heads)
         y = y.transpose(1, 2).reshape(b, t, self.n_heads * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
@@ -142,8 +161,8 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, slots: Tensor | None,
-                length: int) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, slots, length)
+                length: int, rows: slice | Tensor | None) -> Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, positions, slots, length, rows)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -181,14 +200,13 @@ class Transformer(nn.Module):
         caches = [layer.self_attn.kv_cache for layer in self.model.layers if layer.self_attn.kv_cache is not None]
         return sum(c.k.numel() * c.k.element_size() * 2 for c in caches)
 
-    def forward(self, tokens: Tensor, positions: Tensor | None = None, slots: Tensor | None = None,
-                last_only: bool = False) -> Tensor:
-        """Logits for `tokens` (B, T) at `positions` (B, T) in cache `slots` (B,).
+    def hidden_states(self, tokens: Tensor, positions: Tensor | None = None, slots: Tensor | None = None) -> Tensor:
+        """Final-norm hidden states (B, T, hidden) for `tokens` (B, T) at `positions` (B, T) in cache `slots` (B,).
 
         Without positions, the tokens are one causal window at positions 0..T-1 and the cache is not used.
-        Returns (B, T, vocab) logits in fp32, or (B, 1, vocab) with `last_only`.
         """
         b, t = tokens.shape
+        rows: slice | Tensor | None = None
         if positions is None:
             pos = torch.arange(t, device=tokens.device).expand(b, t)
             length = t
@@ -199,13 +217,21 @@ class Transformer(nn.Module):
             length = int(positions.max()) + 1
             if length > self.max_seq_len:
                 raise ValueError(f"position {length - 1} is beyond the KV cache ({self.max_seq_len} tokens)")
+            first = int(slots[0])
+            contiguous = b == 1 or slots.tolist() == list(range(first, first + b))
+            rows = slice(first, first + b) if contiguous else slots
         freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         x = self.model.embed_tokens(tokens)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         for layer in self.model.layers:
-            x = layer(x, cos, sin, positions, slots, length)
+            x = layer(x, cos, sin, positions, slots, length, rows)
+        return self.model.norm(x)
+
+    def forward(self, tokens: Tensor, positions: Tensor | None = None, slots: Tensor | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits (B, T, vocab) in fp32, or (B, 1, vocab) with `last_only`; arguments as `hidden_states`."""
+        h = self.hidden_states(tokens, positions, slots)
         if last_only:
-            x = x[:, -1:]
-        x = self.model.norm(x)
-        return self.lm_head(x).float()
+            h = h[:, -1:]
+        return self.lm_head(h).float()

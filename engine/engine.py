@@ -1,0 +1,216 @@
+"""The generation engine: one worker thread runs prefill and batched decode; asyncio callers stream events.
+
+Scheduling is continuous batching: between decode steps, waiting requests are prefilled into free KV
+cache slots and join the batch; finished or cancelled ones leave and free their slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator
+
+import torch
+
+from engine.sequence import Sequence
+from engine.types import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
+from models.loader import LoadedModel
+
+log = logging.getLogger("fbserve.engine")
+
+# Prompt log-probabilities are computed from hidden states in chunks of this many positions, so a
+# long echo prompt never materialises (T, vocab) logits at once.
+_LOGPROB_CHUNK = 256
+
+
+class Engine:
+    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = None) -> None:
+        self.loaded = loaded
+        self.model = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.model_name = loaded.name
+        config = self.model.config
+        self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
+        self.max_batch = max_batch
+        self.device = self.model.lm_head.weight.device
+        self.model.setup_cache(max_batch, self.max_seq_len)
+        eos = set(config.eos_ids())
+        if getattr(self.tokenizer, "eos_token_id", None) is not None:
+            eos.add(self.tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self._inbox: queue.Queue[Sequence | None] = queue.Queue()
+        self._cancelled: set[str] = set()
+        self._lock = threading.Lock()
+        self._waiting: deque[Sequence] = deque()
+        self._running: dict[int, Sequence] = {}
+        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    # ---- public, called from the event loop --------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="fbserve-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+
+    def validate(self, request: GenerationRequest) -> None:
+        """Raise EngineError for a request that cannot run (the server answers 400)."""
+        n = len(request.prompt_token_ids)
+        if n == 0:
+            raise EngineError("the prompt is empty")
+        if n + request.params.max_tokens > self.max_seq_len:
+            raise EngineError(
+                f"this model's maximum context length is {self.max_seq_len} tokens, but the request has "
+                f"{n} prompt tokens and asks for {request.params.max_tokens} completion tokens")
+        vocab = self.model.config.vocab_size
+        if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
+            raise EngineError(f"prompt token ids must lie in [0, {vocab})")
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
+        """Stream a request's events; closing or cancelling the iterator cancels the request."""
+        self.validate(request)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[GenerationOutput] = asyncio.Queue()
+
+        def emit(event: GenerationOutput) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        seq = Sequence(request, emit, self.eos_ids, self.tokenizer)
+        self._inbox.put(seq)
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                finished = event.finish_reason is not None
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(request.request_id)
+
+    def cancel(self, request_id: str) -> None:
+        with self._lock:
+            self._cancelled.add(request_id)
+        self._inbox.put(None)  # wake the worker if idle
+
+    def stats(self) -> dict:
+        running = len(self._running)
+        used = sum(s.position + 1 for s in list(self._running.values()))
+        return {
+            "running": running,
+            "waiting": len(self._waiting) + self._inbox.qsize(),
+            "kv_cache_bytes": self.model.kv_cache_bytes(),
+            "kv_cache_used_ratio": used / (self.max_batch * self.max_seq_len),
+        }
+
+    # ---- the worker thread ----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while not self._stop.is_set():
+            self._drain_inbox(block=not self._running and not self._waiting)
+            self._drop_cancelled()
+            try:
+                self._admit()
+                if self._running:
+                    self._decode_step()
+            except Exception as exc:  # a failed step fails its requests, never the worker
+                log.exception("engine step failed")
+                for seq in list(self._running.values()):
+                    self._finish(seq, GenerationOutput(seq.request_id, finish_reason="error", error=str(exc)))
+
+    def _drain_inbox(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                if item is not None:
+                    self._waiting.append(item)
+                item = self._inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            cancelled, self._cancelled = self._cancelled, set()
+        if not cancelled:
+            return
+        self._waiting = deque(s for s in self._waiting if s.request_id not in cancelled)
+        for seq in list(self._running.values()):
+            if seq.request_id in cancelled:
+                self._release(seq)
+                log.info("request %s cancelled after %d tokens", seq.request_id, len(seq.output_ids))
+
+    def _release(self, seq: Sequence) -> None:
+        if self._running.pop(seq.slot, None) is not None:
+            self._free_slots.append(seq.slot)
+
+    def _finish(self, seq: Sequence, event: GenerationOutput) -> None:
+        self._release(seq)
+        seq.emit(event)
+
+    def _admit(self) -> None:
+        """Prefill waiting requests into free slots (one at a time; each joins the next decode step)."""
+        while self._waiting and self._free_slots:
+            seq = self._waiting.popleft()
+            seq.slot = self._free_slots.pop()
+            self._running[seq.slot] = seq
+            try:
+                self._prefill(seq)
+            except Exception as exc:
+                log.exception("prefill of %s failed", seq.request_id)
+                self._finish(seq, GenerationOutput(seq.request_id, finish_reason="error", error=str(exc)))
+
+    def _prefill(self, seq: Sequence) -> None:
+        queue_wait = time.monotonic() - seq.submitted_at
+        ids = seq.request.prompt_token_ids
+        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
+        positions = torch.arange(len(ids), device=self.device)[None]
+        slots = torch.tensor([seq.slot], device=self.device)
+        hidden = self.model.hidden_states(tokens, positions, slots)  # (1, T, hidden)
+        prompt_lp = None
+        if seq.request.params.prompt_logprobs is not None:
+            prompt_lp = self._prompt_logprobs(hidden[0], ids, seq)
+        if seq.request.params.max_tokens == 0:
+            self._finish(seq, GenerationOutput(seq.request_id, finish_reason="length", prompt_logprobs=prompt_lp,
+                                               prompt_tokens=len(ids), queue_wait_s=queue_wait))
+            return
+        logits = self.model.lm_head(hidden[0, -1]).float().cpu()
+        self._after_sample(seq, seq.step(logits, prompt_lp, queue_wait))
+
+    def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], seq: Sequence) -> list[TokenLogprob | None]:
+        """Log-probability of each prompt token given the ones before it (the first has none)."""
+        top = seq.request.params.prompt_logprobs or 0
+        out: list[TokenLogprob | None] = [None]
+        for start in range(0, len(ids) - 1, _LOGPROB_CHUNK):
+            end = min(start + _LOGPROB_CHUNK, len(ids) - 1)
+            lp = torch.log_softmax(self.model.lm_head(hidden[start:end]).float(), dim=-1).cpu()  # (n, V)
+            targets = torch.tensor(ids[start + 1:end + 1])
+            chosen = lp.gather(1, targets[:, None])[:, 0]
+            tops = torch.topk(lp, top, dim=-1) if top else None
+            for i, tok in enumerate(targets.tolist()):
+                alts = {int(t): float(v) for t, v in zip(tops.indices[i], tops.values[i])} if tops else {}
+                out.append(TokenLogprob(tok, seq.detok.token_text(tok), float(chosen[i]), alts))
+        return out
+
+    def _decode_step(self) -> None:
+        seqs = sorted(self._running.values(), key=lambda s: s.slot)
+        tokens = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
+        positions = torch.tensor([[s.position] for s in seqs], device=self.device)
+        slots = torch.tensor([s.slot for s in seqs], device=self.device)
+        logits = self.model(tokens, positions, slots, last_only=True)[:, 0].cpu()  # (B, V)
+        for row, seq in enumerate(seqs):
+            self._after_sample(seq, seq.step(logits[row]))
+
+    def _after_sample(self, seq: Sequence, event: GenerationOutput) -> None:
+        if event.finish_reason is not None:
+            self._finish(seq, event)
+        else:
+            seq.emit(event)

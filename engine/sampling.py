@@ -1,0 +1,69 @@
+"""Token sampling: penalties, temperature, top-k / top-p / min-p masks, seeded draws, log-probabilities."""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from engine.types import SamplingParams
+
+
+def make_generator(seed: int | None) -> torch.Generator:
+    """A per-request CPU generator: the same seed gives the same draws whatever else is running."""
+    g = torch.Generator(device="cpu")
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+def apply_penalties(logits: Tensor, params: SamplingParams, context_ids: Tensor, output_ids: Tensor) -> Tensor:
+    """Penalise tokens already seen. logits (V,) fp32; context_ids: prompt + output ids; output_ids: output only."""
+    if params.repetition_penalty != 1.0 and context_ids.numel():
+        seen = torch.unique(context_ids)
+        vals = logits[seen]
+        p = params.repetition_penalty
+        logits[seen] = torch.where(vals > 0, vals / p, vals * p)
+    if (params.presence_penalty or params.frequency_penalty) and output_ids.numel():
+        counts = torch.bincount(output_ids, minlength=logits.numel()).to(logits.dtype)
+        logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filter_logits(logits: Tensor, params: SamplingParams) -> Tensor:
+    """Temperature-scaled logits (V,) with tokens outside top-k / top-p / min-p set to -inf."""
+    logits = logits / params.temperature
+    if params.top_k and 0 < params.top_k < logits.numel():
+        kth = torch.topk(logits, params.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if params.min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        logits = logits.masked_fill(probs < params.min_p * probs.max(), float("-inf"))
+    if params.top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        cum = torch.softmax(sorted_logits, dim=-1).cumsum(-1)
+        # Drop a token when the tokens ranked above it already hold top_p of the mass (keeps at least one).
+        drop_sorted = (cum - torch.softmax(sorted_logits, dim=-1)) >= params.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator,
+                 context_ids: Tensor, output_ids: Tensor) -> int:
+    """Pick the next token from raw fp32 logits (V,) on the CPU."""
+    logits = apply_penalties(logits.clone(), params, context_ids, output_ids)
+    if params.temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(filter_logits(logits, params), dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def token_logprobs(logits: Tensor, token_id: int, top: int) -> tuple[float, dict[int, float]]:
+    """The model's log-probability of `token_id` under raw logits (V,), and the `top` most likely tokens."""
+    lp = torch.log_softmax(logits.float(), dim=-1)
+    alternatives: dict[int, float] = {}
+    if top > 0:
+        values, ids = torch.topk(lp, top)
+        alternatives = {int(i): float(v) for i, v in zip(ids, values)}
+    return float(lp[token_id]), alternatives

@@ -1,0 +1,76 @@
+"""One request's state while it runs: tokens, sampler state, detokenizer, stop checks."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.sampling import make_generator, sample_token, token_logprobs
+from engine.stop import StopStringMatcher
+from engine.types import GenerationOutput, GenerationRequest, TokenLogprob
+
+
+@dataclass
+class Sequence:
+    request: GenerationRequest
+    emit: object  # callable(GenerationOutput) -> None, thread-safe
+    eos_ids: set[int]
+    tokenizer: object
+    submitted_at: float = field(default_factory=time.monotonic)
+    slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def __post_init__(self) -> None:
+        self.generator = make_generator(self.request.params.seed)
+        self.detok = IncrementalDetokenizer(self.tokenizer, self.request.prompt_token_ids)
+        self.stops = StopStringMatcher(self.request.params.stop)
+        self.context = torch.tensor(self.request.prompt_token_ids, dtype=torch.long)
+        self.first_event = True
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def position(self) -> int:
+        """Cache position of the next token fed to the model (the last sampled one)."""
+        return len(self.request.prompt_token_ids) + len(self.output_ids) - 1
+
+    def step(self, logits: torch.Tensor, prompt_logprobs: list[TokenLogprob | None] | None = None,
+             queue_wait_s: float | None = None) -> GenerationOutput:
+        """Sample one token from logits (V,) fp32 CPU, update state, and build this step's event."""
+        p = self.request.params
+        out_t = torch.tensor(self.output_ids, dtype=torch.long)
+        token = sample_token(logits, p, self.generator, torch.cat((self.context, out_t)), out_t)
+        self.output_ids.append(token)
+        logprobs = None
+        if p.logprobs is not None:
+            lp, top = token_logprobs(logits, token, p.logprobs)
+            logprobs = [TokenLogprob(token, self.detok.token_text(token), lp, top)]
+        text, by_string = "", False
+        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+            self.finish_reason = "stop"
+        else:
+            text, by_string = self.stops.feed(self.detok.add(token))
+            if by_string:
+                self.finish_reason = "stop"
+        if self.finish_reason is None and len(self.output_ids) >= p.max_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None and not by_string:
+            # Finishing: text held back (an incomplete character, a possible stop-string start) is real.
+            tail, hit = self.stops.feed(self.detok.flush())
+            text += tail if hit else tail + self.stops.flush()
+            if hit:
+                self.finish_reason = "stop"
+        event = GenerationOutput(
+            request_id=self.request_id, text=text, token_ids=[token], logprobs=logprobs,
+            finish_reason=self.finish_reason, prompt_tokens=len(self.request.prompt_token_ids),
+            completion_tokens=len(self.output_ids))
+        if self.first_event:
+            event.prompt_logprobs = prompt_logprobs
+            event.queue_wait_s = queue_wait_s
+            self.first_event = False
+        return event
