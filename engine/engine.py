@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import queue
 import threading
 import time
@@ -17,6 +18,7 @@ import torch
 
 from engine.sequence import Sequence
 from engine.types import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
+from models.llama import KVCache
 from models.loader import LoadedModel
 
 log = logging.getLogger("fbserve.engine")
@@ -24,6 +26,15 @@ log = logging.getLogger("fbserve.engine")
 # Prompt log-probabilities are computed from hidden states in chunks of this many positions, so a
 # long echo prompt never materialises (T, vocab) logits at once.
 _LOGPROB_CHUNK = 256
+
+
+def _rss_bytes() -> int:
+    """Resident set size of this process (Linux /proc; 0 elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 class Engine:
@@ -111,6 +122,37 @@ class Engine:
             "kv_cache_bytes": self.model.kv_cache_bytes(),
             "kv_cache_used_ratio": used / (self.max_batch * self.max_seq_len),
         }
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Model weight bytes by kind: `packed` low-bit weights, `scales` (+zeros), `branch` factors, `fp` rest."""
+        out: dict[str, int] = {"fp": 0}
+        seen: set[int] = {id(self.model.inv_freq)}
+        for module in self.model.modules():
+            if isinstance(module, KVCache):  # not weights
+                seen.update(id(t) for t in module.buffers())
+                continue
+            report = getattr(module, "weight_bytes", None)
+            if callable(report) and module is not self.model:
+                for kind, n in report().items():
+                    out[kind] = out.get(kind, 0) + n
+                seen.update(id(t) for t in module.parameters(recurse=False))
+                seen.update(id(t) for t in module.buffers(recurse=False))
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            if id(t) not in seen:
+                seen.add(id(t))
+                out["fp"] += t.numel() * t.element_size()
+        return out
+
+    def memory_report(self) -> dict[tuple[str, str], int]:
+        """Bytes by (device, kind): weights, KV cache, process RSS, CUDA allocated/reserved."""
+        dev = self.device.type
+        report = {(dev, f"weights_{k}"): v for k, v in self.weight_bytes().items()}
+        report[(dev, "kv_cache")] = self.model.kv_cache_bytes()
+        report[("cpu", "rss")] = _rss_bytes()
+        if dev == "cuda":
+            report[("cuda", "allocated")] = torch.cuda.memory_allocated(self.device)
+            report[("cuda", "reserved")] = torch.cuda.memory_reserved(self.device)
+        return report
 
     # ---- the worker thread ----------------------------------------------------------------------------
     def _loop(self) -> None:

@@ -1,0 +1,69 @@
+"""Sampler: seeded reproducibility, top-k / top-p / min-p masks, penalties, log-probabilities."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from engine.sampling import apply_penalties, filter_logits, make_generator, sample_token, token_logprobs
+from engine.types import SamplingParams
+
+EMPTY = torch.tensor([], dtype=torch.long)
+
+
+def draws(seed: int, n: int = 20, **kw) -> list[int]:
+    logits = torch.randn(100, generator=torch.Generator().manual_seed(0))
+    g = make_generator(seed)
+    p = SamplingParams(temperature=1.0, **kw)
+    return [sample_token(logits, p, g, EMPTY, EMPTY) for _ in range(n)]
+
+
+def test_same_seed_same_draws_and_different_seed_differs():
+    assert draws(7) == draws(7)
+    assert draws(7) != draws(8)
+
+
+def test_greedy_is_argmax():
+    logits = torch.tensor([0.1, 3.0, -1.0, 2.9])
+    assert sample_token(logits, SamplingParams(temperature=0.0), make_generator(0), EMPTY, EMPTY) == 1
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.randn(50)
+    out = filter_logits(logits, SamplingParams(top_k=5))
+    kept = torch.isfinite(out).nonzero().flatten()
+    assert set(kept.tolist()) == set(torch.topk(logits, 5).indices.tolist())
+    assert set(draws(3, n=200, top_k=3)) <= set(torch.topk(torch.randn(100, generator=torch.Generator().manual_seed(0)), 3).indices.tolist())
+
+
+def test_top_p_keeps_smallest_set_reaching_p():
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    out = filter_logits(probs.log(), SamplingParams(top_p=0.7))
+    # 0.5 alone < 0.7, so 0.3 is kept; 0.5 + 0.3 >= 0.7, so 0.15 and 0.05 go.
+    assert torch.isfinite(out).tolist() == [True, True, False, False]
+    out = filter_logits(probs.log(), SamplingParams(top_p=0.01))
+    assert torch.isfinite(out).tolist() == [True, False, False, False]  # always at least one
+
+
+def test_min_p_drops_tokens_below_fraction_of_max():
+    probs = torch.tensor([0.6, 0.3, 0.06, 0.04])
+    out = filter_logits(probs.log(), SamplingParams(min_p=0.09))  # threshold 0.054
+    assert torch.isfinite(out).tolist() == [True, True, True, False]
+
+
+def test_penalties():
+    logits = torch.tensor([2.0, -2.0, 1.0, 1.0])
+    seen = torch.tensor([0, 1])
+    out = apply_penalties(logits.clone(), SamplingParams(repetition_penalty=2.0), seen, EMPTY)
+    assert out.tolist() == [1.0, -4.0, 1.0, 1.0]
+    out = apply_penalties(logits.clone(), SamplingParams(presence_penalty=0.5, frequency_penalty=0.25),
+                          EMPTY, torch.tensor([2, 2, 3]))
+    assert out.tolist() == [2.0, -2.0, 1.0 - 0.5 - 0.5, 1.0 - 0.5 - 0.25]
+
+
+def test_logprobs_are_log_softmax_and_top_is_sorted():
+    logits = torch.tensor([1.0, 2.0, 3.0])
+    lp, top = token_logprobs(logits, 0, 2)
+    z = math.log(sum(math.exp(v) for v in (1.0, 2.0, 3.0)))
+    assert abs(lp - (1.0 - z)) < 1e-6
+    assert list(top) == [2, 1]
