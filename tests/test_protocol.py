@@ -1,0 +1,107 @@
+"""The OpenAI request models: bounds at the boundary and conversion into engine parameters."""
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from engine.types import TokenLogprob
+from server.errors import APIError
+from server.generation import completion_logprobs, make_choices, resolve_max_tokens
+from server.protocol import ChatCompletionRequest, CompletionRequest, CompletionStreamResponse, DeltaMessage
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+@pytest.mark.parametrize("stop, expected", [(None, []), ("###", ["###"]), (["a", "b"], ["a", "b"]), (["", "x"], ["x"])])
+def test_stop_forms(stop, expected):
+    params = CompletionRequest(prompt="p", stop=stop).to_sampling_params(16)
+    assert params.stop == expected
+    assert ChatCompletionRequest(messages=MESSAGES, stop=stop).to_sampling_params(16).stop == expected
+
+
+def test_completion_conversion():
+    req = CompletionRequest(prompt="p", max_tokens=7, temperature=0, top_p=0.5, seed=3, logprobs=2, echo=True,
+                            presence_penalty=0.5, frequency_penalty=-1, top_k=-1, min_p=0.1,
+                            repetition_penalty=1.2)
+    p = req.to_sampling_params(16)
+    assert (p.max_tokens, p.temperature, p.top_p, p.seed) == (7, 0.0, 0.5, 3)
+    assert (p.logprobs, p.prompt_logprobs) == (2, 2)  # echo + logprobs asks for the prompt's logprobs
+    assert (p.presence_penalty, p.frequency_penalty, p.top_k, p.min_p, p.repetition_penalty) == (0.5, -1, 0, 0.1, 1.2)
+    defaults = CompletionRequest(prompt="p", temperature=None, top_p=None).to_sampling_params(16)
+    assert (defaults.max_tokens, defaults.temperature, defaults.top_p, defaults.logprobs) == (16, 1.0, 1.0, None)
+    assert defaults.prompt_logprobs is None
+
+
+def test_chat_conversion():
+    req = ChatCompletionRequest(messages=MESSAGES, max_tokens=5, max_completion_tokens=9, logprobs=True,
+                                top_logprobs=3)
+    p = req.to_sampling_params(100)
+    assert (p.max_tokens, p.logprobs, p.prompt_logprobs) == (9, 3, None)  # max_completion_tokens wins
+    assert ChatCompletionRequest(messages=MESSAGES, logprobs=True).to_sampling_params(4).logprobs == 0
+    assert ChatCompletionRequest(messages=MESSAGES).to_sampling_params(4).max_tokens == 4
+
+
+def test_prompt_forms():
+    assert CompletionRequest(prompt="a").prompt == "a"
+    assert CompletionRequest(prompt=["a", "b"]).prompt == ["a", "b"]
+    assert CompletionRequest(prompt=[1, 2]).prompt == [1, 2]
+    assert CompletionRequest(prompt=[[1], [2, 3]]).prompt == [[1], [2, 3]]
+
+
+def test_message_content_parts_are_flattened():
+    req = ChatCompletionRequest(messages=[{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                       {"type": "text", "text": "b"}]}])
+    assert req.template_messages() == [{"role": "user", "content": "ab"}]
+
+
+@pytest.mark.parametrize("fields", [
+    {"temperature": -0.1}, {"temperature": 2.5}, {"top_p": 0}, {"top_p": 1.5}, {"n": 0}, {"max_tokens": -1},
+    {"logprobs": 6}, {"presence_penalty": 3}, {"prompt": []}, {"prompt": 3.5}, {"stream_options": {}},
+    {"suffix": "x"}, {"logit_bias": {"1": 2}}, {"min_p": 2},
+])
+def test_completion_rejects(fields):
+    with pytest.raises(ValidationError):
+        CompletionRequest(**{"prompt": "p", **fields})
+
+
+@pytest.mark.parametrize("fields", [
+    {"messages": []}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21}, {"max_tokens": 0},
+    {"messages": [{"role": "robot", "content": "x"}]}, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]},
+])
+def test_chat_rejects(fields):
+    with pytest.raises(ValidationError):
+        ChatCompletionRequest(**{"messages": MESSAGES, **fields})
+
+
+def test_resolve_max_tokens():
+    assert resolve_max_tokens(None, 16, 10, 100) == 16
+    assert resolve_max_tokens(None, 16, 90, 100) == 10  # the default shrinks to the room left
+    assert resolve_max_tokens(None, None, 30, 100) == 70  # chat: the rest of the context
+    assert resolve_max_tokens(0, 16, 100, 100) == 0  # echo + max_tokens 0 on a full context
+    for args in [(20, 16, 90, 100), (None, 16, 100, 100), (0, 16, 101, 100)]:
+        with pytest.raises(APIError) as err:
+            resolve_max_tokens(*args)
+        assert err.value.status == 400
+
+
+def test_seeds_per_choice():
+    base = CompletionRequest(prompt="p", seed=10).to_sampling_params(4)
+    choices = make_choices([[1], [2]], 3, [base, base])
+    assert [c.index for c in choices] == list(range(6))
+    assert [c.params.seed for c in choices] == [10, 11, 12, 10, 11, 12]
+    unseeded = make_choices([[1]], 2, [CompletionRequest(prompt="p").to_sampling_params(4)])
+    assert [c.params.seed for c in unseeded] == [None, None]
+
+
+def test_completion_logprobs_format():
+    entries = [(5, None), (6, TokenLogprob(6, "bb", -1.0, {7: -0.5}))]
+    lp, offset = completion_logprobs(entries, lambda t: {5: "a", 7: "c"}[t], 0)
+    assert lp.tokens == ["a", "bb"] and lp.text_offset == [0, 1] and offset == 3
+    assert lp.token_logprobs == [None, -1.0]
+    assert lp.top_logprobs == [None, {"c": -0.5, "bb": -1.0}]
+
+
+def test_stream_chunk_serialization():
+    chunk = CompletionStreamResponse(id="x", created=1, model="m", choices=[])
+    assert "usage" not in chunk.model_dump()
+    assert DeltaMessage(content="a").model_dump() == {"content": "a"}
