@@ -1,0 +1,352 @@
+"""`fbserve kernels check`: compile every shipped kernel config ahead of time for every supported
+GPU arch (no GPU needed) and read the cost off the binary.
+
+One row per kernel x config x arch: registers, spilled bytes (cuobjdump --dump-resource-usage:
+STACK + LOCAL), shared memory (Triton's launch requirement, checked against the arch's limit) and
+the narrowest/widest global load of the weights, found by following the weight pointer parameter
+through the PTX (ld.global.v4.b32 = 16 bytes).  Exit status 1 on a compile error, a spill, shared
+memory over the limit, or a weight load narrower than 16 bytes.  Then the static roofline: bytes
+one call moves / ideal bytes (cuda_ext/roofline.py).
+
+Usage: python -m cuda_ext.check [--arch sm_90 ...] [--kind decode ...] [--full] [--jobs N] [--markdown]
+Default variants per config: 3-bit bf16 and 4-bit fp16 (sm_75: 3-bit fp16), --full: every bits x dtype.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+
+from . import configs
+
+ARCH_CC = {"sm_75": 75, "sm_80": 80, "sm_86": 86, "sm_87": 87, "sm_89": 89, "sm_90": 90, "sm_120": 120}
+GROUP = 128  # the group size is one constant in the code; it does not change registers or loads
+RANK_P = 128  # the largest branch tile: the worst case for registers
+DEFAULT_VARIANTS = [(3, "bf16"), (4, "fp16")]  # the most planes / the fp32 dequant: worst registers
+FULL_VARIANTS = [(b, d) for b in (2, 3, 4) for d in ("fp16", "bf16")]
+MIN_WEIGHT_LOAD = 16
+
+
+@dataclass
+class Job:
+    arch: str
+    kind: str
+    rule_no: int
+    rule: dict
+    bits: int
+    dtype: str
+
+
+@dataclass
+class Result:
+    job: Job
+    error: str = ""
+    regs: int = 0
+    spill: int = 0
+    smem: int = 0
+    loads: list[int] = field(default_factory=list)
+    math: str = ""  # wgmma / mma (tensor cores) or fma
+    seconds: float = 0.0
+
+
+def _kernel_source(job: Job):
+    """(ASTSource, index of the weight pointer parameter) for a job."""
+    from triton.compiler import ASTSource
+
+    from .kernels import branch_down_kernel, qgemm_kernel
+    dt, r = job.dtype, job.rule
+    if job.kind == "branch_down":
+        fn = branch_down_kernel
+        ptrs = {"x_ptr": f"*{dt}", "a_ptr": "*fp16", "t_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
+        consts = dict(BLOCK_M=r["block_m"], BLOCK_K=r["block_k"], RANK_P=RANK_P, USE_WS=True, INTERP_BF16=False,
+                      FP32_DOT=ARCH_CC[job.arch] < 80)
+        div16 = list(ptrs) + ["K", "rank", "stride_xm"]
+        weight = "a_ptr"
+    else:
+        fn = qgemm_kernel
+        ptrs = {"x_ptr": f"*{dt}", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": f"*{dt}",
+                "ws_ptr": "*fp32", "cnt_ptr": "*i32", "t_ptr": "*fp32", "b_ptr": "*fp16", "bias_ptr": f"*{dt}"}
+        consts = dict(BITS=job.bits, GROUP=GROUP, BLOCK_M=r["block_m"], BLOCK_N=r["block_n"], RANK_P=RANK_P,
+                      USE_WS=r.get("max_split_k", 1) > 1, HAS_BRANCH=True, HAS_BIAS=True, INTERP_BF16=False,
+                      BRANCH_TF32=ARCH_CC[job.arch] >= 80, FP32_DOT=ARCH_CC[job.arch] < 80)
+        # what the JIT specializes for LLM shapes (multiples of 16): enables the 16-byte loads
+        div16 = list(ptrs) + ["N", "Np", "K", "rank", "stride_xm", "stride_ym"]
+        weight = "qw_ptr"
+    names = fn.arg_names
+    sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
+    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), names.index(weight)
+
+
+_LOAD = re.compile(r"^\s*(?:@!?%\w+\s+)?(ld\.global[\w.:]*|cp\.async[\w.:]*)\s+(.*);")
+_WIDTH = {"b8": 1, "u8": 1, "s8": 1, "b16": 2, "u16": 2, "s16": 2, "f16": 2, "b32": 4, "u32": 4, "s32": 4,
+          "f32": 4, "b64": 8, "u64": 8, "s64": 8, "f64": 8, "b128": 16}
+
+
+def weight_load_widths(ptx: str, param_index: int) -> list[int]:
+    """Byte widths of the global loads whose address derives from kernel parameter `param_index`
+    (register taint through every instruction except loads, iterated to a fixed point)."""
+    lines = [ln.split("//")[0].strip() for ln in ptx.splitlines()]
+    tainted = set()
+    for ln in lines:
+        m = re.match(rf"ld\.param\.\w+\s+(%\w+),\s*\[\w+_param_{param_index}\]", ln)
+        if m:
+            tainted.add(m.group(1))
+    insts = []
+    for ln in lines:
+        m = re.match(r"^(?:@!?%\w+\s+)?([a-z][\w.:]*)\s+(.*);$", ln)
+        if m and not m.group(1).startswith(("ld.", "st.", "cp.", "atom", "red.", "bar", "ret", "bra")):
+            regs = re.findall(r"%\w+", m.group(2))
+            if regs:
+                insts.append((regs[0], regs[1:]))
+    changed = True
+    while changed:
+        changed = False
+        for dst, srcs in insts:
+            if dst not in tainted and any(s in tainted for s in srcs):
+                tainted.add(dst)
+                changed = True
+    widths = []
+    for ln in lines:
+        m = _LOAD.match(ln)
+        if not m:
+            continue
+        op, args = m.groups()
+        addr = re.findall(r"\[\s*(%\w+)", args)
+        src_addr = addr[-1] if op.startswith("cp.async") else (addr[0] if addr else None)
+        if src_addr not in tainted:
+            continue
+        if op.startswith("cp.async"):
+            widths.append(int(args.rsplit(",", 1)[-1].strip()))
+        else:
+            parts = op.split(".")
+            vec = next((int(p[1:]) for p in parts if re.fullmatch(r"v\d", p)), 1)
+            widths.append(vec * next(_WIDTH[p] for p in reversed(parts) if p in _WIDTH))
+    return widths
+
+
+def _nvidia_tool(name: str) -> str:
+    """Path of a binary shipped in the triton wheel (triton.knobs where it exists, Triton >= 3.4)."""
+    try:
+        from triton import knobs
+        return getattr(knobs.nvidia, name.replace("-", "_")).path
+    except ImportError:
+        import triton
+        return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+
+
+def _tool_version(name: str) -> str:
+    out = subprocess.run([_nvidia_tool(name), "--version"], capture_output=True, text=True).stdout
+    m = re.search(r"release (\d+\.\d+)", out)
+    return m.group(1) if m else "?"
+
+
+def _resource_usage(cubin: bytes) -> tuple[int, int]:
+    """(registers, STACK + LOCAL bytes) from cuobjdump --dump-resource-usage."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([_nvidia_tool("cuobjdump"), "--dump-resource-usage", f.name],
+                             capture_output=True, text=True, check=True).stdout
+    regs = int(re.search(r"REG:(\d+)", out).group(1))
+    spill = int(re.search(r"STACK:(\d+)", out).group(1)) + int(re.search(r"LOCAL:(\d+)", out).group(1))
+    return regs, spill
+
+
+def compile_job(job: Job) -> Result:
+    """Compile one job for its arch and measure it; errors are returned, not raised."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    res = Result(job)
+    t0 = time.time()
+    try:
+        src, weight_idx = _kernel_source(job)
+        k = triton.compile(src, target=GPUTarget("cuda", ARCH_CC[job.arch], 32),
+                           options={"num_warps": job.rule["num_warps"], "num_stages": job.rule["num_stages"]})
+        res.regs, res.spill = _resource_usage(k.asm["cubin"])
+        res.smem = int(k.metadata.shared)
+        res.loads = weight_load_widths(k.asm["ptx"], weight_idx)
+        ptx = k.asm["ptx"]
+        res.math = "wgmma" if "wgmma." in ptx else "mma" if "mma.sync" in ptx else "fma"
+    except Exception as e:  # noqa: BLE001 - reported in the table, exit status 1
+        res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+    res.seconds = time.time() - t0
+    return res
+
+
+def run_jobs(jobs: list[Job], workers: int) -> list[Result]:
+    """compile_job over jobs in worker processes.  A compiler that aborts the process (an LLVM
+    fatal error) breaks the pool; the unfinished jobs are then rerun one process each, so the
+    crash is pinned on its job and reported instead of ending the check."""
+    done: dict[int, Result] = {}
+    try:
+        with ProcessPoolExecutor(max(1, workers)) as pool:
+            futures = {pool.submit(compile_job, j): i for i, j in enumerate(jobs)}
+            for f in as_completed(futures):
+                try:
+                    done[futures[f]] = f.result()
+                except BrokenProcessPool:
+                    pass
+    except BrokenProcessPool:
+        pass
+    for i, job in enumerate(jobs):
+        if i in done:
+            continue
+        try:
+            with ProcessPoolExecutor(1) as pool:
+                done[i] = pool.submit(compile_job, job).result()
+        except BrokenProcessPool:
+            done[i] = Result(job, error="the compiler process crashed (fatal LLVM/ptxas error)")
+    return [done[i] for i in range(len(jobs))]
+
+
+def _jobs(archs: list[str], full: bool, kinds: list[str]) -> tuple[list[Job], list[str]]:
+    jobs, notes = [], []
+    for arch in archs:
+        for kind in kinds:
+            for no, rule in enumerate(configs.load_table(arch)[kind]):
+                variants = [(0, d) for d in ("fp16", "bf16")] if kind == "branch_down" else (
+                    FULL_VARIANTS if full else DEFAULT_VARIANTS)
+                for bits, dt in variants:
+                    if dt == "bf16" and arch == "sm_75":
+                        if full or kind == "branch_down":
+                            notes.append(f"{arch} {kind}#{no} {bits or ''}{'b ' if bits else ''}bf16: skipped, "
+                                         "bf16 needs sm_80+ (the launcher refuses it)")
+                            continue
+                        dt = "fp16"
+                    jobs.append(Job(arch, kind, no, rule, bits, dt))
+    return jobs, notes
+
+
+def _config_label(kind: str, rule: dict) -> str:
+    if kind == "branch_down":
+        tile = f"m{rule['block_m']} k{rule['block_k']}"
+    else:
+        tile = f"m{rule['block_m']} n{rule['block_n']} splitK<={rule.get('max_split_k', 1)}"
+    when = f"m<={rule['m_max']}" if rule.get("m_max") is not None else "any m"
+    return f"{when}: {tile} w{rule['num_warps']} s{rule['num_stages']}"
+
+
+def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
+    """One row per kernel x config x arch (worst over its variants); returns (lines, ok)."""
+    groups: dict[tuple, list[Result]] = {}
+    for r in results:
+        groups.setdefault((r.job.kind, r.job.rule_no, r.job.arch), []).append(r)
+    head = ["kernel", "config", "arch", "variants", "math", "regs", "spill B", "smem B", "weight load B", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if markdown else [
+        f"{head[0]:<12} {head[1]:<40} {head[2]:<7} {head[3]:<14} {head[4]:<5} {head[5]:>4} {head[6]:>7} "
+        f"{head[7]:>7} {head[8]:>13}  {head[9]}"]
+    ok_all = True
+    for (kind, no, arch), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], ARCH_CC[kv[0][2]])):
+        limit = int(configs.load_table(arch)["max_shared_bytes"])
+        errs = [r for r in rs if r.error]
+        loads = [w for r in rs for w in r.loads]
+        regs, spill, smem = max(r.regs for r in rs), max(r.spill for r in rs), max(r.smem for r in rs)
+        problems = [f"compile error ({e.job.bits}b {e.job.dtype}): {e.error}" for e in errs]
+        if spill:
+            problems.append("spills")
+        if smem > limit:
+            problems.append(f"smem > {limit}")
+        if not errs and (not loads or min(loads) < MIN_WEIGHT_LOAD):
+            problems.append(f"weight loads < {MIN_WEIGHT_LOAD} B" if loads else "no weight load found")
+        ok_all &= not problems
+        variants = ",".join(f"{r.job.bits}b{r.job.dtype}" if r.job.bits else r.job.dtype for r in rs)
+        width = f"{min(loads)}-{max(loads)}" if loads else "-"
+        status = "ok" if not problems else "FAIL: " + "; ".join(problems)
+        cfg = _config_label(kind, rs[0].job.rule)
+        math = "/".join(sorted({r.math for r in rs if r.math})) or "-"
+        cells = [kind, cfg, arch, variants, math, str(regs), str(spill), str(smem), width, status]
+        lines.append("| " + " | ".join(cells) + " |" if markdown else
+                     f"{kind:<12} {cfg:<40} {arch:<7} {variants:<14} {math:<5} {regs:>4} {spill:>7} {smem:>7} "
+                     f"{width:>13}  {status}")
+    return lines, ok_all
+
+
+def _roofline(arch: str, markdown: bool) -> list[str]:
+    from .roofline import roofline_rows
+    rows = roofline_rows(arch)
+    head = ["model", "kernel", "m", "rank", "2-bit", "3-bit", "4-bit", "largest excess (3-bit)"]
+    out = [f"Static roofline on {arch}'s configs (bytes moved / ideal; in brackets: with x, t and split-K "
+           "partials served by L2):"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if markdown else [
+        f"{'model':<14} {'kernel':<8} {'m':>3} {'rank':>4}  {'2-bit':>14} {'3-bit':>14} {'4-bit':>14}  "
+        "largest excess (3-bit)"]
+    for r in rows:
+        cells = [f"{r[b]:.3f} ({r[b + '_dram']:.3f})" for b in ("2b", "3b", "4b")]
+        if markdown:
+            out.append("| " + " | ".join([r["model"], r["kernel"], str(r["m"]), str(r["rank"]), *cells,
+                                          r["top_excess"]]) + " |")
+        else:
+            out.append(f"{r['model']:<14} {r['kernel']:<8} {r['m']:>3} {r['rank']:>4}  "
+                       + " ".join(f"{c:>14}" for c in cells) + f"  {r['top_excess']}")
+    return out
+
+
+def _add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--arch", action="append", choices=sorted(ARCH_CC, key=ARCH_CC.get),
+                    help="arch to compile for (repeatable; default: all)")
+    ap.add_argument("--kind", action="append", choices=configs.KINDS, help="kernel kind (repeatable; default: all)")
+    ap.add_argument("--full", action="store_true", help="every bits x dtype variant (slower)")
+    ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
+    ap.add_argument("--markdown", action="store_true", help="Markdown tables (for bench/RESULTS.md)")
+    ap.add_argument("--roofline-arch", default="sm_90", help="arch whose configs the roofline uses")
+
+
+def _argv_of(args: argparse.Namespace) -> list[str]:
+    argv = [f"--arch={a}" for a in args.arch or []] + [f"--kind={k}" for k in args.kind or []]
+    argv += ["--full"] * args.full + ["--markdown"] * args.markdown
+    return argv + [f"--jobs={args.jobs}", f"--roofline-arch={args.roofline_arch}"]
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the check for parsed arguments; returns the exit status (0 = every config compiles cleanly)."""
+    import triton
+
+    from .launch import interpreting
+    if interpreting():  # the kernels were built for the interpreter; compile in a clean process
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        return subprocess.call([sys.executable, "-m", "cuda_ext.check", *_argv_of(args)], env=env)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences a warning)
+    archs = args.arch or list(ARCH_CC)
+    jobs, notes = _jobs(archs, args.full, args.kind or list(configs.KINDS))
+    print(f"triton {triton.__version__}; ptxas {_tool_version('ptxas')} (< sm_90), "
+          f"{_tool_version('ptxas-blackwell')} (sm_90+); {len(jobs)} compiles on {args.jobs} processes")
+    t0 = time.time()
+    results = run_jobs(jobs, args.jobs)
+    lines, ok = _table(results, args.markdown)
+    print("\n".join(lines))
+    for n in notes:
+        print("note:", n)
+    print(f"compiled in {time.time() - t0:.0f} s")
+    print()
+    print("\n".join(_roofline(args.roofline_arch, args.markdown)))
+    print("\nkernels check:", "OK" if ok else "FAILED")
+    return 0 if ok else 1
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """`fbserve kernels check` for server/cli.py's subcommand registry."""
+    kernels = subparsers.add_parser("kernels", help="GPU kernel tools", description="GPU kernel tools.")
+    sub = kernels.add_subparsers(dest="kernels_command", metavar="COMMAND", required=True)
+    check = sub.add_parser("check", help="AOT-compile every kernel config for every arch and check it",
+                           description=__doc__.split("\n\n")[0])
+    _add_arguments(check)
+    check.set_defaults(func=run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m cuda_ext.check [options]`; returns the exit status."""
+    ap = argparse.ArgumentParser(prog="fbserve kernels check", description=__doc__.split("\n\n")[0])
+    _add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,100 @@
+"""CPU serving path: torch's int4 CPU matmul plus the two small branch matmuls.
+
+`torch.ops.aten._weight_int4pack_mm_for_cpu` dequantizes w = (q - 8) * scale + zero_point with
+q a 4-bit code and scales_and_zeros of shape (K / g, N, 2). Codes of 2, 3 and 4 bits all fit that
+container. Its fast kernel needs bf16 activations (fp32 activations take a ~30x slower path on
+torch 2.13), so x is rounded to bf16 and the result is returned in x's dtype.
+
+Exactness: for 2 and 3 bits we store q = code - zero + 8 (|code - zero| <= 7) and zero_point = 0,
+so the only rounding is the scale's fp16 -> bf16; for 4 bits zero_point = (8 - zero) * scale is
+rounded to bf16 too (|error| <= scale / 64). The branch runs in fp32.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .packing import PackedWeight, unpack
+
+_CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU op accepts
+
+
+@dataclass
+class CpuInt4Weight:
+    """A layer converted once for the CPU op.
+
+    weight:       uint8, torch's opaque int4 CPU pack of a (n16, k_cpu) code matrix.
+    scales_zeros: bf16 (k_cpu // group_size, n16, 2): [..., 0] scale, [..., 1] zero_point.
+    group_size:   the group size the op runs with (a divisor of the quantization group).
+    k_cpu:        K as the op sees it; x is zero-padded from in_features when larger.
+    n16:          out_features rounded up to 16 (the op's requirement); extra columns are sliced off.
+    """
+
+    weight: torch.Tensor
+    scales_zeros: torch.Tensor
+    group_size: int
+    in_features: int
+    out_features: int
+    k_cpu: int
+    n16: int
+
+    def nbytes(self) -> int:
+        return self.weight.numel() * self.weight.element_size() + self.scales_zeros.numel() * 2
+
+
+def prepare_cpu(packed: PackedWeight) -> CpuInt4Weight:
+    """Convert a packed layer (on any device) into the CPU int4 op's layout, once."""
+    codes, scales, zeros = (t.cpu() for t in unpack(packed))
+    n, k, g, bits = packed.out_features, packed.in_features, packed.group_size, packed.bits
+    # A partial last group (e.g. K=576, g=128) is expressed with a smaller group dividing K when one
+    # exists (576 -> 64), so x needs no padding; otherwise K is padded to a multiple of g.
+    g_cpu = next((c for c in _CPU_GROUPS if c <= g and k % c == 0), g)
+    k_cpu = -(-k // g_cpu) * g_cpu
+    n16 = -(-n // 16) * 16
+    rep = g // g_cpu
+    s = scales.float().repeat_interleave(rep, dim=1)[:, :k_cpu // g_cpu]  # (N, k_cpu/g_cpu)
+    z = zeros.float().repeat_interleave(rep, dim=1)[:, :k_cpu // g_cpu]
+    z_k = z.repeat_interleave(g_cpu, dim=1)  # (N, k_cpu) zero point of every k
+    c = torch.zeros(n, k_cpu)
+    c[:, :k] = codes.float()
+    c[:, k:] = z_k[:, k:]  # padded k dequantize to 0 (x is zero there as well)
+    if bits <= 3:
+        q = c - z_k + 8
+        zp = torch.zeros_like(s)
+    else:
+        q = c
+        zp = (8 - z) * s
+    q_full = torch.zeros(n16, k_cpu, dtype=torch.int32)
+    q_full[:n] = q.round().to(torch.int32)
+    sz = torch.zeros(k_cpu // g_cpu, n16, 2)
+    sz[:, :n, 0] = s.t()
+    sz[:, :n, 1] = zp.t()
+    weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_full, 1)
+    return CpuInt4Weight(weight, sz.to(torch.bfloat16).contiguous(), g_cpu, k, n, k_cpu, n16)
+
+
+def cpu_matmul(x: torch.Tensor, w: CpuInt4Weight, a_t: torch.Tensor | None = None,
+               b_t: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ (x @ A^T) @ B^T) (+ bias) on CPU.
+
+    x: (..., K) fp32/fp16/bf16 CPU.  a_t: fp32 (K, r) = A^T.  b_t: fp32 (r, N) = B^T.
+    bias: fp32 (N,).  Returns (..., N) in x.dtype.
+    """
+    if x.shape[-1] != w.in_features:
+        raise ValueError(f"x: last dim {x.shape[-1]} != in_features {w.in_features}")
+    x2 = x.reshape(-1, w.in_features)
+    xb = x2.to(torch.bfloat16)
+    if w.k_cpu > w.in_features:
+        xb = F.pad(xb, (0, w.k_cpu - w.in_features))
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), w.weight, w.group_size, w.scales_zeros)
+    if w.n16 != w.out_features:
+        y = y[:, :w.out_features]
+    if a_t is not None or bias is not None:
+        y = y.float()
+        if a_t is not None:
+            y = torch.addmm(y, x2.float() @ a_t, b_t)
+        if bias is not None:
+            y = y + bias
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.out_features)

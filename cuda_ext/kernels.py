@@ -1,0 +1,251 @@
+"""Triton kernels of the quantized linear layer (launchers in cuda_ext/launch.py).
+
+qgemm_kernel   y = x @ dequant(Wq)^T (+ t @ B^T) (+ bias).  Decode (m <= 16): BLOCK_M = 16, split-K
+               over the 512-wide K blocks; the last program of a column tile to finish (an atomic
+               counter) sums the partials in a fixed order (deterministic, no memset, no second
+               launch) and runs the epilogue.  Prefill (m > 16): BLOCK_M 32..128 tiles, split-K
+               only where the config table allows it.
+branch_down_kernel  t = x @ A^T (fp32), split over K the same way; the one small extra launch of
+               the low-rank branch.  qgemm's epilogue then adds t @ B^T for its column tile, so B is
+               read once and the (m, N) result never makes a round trip.
+
+Weights are dequantized in registers chunk by chunk (16 k x BLOCK_N) and fed to tl.dot, so tensor
+cores do the math at every m.  Weight loads are 16 bytes wide (4 neighbouring columns, see
+packing.py) and marked evict_first (streamed); x is marked evict_last (re-read by every column tile).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bf16_rne(v):
+    """fp32 -> bf16 rounded to nearest even, as the GPU's cvt.rn does.  Only for the interpreter
+    (INTERP_BF16), whose fp32 -> bf16 cast truncates."""
+    b = v.to(tl.int32, bitcast=True)
+    b = b + 0x7FFF + ((b >> 16) & 1)
+    return (b & -65536).to(tl.float32, bitcast=True).to(tl.bfloat16)
+
+
+@triton.jit
+def _load_sz(s_ptr, z_ptr, grp, offs_n, r, Np, G, DT: tl.constexpr):
+    """Scale and offset zero of group `grp` for the column tile, broadcast to the weight tile's
+    shape (16, BLOCK_N): loading them in that shape gives them the weight tile's register layout
+    (16-byte loads, L1 hits for the repeated rows) instead of a shared-memory layout conversion.
+
+    fp16: (s, zero + 1024) in fp16; otherwise (s, zero + 2**23) in fp32 (see _block_dot)."""
+    cols = offs_n[None, :] + 0 * r[:, None]
+    # (cols * 0 + grp): the interpreter cannot AND a scalar mask into a block mask
+    mask = (cols < Np) & ((cols * 0 + grp) < G)
+    s = tl.load(s_ptr + grp * Np + cols, mask=mask, other=0.0)
+    z = tl.load(z_ptr + grp * Np + cols, mask=mask, other=0.0)
+    if DT == tl.float16:
+        return s, z + 1024.0
+    else:
+        return s.to(tl.float32), z.to(tl.float32) + 8388608.0
+
+
+@triton.jit
+def _block_dot(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, rr, M, K, Np, G, stride_xm,
+               BITS: tl.constexpr, GROUP: tl.constexpr, INTERP_BF16: tl.constexpr, FP32_DOT: tl.constexpr):
+    """acc (BLOCK_M, BLOCK_N) fp32 += x[:, block] @ dequant(block)^T for one K block.
+
+    kb: first k of the block; rb: its first qweight row; rr: rows per plane tile (16, or the
+    tail block's tail_rows; rows past rr are masked)."""
+    DT = x_ptr.dtype.element_ty
+    FB: tl.constexpr = 4 if BITS == 4 else 2  # field width of the planes walked chunk by chunk
+    F: tl.constexpr = 32 // FB  # chunks per word of such a plane
+    r = tl.arange(0, 16)
+    rmask = r < rr
+    wmask = rmask[:, None] & (offs_n < Np)[None, :]
+    xmask = (offs_m < M)[:, None] & rmask[None, :]
+    # all plane tiles (int32 (16, BLOCK_N), 16-byte loads along n) are issued before any math
+    wp = qw_ptr + (rb + r)[:, None] * Np + offs_n[None, :]
+    w0 = tl.load(wp, mask=wmask, other=0, eviction_policy="evict_first")
+    w1 = tl.load(wp + rr * Np, mask=wmask, other=0, eviction_policy="evict_first")
+    w2 = w0
+    w3 = w0
+    if BITS >= 3:
+        w2 = tl.load(wp + 2 * rr * Np, mask=wmask, other=0, eviction_policy="evict_first")
+    if BITS == 4:
+        w3 = tl.load(wp + 3 * rr * Np, mask=wmask, other=0, eviction_policy="evict_first")
+    for p in tl.static_range(32 // F):
+        if p == 0:
+            wpl = w0
+        elif p == 1:
+            wpl = w1
+        elif p == 2:
+            wpl = w2
+        else:
+            wpl = w3
+        # chunks g0 .. g0 + cpg - 1 share one quantization group (GROUP // 16 of them in a full
+        # block, more in a tail block with fewer rows), so scales and zeros load once per group
+        cpg = GROUP // rr
+        for g0 in range(0, F, cpg):
+            s, z = _load_sz(s_ptr, z_ptr, (kb + (p * F + g0) * rr) // GROUP, offs_n, r, Np, G, DT)
+            for f in range(g0, tl.minimum(g0 + cpg, F)):
+                c = p * F + f  # chunk: k = kb + c * rr + r
+                q = (wpl >> (f * FB)) & ((1 << FB) - 1)
+                if BITS == 3:
+                    q = q | (((w2 >> c) & 0x1) << 2)
+                k = kb + c * rr + r
+                xc = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=xmask & (k < K)[None, :],
+                             other=0.0, eviction_policy="evict_last")
+                # (q - zero) * s without an int->float conversion instruction: OR-ing q into the
+                # mantissa of 1024.0 (fp16) or 2**23 (fp32) gives 1024 + q exactly; the offset zero
+                # (see _load_sz) is subtracted exactly, and the multiply is the one rounding.
+                if DT == tl.float16:
+                    w = ((q | 0x6400).to(tl.int16).to(tl.float16, bitcast=True) - z) * s
+                elif INTERP_BF16:
+                    w = _bf16_rne(((q | 0x4B000000).to(tl.float32, bitcast=True) - z) * s)
+                else:
+                    w = (((q | 0x4B000000).to(tl.float32, bitcast=True) - z) * s).to(DT)
+                # fp32 operands (same values): the interpreter's bf16 tl.dot is wrong, and on sm_75
+                # Triton has no tensor-core dot (and 3.3 cannot lower an fp16 FMA dot)
+                if INTERP_BF16 or FP32_DOT:
+                    acc = tl.dot(xc.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xc, w, acc)
+    return acc
+
+
+@triton.jit
+def _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+              RANK_P: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+              BRANCH_TF32: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """y tile = acc (+ t @ B^T) (+ bias), stored in y's dtype.  t: fp32 (M, rank); B: fp16 (N, rank)."""
+    mmask = offs_m < M
+    nmask = offs_n < N
+    if HAS_BRANCH:
+        RC: tl.constexpr = 32 if RANK_P > 32 else RANK_P
+        for r0 in tl.static_range(0, RANK_P, RC):
+            rr = r0 + tl.arange(0, RC)
+            rmask = rr < rank
+            t = tl.load(t_ptr + offs_m[:, None] * rank + rr[None, :], mask=mmask[:, None] & rmask[None, :],
+                        other=0.0)
+            bt = tl.load(b_ptr + offs_n[None, :] * rank + rr[:, None], mask=rmask[:, None] & nmask[None, :],
+                         other=0.0).to(tl.float32)
+            if BRANCH_TF32:  # fp16 B is exact in tf32; only t is rounded (to 10 mantissa bits)
+                acc = tl.dot(t, bt, acc, input_precision="tf32")
+            else:
+                acc = tl.dot(t, bt, acc, input_precision="ieee")
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if INTERP_BF16:
+        out = _bf16_rne(acc)
+    else:
+        out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y, out, mask=mmask[:, None] & nmask[None, :])
+
+
+@triton.jit
+def _last_of_split(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, offs_m, offs_n, M, ld_m, ld_n):
+    """Publish this program's partial acc; return (is_last, sum of all partials in split order).
+
+    ws: fp32 (n_split, ld_m, ld_n) scratch, rows >= M never touched; cnt: int32 per tile, 0 on
+    entry and reset to 0 by the last program, so it needs no memset between launches (launches on
+    one stream run one after another)."""
+    rows = (offs_m < M)[:, None] & (offs_n >= 0)[None, :]
+    ws = ws_ptr + (pid_k * ld_m + offs_m[:, None]) * ld_n + offs_n[None, :]
+    tl.store(ws, acc, mask=rows)
+    tl.debug_barrier()  # every thread's partial is written before the release below
+    done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
+    is_last = done == n_split - 1
+    total = tl.zeros_like(acc)
+    if is_last:
+        for s in range(0, n_split):
+            part = ws_ptr + (s * ld_m + offs_m[:, None]) * ld_n + offs_n[None, :]
+            total += tl.load(part, mask=rows, other=0.0, cache_modifier=".cg")
+        tl.atomic_xchg(cnt_ptr + tile, 0)
+    return is_last, total
+
+
+@triton.jit
+def qgemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
+                 M, N, Np, K, G, n_full, tail_rows, n_blocks, rank, stride_xm, stride_ym,
+                 BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 RANK_P: tl.constexpr, USE_WS: tl.constexpr, HAS_BRANCH: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, BRANCH_TF32: tl.constexpr,
+                 FP32_DOT: tl.constexpr):
+    """y (M, N) = x (M, K) @ dequant(qweight)^T (+ t @ B^T) (+ bias).
+
+    x: fp16/bf16 (M, K), row stride stride_xm, unit column stride.  qweight: int32 fbq1 layout
+    (bits * (16 * n_full + tail_rows), Np); n_blocks = n_full + (tail_rows > 0).  scales, zeros:
+    fp16 (G, Np).  y: x's dtype (M, N), row stride stride_ym.  t: fp32 (M, rank); B: fp16
+    (N, rank); bias: (N,).  FP32_DOT: dot on fp32 operands (sm_75: Triton has no tensor-core dot).
+    Grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), split_k); with split_k > 1 USE_WS must be set and
+    ws be fp32 (split_k, grid_m * BLOCK_M, grid_n * BLOCK_N), cnt int32 (grid_m * grid_n,) zeros.
+    """
+    pid_n = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    n_split = tl.num_programs(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    per = tl.cdiv(n_blocks, n_split)
+    b0 = pid_k * per
+    b1 = tl.minimum(b0 + per, n_blocks)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for b in range(b0, b1):
+        rr = tl.where(b < n_full, 16, tail_rows)
+        acc = _block_dot(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, b * 512, b * (BITS * 16), rr,
+                         M, K, Np, G, stride_xm, BITS, GROUP, INTERP_BF16, FP32_DOT)
+    if USE_WS:
+        tile = pid_m * tl.num_programs(0) + pid_n
+        ld_m = tl.num_programs(1) * BLOCK_M
+        ld_n = tl.num_programs(0) * BLOCK_N
+        is_last, total = _last_of_split(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, offs_m, offs_n, M,
+                                        ld_m, ld_n)
+        if is_last:
+            _epilogue(total, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+                      RANK_P, HAS_BRANCH, HAS_BIAS, BRANCH_TF32, INTERP_BF16)
+    else:
+        _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+                  RANK_P, HAS_BRANCH, HAS_BIAS, BRANCH_TF32, INTERP_BF16)
+
+
+@triton.jit
+def branch_down_kernel(x_ptr, a_ptr, t_ptr, ws_ptr, cnt_ptr, M, K, rank, stride_xm,
+                       BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, RANK_P: tl.constexpr,
+                       USE_WS: tl.constexpr, INTERP_BF16: tl.constexpr, FP32_DOT: tl.constexpr):
+    """t (M, rank) fp32 = x (M, K) @ A^T.  x: fp16/bf16, row stride stride_xm; A: fp16 (rank, K).
+
+    Grid: (split, cdiv(M, BLOCK_M)); program (s, i) covers one K slice of rows tile i.  With
+    split > 1 USE_WS must be set, ws fp32 (split, grid_m * BLOCK_M, RANK_P), cnt int32 (grid_m,) zeros.
+    """
+    pid_k = tl.program_id(0)
+    pid_m = tl.program_id(1)
+    n_split = tl.num_programs(0)
+    DT = x_ptr.dtype.element_ty
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rr = tl.arange(0, RANK_P)
+    kps = tl.cdiv(tl.cdiv(K, n_split), BLOCK_K) * BLOCK_K
+    k0 = pid_k * kps
+    k1 = tl.minimum(k0 + kps, K)
+    mmask = (offs_m < M)[:, None]
+    rmask = (rr < rank)[None, :]
+    acc = tl.zeros((BLOCK_M, RANK_P), dtype=tl.float32)
+    for kk in range(k0, k1, BLOCK_K):
+        k = kk + tl.arange(0, BLOCK_K)
+        kmask = k < k1
+        xk = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=mmask & kmask[None, :],
+                     other=0.0, eviction_policy="evict_last")
+        ak = tl.load(a_ptr + rr[None, :] * K + k[:, None], mask=kmask[:, None] & rmask, other=0.0,
+                     eviction_policy="evict_first")
+        if INTERP_BF16:  # A rounded to bf16 as on the GPU, fp32 math (see _block_dot)
+            acc = tl.dot(xk.to(tl.float32), _bf16_rne(ak.to(tl.float32)).to(tl.float32), acc,
+                         input_precision="ieee")
+        elif FP32_DOT:  # sm_75, see _block_dot
+            acc = tl.dot(xk.to(tl.float32), ak.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xk, ak.to(DT), acc)
+    tp = t_ptr + offs_m[:, None] * rank + rr[None, :]
+    if USE_WS:
+        is_last, total = _last_of_split(acc, ws_ptr, cnt_ptr, pid_m, pid_k, n_split, offs_m, rr, M,
+                                        tl.num_programs(1) * BLOCK_M, RANK_P)
+        if is_last:
+            tl.store(tp, total, mask=mmask & rmask)
+    else:
+        tl.store(tp, acc, mask=mmask & rmask)

@@ -1,0 +1,181 @@
+"""QuantLinear: a packed low-bit linear layer (+ optional low-rank branch and bias) that picks its
+kernel path from the device and reports it.
+
+Paths:
+  triton     CUDA tensors: cuda_ext's Triton kernels (decode m <= 16 fused branch, prefill m > 16)
+  cpu_int4   CPU tensors: torch's int4 CPU matmul + the branch in fp32 (converted once per .to())
+  reference  cuda_ext.reference in fp32; only when asked (path="reference" or FBSERVE_KERNEL_PATH)
+The environment variable FBSERVE_KERNEL_PATH (auto|triton|cpu_int4|reference) overrides the
+default "auto".  A Triton failure on CUDA raises; with FBSERVE_KERNEL_FALLBACK=1 it logs an error,
+switches that layer to the reference path and shows the reason in kernel_paths() instead.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import weakref
+
+import torch
+from torch import nn
+
+from cuda_ext import (PackedWeight, cpu_matmul, interpreting, prepare_cpu, quant_matmul,
+                      quant_matmul_ref)
+
+log = logging.getLogger("fbserve.kernels")
+PATHS = ("triton", "cpu_int4", "reference")
+ENV_PATH = "FBSERVE_KERNEL_PATH"
+ENV_FALLBACK = "FBSERVE_KERNEL_FALLBACK"
+
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+_ANNOUNCED: set[tuple] = set()
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(Wq)^T (+ (x @ A^T) @ B^T) (+ bias).
+
+    Buffers (the checkpoint's tensor names under the layer's prefix):
+      qweight int32 / scales fp16 / zeros fp16 / qmeta int32 (5,): a cuda_ext.PackedWeight
+      A fp16 (r, in_features), B fp16 (out_features, r): optional low-rank branch
+      bias (out_features,): optional, any float dtype
+    forward: x (..., in_features) fp32/fp16/bf16 -> (..., out_features) in x's dtype.
+    """
+
+    def __init__(self, packed: PackedWeight, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                 bias: torch.Tensor | None = None, path: str | None = None) -> None:
+        super().__init__()
+        packed.validate()
+        if (a is None) != (b is None):
+            raise ValueError("the low-rank branch needs both A and B")
+        if a is not None and (a.shape[1] != packed.in_features or b.shape != (packed.out_features, a.shape[0])):
+            raise ValueError(f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a "
+                             f"{packed.out_features}x{packed.in_features} layer")
+        self.bits, self.group_size = packed.bits, packed.group_size
+        self.in_features, self.out_features = packed.in_features, packed.out_features
+        self.register_buffer("qweight", packed.qweight)
+        self.register_buffer("scales", packed.scales)
+        self.register_buffer("zeros", packed.zeros)
+        self.register_buffer("qmeta", packed.meta().to(packed.device))
+        self.register_buffer("A", None if a is None else a.to(torch.float16))
+        self.register_buffer("B", None if b is None else b.to(torch.float16))
+        self.register_buffer("bias", bias)
+        self.requested_path = path or os.environ.get(ENV_PATH, "auto")
+        if self.requested_path not in PATHS + ("auto",):
+            raise ValueError(f"kernel path {self.requested_path!r} unknown; choose auto or one of {PATHS}")
+        self.path = ""
+        self.fallback_reason: str | None = None
+        self._cpu = None
+        self._select_path()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._select_path())
+        _LIVE.add(self)
+
+    @classmethod
+    def from_state_dict(cls, sd: dict[str, torch.Tensor], prefix: str = "", path: str | None = None) -> QuantLinear:
+        """Build from checkpoint tensors <prefix>qweight/scales/zeros/qmeta[/A/B/bias]."""
+        return cls(PackedWeight.from_state_dict(sd, prefix), sd.get(prefix + "A"), sd.get(prefix + "B"),
+                   sd.get(prefix + "bias"), path=path)
+
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group_size,
+                            self.in_features, self.out_features)
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.A is None else int(self.A.shape[0])
+
+    def _select_path(self) -> None:
+        """Choose the path for the current device and prepare it (CPU int4 conversion happens here)."""
+        dev = self.qweight.device
+        path = self.requested_path
+        if path == "auto":
+            path = "triton" if dev.type == "cuda" else "cpu_int4"
+        if path == "triton" and dev.type != "cuda" and not interpreting():
+            raise ValueError(f"path 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); layer is on {dev}")
+        if path == "cpu_int4" and dev.type != "cpu":
+            raise ValueError(f"path 'cpu_int4' needs CPU tensors; layer is on {dev}")
+        self._cpu = self._a_t = self._b_t = self._bias32 = None
+        if path == "cpu_int4":
+            self._cpu = prepare_cpu(self.packed)
+            if self.A is not None:
+                self._a_t = self.A.float().t().contiguous()  # (K, r)
+                self._b_t = self.B.float().t().contiguous()  # (r, N)
+            if self.bias is not None:
+                self._bias32 = self.bias.float()
+        self.path, self.fallback_reason = path, None
+        key = (path, self.bits, dev.type)
+        level = logging.INFO if key not in _ANNOUNCED else logging.DEBUG
+        _ANNOUNCED.add(key)
+        log.log(level, "kernel path %s for %d-bit g%d %dx%d layers on %s (rank %d)", path, self.bits,
+                self.group_size, self.out_features, self.in_features, dev, self.rank)
+
+    def _apply(self, fn, *args, **kwargs):
+        """.to()/.cuda()/.half()/.bfloat16() move the layer; dtype casts never touch the packed
+        tensors or the fp16 branch (a cast through bf16 would lose bits), only the bias."""
+        keep = {n: getattr(self, n) for n in ("scales", "zeros", "A", "B") if getattr(self, n) is not None}
+        super()._apply(fn, *args, **kwargs)
+        for name, old in keep.items():
+            new = getattr(self, name)
+            if new.dtype != torch.float16:
+                setattr(self, name, old.to(new.device))
+        self._select_path()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"x has {x.shape[-1]} features, layer expects {self.in_features}")
+        if self.path == "triton":
+            try:
+                xk = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.float16)
+                return quant_matmul(xk, self.packed, self.A, self.B, self.bias).to(x.dtype)
+            except Exception as e:  # noqa: BLE001 - re-raised unless a loud fallback was asked for
+                if os.environ.get(ENV_FALLBACK, "0") in ("", "0"):
+                    log.error("Triton kernel failed on %s: %r (set %s=1 to fall back to the reference)",
+                              x.device, e, ENV_FALLBACK)
+                    raise
+                log.error("Triton kernel failed on %s: %r; this layer falls back to the reference path",
+                          x.device, e)
+                self.path, self.fallback_reason = "reference", f"triton failed: {e!r}"[:300]
+        if self.path == "cpu_int4":
+            return cpu_matmul(x, self._cpu, self._a_t, self._b_t, self._bias32)
+        return quant_matmul_ref(x, self.packed, self.A, self.B, self.bias)
+
+    def weight_bytes(self) -> dict[str, int]:
+        """Resident bytes by kind: packed (qweight), scales_zeros, branch (fp16 A, B), bias, and
+        cpu_int4 (the CPU path's own copies: torch's int4 pack and fp32 A^T, B^T; 0 elsewhere)."""
+        out = self.packed.nbytes()
+        out["branch"] = 0 if self.A is None else (self.A.numel() + self.B.numel()) * 2
+        out["bias"] = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        out["cpu_int4"] = 0 if self._cpu is None else self._cpu.nbytes()
+        if self._a_t is not None:
+            out["cpu_int4"] += (self._a_t.numel() + self._b_t.numel()) * 4
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, rank={self.rank}, path={self.path}")
+
+
+def kernel_paths() -> list[dict]:
+    """Live kernel paths, one row per (path, bits, device, fallback): what /health and the gauge
+    fbserve_kernel_info{path,bits,device} report.  Row keys: path, bits, device, group_sizes,
+    layers, fallback (None, or why a layer left the Triton path)."""
+    rows: dict[tuple, dict] = {}
+    for m in list(_LIVE):
+        dev = str(m.qweight.device)
+        key = (m.path, m.bits, dev, m.fallback_reason)
+        row = rows.setdefault(key, {"path": m.path, "bits": m.bits, "device": dev, "group_sizes": [],
+                                    "layers": 0, "fallback": m.fallback_reason})
+        row["layers"] += 1
+        if m.group_size not in row["group_sizes"]:
+            row["group_sizes"].append(m.group_size)
+    return sorted(rows.values(), key=lambda r: (r["device"], r["path"], r["bits"]))
+
+
+def weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Sum of QuantLinear.weight_bytes() over a model's quantized layers (fbserve_model_weight_bytes{kind})."""
+    total: dict[str, int] = {}
+    for m in model.modules():
+        if isinstance(m, QuantLinear):
+            for k, v in m.weight_bytes().items():
+                total[k] = total.get(k, 0) + v
+    return total

@@ -1,0 +1,93 @@
+"""Per-arch config tables, split-K sizing, the static roofline, the PTX load reader and the
+GPU-only tools' behaviour without a GPU."""
+import json
+import logging
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton (see cuda_ext/README.md)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from cuda_ext import configs  # noqa: E402
+from cuda_ext.check import weight_load_widths  # noqa: E402
+from cuda_ext.launch import choose_split  # noqa: E402
+from cuda_ext.roofline import call_traffic, ideal_parts  # noqa: E402
+
+
+@pytest.mark.parametrize("arch", configs.ARCHS + (configs.INTERPRETER,))
+def test_every_shipped_table_answers_every_m(arch):
+    for m in (1, 2, 16, 17, 64, 4096):
+        kind, cfg = configs.gemm_config(arch, m, 3)
+        assert kind == ("decode" if m <= 16 else "prefill") and cfg.block_n % 16 == 0
+        assert configs.branch_config(arch, m).block_k >= 16
+
+
+def test_newer_arch_uses_nearest_older_table_loudly(caplog):
+    with caplog.at_level(logging.WARNING, logger="fbserve.kernels"):
+        table = configs.load_table("sm_100")
+    assert table["arch"] == "sm_90" and any("sm_100" in r.getMessage() for r in caplog.records)
+    with pytest.raises(ValueError, match="sm_70"):
+        configs.load_table("sm_70")
+
+
+def test_write_rule_replaces_matching_rule(tmp_path):
+    path = tmp_path / "sm_90.json"
+    path.write_text(json.dumps(configs.load_table("sm_90")))
+    rule = configs.as_rule(configs.GemmConfig(16, 64, 4, 2, 3.0, 12), m_max=1)
+    configs.write_rule("sm_90", "decode", rule, path)
+    decode = json.loads(path.read_text())["decode"]
+    assert decode[0] == rule and sum(r.get("m_max") == 1 for r in decode) == 1
+    with pytest.raises(ValueError, match="kind must be"):
+        configs.write_rule("sm_90", "gemv", rule, path)
+
+
+def test_split_k_never_leaves_an_empty_split():
+    for n_tiles in (1, 5, 48, 200):
+        for n_blocks in (1, 2, 3, 8, 22):
+            s = choose_split(n_tiles, n_blocks, 132, 2, 16)
+            per = -(-n_blocks // s)
+            assert 1 <= s <= n_blocks and (s - 1) * per < n_blocks
+
+
+def test_roofline_counts_x_rereads_and_padding():
+    t = call_traffic(4096, 4096, 1, 4, 128, 0, "sm_90")
+    ideal = ideal_parts(4096, 4096, 1, 4, 128, 0)
+    assert t.parts["weights"] == ideal["weights"] and t.parts["scales_zeros"] == ideal["scales_zeros"]
+    assert t.parts["x"] == (4096 // 128) * ideal["x"]  # x is re-read by each of the 32 column tiles
+    assert 1.0 < t.ratio < 1.1 and t.dram_ratio == pytest.approx(1.0, abs=1e-3)
+
+
+def test_weight_load_reader_follows_the_pointer():
+    ptx = """
+    ld.param.u64 %rd1, [k_param_1];
+    ld.param.u64 %rd2, [k_param_0];
+    mad.wide.s32 %rd3, %r1, 4, %rd1;
+    add.s64 %rd4, %rd3, 64;
+    @%p1 ld.global.L1::evict_first.v4.b32 { %r2, %r3, %r4, %r5 }, [ %rd4 + 0 ];
+    ld.global.b16 { %rs1 }, [ %rd2 + 0 ];
+    ld.global.b32 %r6, [ %rd3 + 0 ];
+    """
+    assert weight_load_widths(ptx, 1) == [16, 4]
+    assert weight_load_widths(ptx, 0) == [2]
+
+
+def test_gpu_tools_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU: bench/kernels.py would run for minutes")
+    import importlib.util
+    from pathlib import Path
+    spec = importlib.util.spec_from_file_location("bench_kernels", Path(__file__).parents[1] / "bench" / "kernels.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    assert bench.main([]) == 0
+    from cuda_ext import autotune
+    assert autotune.main([]) == 1
+
+
+def test_kernels_check_decode_on_sm90():
+    """`fbserve kernels check` on one arch and kernel: compiles, no spill, 16-byte weight loads."""
+    from cuda_ext.check import main
+    assert main(["--arch", "sm_90", "--kind", "decode", "--jobs", "2"]) == 0

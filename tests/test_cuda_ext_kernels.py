@@ -1,0 +1,116 @@
+"""Triton kernels against cuda_ext.reference, on CPU under TRITON_INTERPRET=1 (or on CUDA).
+
+Error bounds (relative error = mean |y - ref| / mean |ref|, ref in fp32):
+  fp16: 2e-3  (the dequantized weight and y are rounded to fp16; measured ~3e-4)
+  bf16: 1e-2  (the same in bf16; measured ~2e-3)
+The interpreter computes bf16 through fp32 dots on the same bf16 operand values (its bf16 tl.dot
+is wrong), see cuda_ext/README.md for what only a GPU run confirms.
+"""
+import os
+
+import torch
+
+if not torch.cuda.is_available():  # before anything imports triton (see cuda_ext/README.md)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from cuda_ext import branch_down, branch_down_ref, quant_matmul, quant_matmul_ref  # noqa: E402
+from cuda_ext.configs import GemmConfig  # noqa: E402
+from cuda_ext.testing import random_layer, rel_err  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+# (N, K): a 2-row tail block and N = one 64-column tile; two whole blocks and N = 80 (a partial
+# column tile); a 1-row tail with a partial group and N < one tile
+SHAPES = [(64, 576), (80, 1024), (48, 520)]
+DECODE_M = [1, 2, 7, 16]
+
+
+def _check(m, n, k, bits, group, dtype, rank, seed, bias=False, config=None):
+    packed, a, b = random_layer(n, k, bits, group, rank=rank, seed=seed, device=DEV)
+    bvec = torch.randn(n, device=DEV).to(dtype) if bias else None
+    x = torch.randn(m, k, device=DEV).to(dtype)
+    y = quant_matmul(x, packed, a, b, bvec, config=config)
+    ref = quant_matmul_ref(x, packed, a, b, bvec)
+    assert y.dtype == dtype and y.shape == (m, n)
+    err = rel_err(y, ref)
+    assert err < BOUND[dtype], f"rel err {err:.2e} (m={m} N={n} K={k} {bits}b g{group} {dtype} r={rank})"
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_decode_matches_reference(bits, group, dtype):
+    """Every bits x group x dtype once; m, shape and the branch rotate across the grid."""
+    i = bits * 3 + group // 32 + (dtype == torch.bfloat16)
+    n, k = SHAPES[(i // 2) % len(SHAPES)]
+    rank = (0, 8, 32)[i % 3]
+    _check(DECODE_M[i % 4], n, k, bits, group, dtype, rank, seed=i)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m", DECODE_M + [33])
+def test_every_m_with_branch(m, dtype):
+    _check(m, 64, 576, 3, 128, dtype, rank=16, seed=m)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_prefill_matches_reference(bits, dtype):
+    _check(40, 80, 1024 if bits != 3 else 520, bits, 64, dtype, rank=(0 if bits == 2 else 24), seed=bits,
+           bias=bits == 4)
+
+
+def test_split_k_is_deterministic_and_matches_unsplit():
+    packed, a, b = random_layer(64, 1536, 4, 128, rank=16, seed=11, device=DEV)
+    x = torch.randn(3, 1536, device=DEV).half()
+    one = GemmConfig(block_m=16, block_n=64, num_warps=4, num_stages=1, waves=1, max_split_k=1)
+    three = GemmConfig(block_m=16, block_n=64, num_warps=4, num_stages=1, waves=64, max_split_k=3)
+    y1 = quant_matmul(x, packed, a, b, config=one)
+    y3 = quant_matmul(x, packed, a, b, config=three)
+    assert torch.equal(y3, quant_matmul(x, packed, a, b, config=three))  # fixed summation order
+    assert rel_err(y3, y1) < 1e-3
+
+
+def test_bias_and_batched_input():
+    packed, a, b = random_layer(64, 576, 2, 32, rank=8, seed=3, device=DEV)
+    bias = torch.randn(64, device=DEV).half()
+    x = torch.randn(2, 3, 576, device=DEV).half()
+    y = quant_matmul(x, packed, a, b, bias)
+    assert y.shape == (2, 3, 64)
+    assert rel_err(y, quant_matmul_ref(x, packed, a, b, bias)) < BOUND[torch.float16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,rank", [(1, 8), (5, 64), (40, 128)])
+def test_branch_down_matches_reference(m, rank, dtype):
+    a = (torch.randn(rank, 576) * 0.05).half().to(DEV)
+    x = torch.randn(m, 576, device=DEV).to(dtype)
+    t = branch_down(x, a)
+    assert t.dtype == torch.float32 and t.shape == (m, rank)
+    assert rel_err(t, branch_down_ref(x, a)) < BOUND[dtype]
+
+
+def test_unsupported_shapes_raise_with_names():
+    packed, a, b = random_layer(64, 576, 4, 128, rank=8, device=DEV)
+    with pytest.raises(ValueError, match="512 input features.*K=576"):
+        quant_matmul(torch.randn(1, 512, device=DEV).half(), packed)
+    with pytest.raises(ValueError, match="float16 or bfloat16"):
+        quant_matmul(torch.randn(1, 576, device=DEV), packed)
+    with pytest.raises(ValueError, match=r"rank r=129"):
+        big_a = torch.zeros(129, 576, device=DEV).half()
+        quant_matmul(torch.randn(1, 576, device=DEV).half(), packed, big_a, torch.zeros(64, 129, device=DEV).half())
+    with pytest.raises(ValueError, match=r"B must be float16 \(N=64, r=8\)"):
+        quant_matmul(torch.randn(1, 576, device=DEV).half(), packed, a, b[:32])
+    with pytest.raises(ValueError, match="A must be float16"):
+        quant_matmul(torch.randn(1, 576, device=DEV).half(), packed, a.float(), b)
+    with pytest.raises(ValueError, match="both A and B"):
+        quant_matmul(torch.randn(1, 576, device=DEV).half(), packed, a, None)
+
+
+@pytest.mark.parametrize("n,k,bits,group,dtype", [(64, 256, 4, 32, torch.float16), (32, 96, 2, 128, torch.bfloat16)])
+def test_k_smaller_than_one_block(n, k, bits, group, dtype):
+    """Only a tail block (K=96: one partial group, 32 padded values)."""
+    _check(3, n, k, bits, group, dtype, rank=8, seed=k)
