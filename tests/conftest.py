@@ -2,6 +2,12 @@
 (engine.engine.Engine) with a character-level tokenizer, so server tests need no model."""
 from __future__ import annotations
 
+import os
+
+# Without a GPU, Triton kernels run under its interpreter; this must be set before triton is imported.
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import asyncio
 import random
 import string
