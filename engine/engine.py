@@ -26,6 +26,7 @@ log = logging.getLogger("fbserve.engine")
 # Prompt log-probabilities are computed from hidden states in chunks of this many positions, so a
 # long echo prompt never materialises (T, vocab) logits at once.
 _LOGPROB_CHUNK = 256
+MAX_BATCH = 16  # KV cache slots; `fbserve serve --max-batch` allows up to this
 
 
 def _rss_bytes() -> int:
@@ -37,6 +38,11 @@ def _rss_bytes() -> int:
         return 0
 
 
+def openmp_wait_policy() -> str:
+    """OMP_WAIT_POLICY as libgomp read it when torch loaded (see engine/__init__.py for why it matters)."""
+    return os.environ.get("OMP_WAIT_POLICY", "").upper()
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = None) -> None:
         self.loaded = loaded
@@ -45,6 +51,8 @@ class Engine:
         self.model_name = loaded.name
         config = self.model.config
         self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
+        if not 1 <= max_batch <= MAX_BATCH:
+            raise ValueError(f"max_batch must be in [1, {MAX_BATCH}], got {max_batch}")
         self.max_batch = max_batch
         self.device = self.model.lm_head.weight.device
         self.model.setup_cache(max_batch, self.max_seq_len)
@@ -63,6 +71,10 @@ class Engine:
 
     # ---- public, called from the event loop --------------------------------------------------------
     def start(self) -> None:
+        if self.device.type == "cpu" and openmp_wait_policy() != "PASSIVE":
+            log.warning("OMP_WAIT_POLICY is %s: OpenMP threads busy-wait, which slows CPU decode up to ~10x on "
+                        "a busy CPU; import `engine` before torch or set OMP_WAIT_POLICY=PASSIVE",
+                        openmp_wait_policy() or "unset")
         self._thread = threading.Thread(target=self._loop, name="fbserve-engine", daemon=True)
         self._thread.start()
 
@@ -144,15 +156,29 @@ class Engine:
         return out
 
     def memory_report(self) -> dict[tuple[str, str], int]:
-        """Bytes by (device, kind): weights, KV cache, process RSS, CUDA allocated/reserved."""
+        """Bytes by (device, kind): `weights_<kind>` (packed, scales, branch, fp rest), `kv_cache_total`
+        (allocated) and `kv_cache_used` (positions held by running requests), `pinned_residuals` (QDEC,
+        host), process `rss`, CUDA `allocated`/`reserved`."""
         dev = self.device.type
         report = {(dev, f"weights_{k}"): v for k, v in self.weight_bytes().items()}
-        report[(dev, "kv_cache")] = self.model.kv_cache_bytes()
+        stats = self.stats()
+        report[(dev, "kv_cache_total")] = stats["kv_cache_bytes"]
+        report[(dev, "kv_cache_used")] = int(stats["kv_cache_bytes"] * stats["kv_cache_used_ratio"])
+        report[("cpu", "pinned_residuals")] = self._pinned_residual_bytes()
         report[("cpu", "rss")] = _rss_bytes()
         if dev == "cuda":
             report[("cuda", "allocated")] = torch.cuda.memory_allocated(self.device)
             report[("cuda", "reserved")] = torch.cuda.memory_reserved(self.device)
         return report
+
+    def _pinned_residual_bytes(self) -> int:
+        """Host bytes of QDEC residuals (modules reporting `residual_bytes()`; none until QDEC lands)."""
+        total = 0
+        for module in self.model.modules():
+            report = getattr(module, "residual_bytes", None)
+            if callable(report):
+                total += int(report())
+        return total
 
     # ---- the worker thread ----------------------------------------------------------------------------
     def _loop(self) -> None:

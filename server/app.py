@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from server import routes_chat, routes_completions
+from server import routes_chat, routes_completions, routes_tokenize
+from server.admission import Gate, ServingConfig
 from server.generation import ServerState
 from server.metrics import DEFAULT, Metrics, kernel_paths
 from server.protocol import ModelCard, ModelList
@@ -43,21 +44,25 @@ def _engine_device(engine: Any) -> str:
 
 
 def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | None = None,
-               on_load_error: Callable[[BaseException], None] | None = None) -> FastAPI:
+               on_load_error: Callable[[BaseException], None] | None = None,
+               config: ServingConfig | None = None) -> FastAPI:
     """Build the app around `engine`.
 
     `engine`: either a started Engine (the caller owns it), or a zero-argument factory returning a new,
     not yet started Engine: the app calls it in a background thread at startup, starts the engine, and
     shuts it down at exit. `on_load_error(exc)` is called (from that thread) if loading fails, e.g. to
-    stop the server. `metrics`: defaults to the process-wide `server.metrics.DEFAULT`.
+    stop the server. `metrics`: defaults to the process-wide `server.metrics.DEFAULT`. `config`: the
+    operator's limits (auth, queue, timeouts, sizes); `app.state.server.draining = True` starts refusing
+    new API requests (the CLI sets it at SIGTERM).
     """
     factory = None if _is_engine(engine) else engine
-    state = ServerState(metrics=metrics or DEFAULT, device=device or "cpu")
+    state = ServerState(metrics=metrics or DEFAULT, device=device or "cpu", config=config or ServingConfig())
     if factory is None:
         state.device = device or _engine_device(engine)
         state.set_engine(engine)
     state.metrics.bind_engine(lambda: state.engine, state.device)
-    closing = threading.Event()
+    if state.config.metrics_compat == "vllm":
+        state.metrics.enable_vllm_names(lambda: state.engine.model_name if state.engine is not None else "")
 
     def load() -> None:
         started = time.monotonic()
@@ -73,10 +78,8 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
         state.set_engine(built)
         log.info("model %s ready on %s in %.1f s (context %d tokens); kernel paths: %s", built.model_name,
                  state.device, time.monotonic() - started, built.max_seq_len, kernel_paths(state.device))
-        # This thread lives as long as the engine: measured on a 2-core CPU, decode ran ~10x slower
-        # once the thread that built the engine (and ran torch's first OpenMP regions) had exited.
-        closing.wait()
-        built.shutdown()
+        # This thread may exit now: the ~10x CPU slowdown once seen after it exited was OpenMP spinning,
+        # fixed for every caller by the wait policy `engine/__init__.py` sets.
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -88,31 +91,39 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
         try:
             yield
         finally:
-            closing.set()
             if loader is not None:
                 await asyncio.to_thread(loader.join, 30)
+                if state.engine is not None:
+                    await asyncio.to_thread(state.engine.shutdown)
 
     app = FastAPI(title="fbserve", lifespan=lifespan)
     app.state.server = state
     app.state.metrics = state.metrics
     install_error_handlers(app)
+    app.add_middleware(Gate, state=state)
     app.include_router(routes_completions.router)
     app.include_router(routes_chat.router)
+    app.include_router(routes_tokenize.router)
 
     @app.get("/health")
     def health() -> JSONResponse:  # sync: the first kernel_paths() call imports the kernel modules
         engine_ = state.engine
+        if state.draining:
+            return JSONResponse({"status": "shutting_down", "ready": False}, status_code=503)
         if engine_ is None:
-            body = {"status": "error", "error": state.load_error} if state.load_error else {"status": "loading"}
+            body = ({"status": "error", "ready": False, "error": state.load_error} if state.load_error
+                    else {"status": "loading", "ready": False})
             return JSONResponse(body, status_code=503)
         quant = engine_.loaded.quantization
         return JSONResponse({
             "status": "ok",
+            "ready": True,
             "model": engine_.model_name,
             "device": state.device,
             "max_seq_len": engine_.max_seq_len,
             "quantization": {k: quant[k] for k in QUANTIZATION_SUMMARY_KEYS if k in quant} if quant else None,
             "kernel_paths": kernel_paths(state.device),
+            "qdec": {"enabled": False, "reason": "not configured"},  # QDEC residuals: a later issue
         })
 
     @app.get("/v1/models", response_model=ModelList)

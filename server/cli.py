@@ -4,8 +4,12 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import engine  # noqa: F401  # first, before anything imports torch: it sets OpenMP's wait policy
 
 log = logging.getLogger("fbserve.cli")
 
@@ -26,12 +30,44 @@ def resolve_device(choice: str) -> str:
     return device
 
 
+MAX_BATCH_LIMIT = 16
+
+
+def _graceful_server(uvicorn: Any, config: Any, app_state: Any) -> Any:
+    """A uvicorn.Server whose SIGTERM/SIGINT first marks the app draining (new API requests get 503,
+    /health 503) and then lets uvicorn stop listening and wait for in-flight responses up to the grace
+    period. A SIGTERM shutdown is a clean exit (status 0), as orchestrators expect."""
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            app_state.draining = True
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals after its shutdown, which would end us with -SIGTERM.
+            captured = getattr(self, "_captured_signals", None)
+            if sig == signal.SIGTERM and captured and captured[-1] == sig:
+                captured.pop()
+
+    return Server(config)
+
+
+def serving_config(args: argparse.Namespace) -> Any:
+    from server.admission import ServingConfig, load_api_keys
+
+    keys = load_api_keys(args.api_key or [], args.api_key_file)
+    log.info("API keys: %s", f"{len(keys)} configured" if keys else "none (no authentication)")
+    return ServingConfig(api_keys=keys, metrics_auth=args.metrics_auth, max_queue=args.max_queue,
+                         request_timeout_s=args.request_timeout, max_body_bytes=args.max_body_bytes,
+                         max_prompt_tokens=args.max_prompt_tokens, max_n=args.max_n,
+                         metrics_compat=None if args.metrics_compat == "none" else args.metrics_compat)
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from server.app import create_app
 
     device = resolve_device(args.device)
+    serving = serving_config(args)
 
     def build_engine():  # runs in the app's loading thread, after the server listens
         from engine.engine import Engine
@@ -42,14 +78,15 @@ def serve(args: argparse.Namespace) -> int:
 
     failed: list[BaseException] = []
     config = uvicorn.Config(None, host=args.host, port=args.port, log_config=None,  # our logging config
-                            log_level=args.log_level.lower(), access_log=True, timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+                            log_level=args.log_level.lower(), access_log=True,
+                            timeout_graceful_shutdown=args.shutdown_grace)
 
     def on_load_error(exc: BaseException) -> None:
         failed.append(exc)
         server.should_exit = True
 
-    config.app = create_app(build_engine, device=device, on_load_error=on_load_error)
+    config.app = create_app(build_engine, device=device, on_load_error=on_load_error, config=serving)
+    server = _graceful_server(uvicorn, config, config.app.state.server)
     server.run()
     return 1 if failed else 0
 
@@ -62,11 +99,39 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--max-batch", type=int, default=8, help="requests decoded together")
+    p.add_argument("--max-batch", type=_bounded_int(1, MAX_BATCH_LIMIT), default=8,
+                   help=f"KV cache slots: requests decoded together (1..{MAX_BATCH_LIMIT})")
+    p.add_argument("--max-queue", type=_bounded_int(0, None), default=64,
+                   help="requests waiting for a slot beyond the running ones; more get 429 + Retry-After")
+    p.add_argument("--request-timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="cancel a request running longer (504; in-band error frame when streaming)")
+    p.add_argument("--shutdown-grace", type=int, default=30, metavar="SECONDS",
+                   help="at SIGTERM, how long in-flight responses may finish")
+    p.add_argument("--api-key", action="append", metavar="KEY",
+                   help="require `Authorization: Bearer KEY` on /v1/*, /tokenize, /detokenize (repeatable; "
+                        "also --api-key-file and $FBSERVE_API_KEY, comma-separated)")
+    p.add_argument("--api-key-file", metavar="PATH", help="API keys, one per line")
+    p.add_argument("--metrics-auth", action="store_true", help="/metrics requires an API key too")
+    p.add_argument("--metrics-compat", choices=["none", "vllm"], default="none",
+                   help="also export metrics under vLLM's names (vllm:...)")
+    p.add_argument("--max-body-bytes", type=_bounded_int(1, None), default=1 << 20,
+                   help="larger request bodies get 413")
+    p.add_argument("--max-prompt-tokens", type=_bounded_int(1, None), default=None,
+                   help="longer prompts get 400 (default: only the context length bounds them)")
+    p.add_argument("--max-n", type=_bounded_int(1, 128), default=8, help="largest `n` (choices) per request")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    type=str.lower)
     p.set_defaults(func=serve)
+
+
+def _bounded_int(low: int, high: int | None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high if high is not None else 'inf'}]")
+        return value
+    return parse
 
 
 def register_subcommands(subparsers: argparse._SubParsersAction, name: str) -> bool:

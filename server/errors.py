@@ -19,19 +19,23 @@ from server.protocol import ErrorInfo, ErrorResponse
 log = logging.getLogger("fbserve.server")
 
 # HTTP status -> OpenAI error type
-_TYPES = {400: "invalid_request_error", 404: "invalid_request_error", 405: "invalid_request_error",
-          413: "invalid_request_error", 422: "invalid_request_error", 503: "service_unavailable"}
+# (server/admission.py documents the choices for 401, 413, 429, 503 and 504)
+_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
+          405: "invalid_request_error", 413: "invalid_request_error", 422: "invalid_request_error",
+          429: "rate_limit_error", 503: "service_unavailable", 504: "timeout_error"}
 
 
 class APIError(Exception):
     """An error the client should see as-is: status, message, and the offending parameter."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
 
 class ClientDisconnected(Exception):
@@ -43,13 +47,14 @@ def error_body(status: int, message: str, param: str | None = None, code: str | 
     return ErrorResponse(error=ErrorInfo(message=message, type=kind, param=param, code=code)).model_dump()
 
 
-def error_response(status: int, message: str, param: str | None = None, code: str | int | None = None) -> JSONResponse:
-    return JSONResponse(error_body(status, message, param, code), status_code=status)
+def error_response(status: int, message: str, param: str | None = None, code: str | int | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
 def status_label(status: int) -> str:
     """The `requests_total{status}` label for an HTTP error status."""
-    if status == 503:
+    if status in (429, 503):
         return "rejected"
     return "invalid" if status < 500 else "error"
 
@@ -86,7 +91,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         _count(request, exc.status)
-        return error_response(exc.status, exc.message, exc.param, exc.code)
+        return error_response(exc.status, exc.message, exc.param, exc.code, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -98,7 +103,10 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         _count(request, exc.status_code)
         detail = exc.detail if isinstance(exc.detail, str) else HTTPStatus(exc.status_code).phrase
-        return error_response(exc.status_code, detail)
+        if exc.status_code == 413:  # a body that outgrew --max-body-bytes while being read
+            request.app.state.metrics.requests_rejected.labels(reason="too_large").inc()
+            return error_response(413, detail, code="request_too_large")
+        return error_response(exc.status_code, detail, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ClientDisconnected)
     async def _disconnected(request: Request, exc: ClientDisconnected) -> Response:

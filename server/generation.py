@@ -10,12 +10,14 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from engine.types import EngineError, GenerationOutput, GenerationRequest, SamplingParams, TokenLogprob
+from server.admission import RETRY_AFTER_S, Admission, ServingConfig
 from server.errors import APIError
 from server.metrics import Metrics, RequestTracker
 from server.protocol import ChatTokenLogprob, ChatTopLogprob, CompletionLogprobs, UsageInfo
-from server.streaming import cancel_on_disconnect, merge_streams
+from server.streaming import StreamTimeout, cancel_on_disconnect, merge_streams
 
 MODEL_ALIASES = ("default",)  # accepted besides the served model's name
+MAX_STOP = 4  # stop strings per request, as OpenAI
 
 
 class GenerationFailed(Exception):
@@ -45,6 +47,41 @@ class ServerState:
     engine: Any = None
     load_error: str | None = None
     token_text: TokenText | None = None
+    config: ServingConfig = field(default_factory=ServingConfig)
+    draining: bool = False  # set at SIGTERM: new API requests get 503 while running ones finish
+    admission: Admission | None = None
+
+    def __post_init__(self) -> None:
+        self.admission = Admission(self.config.max_queue)
+
+    def admit(self, n_choices: int) -> RequestTracker:
+        """Start accounting one API request of `n_choices` engine requests, or refuse it (429).
+
+        The returned tracker releases the admission when it finishes (exactly once, on every path).
+        """
+        slots = getattr(self.engine, "max_batch", 8)
+        if not self.admission.try_admit(n_choices, slots):
+            self.metrics.requests_rejected.labels(reason="queue_full").inc()
+            raise APIError(429, f"the server is overloaded: {self.admission.in_flight} requests in flight "
+                                f"(limit {self.admission.capacity(slots)}); retry later", code="server_overloaded",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        tracker = self.metrics.track()
+        tracker.on_finish = lambda: self.admission.release(n_choices)
+        return tracker
+
+    def check_limits(self, prompts: list[list[int]], n: int, n_stop: int, param: str = "prompt") -> None:
+        """Operator limits (--max-n, --max-prompt-tokens) and OpenAI's 4 stop strings: clear 400s."""
+        config = self.config
+        if n > config.max_n:
+            raise APIError(400, f"n must be at most {config.max_n} on this server (got {n})", param="n")
+        if n_stop > MAX_STOP:
+            raise APIError(400, f"at most {MAX_STOP} stop sequences are allowed (got {n_stop})", param="stop")
+        longest = max((len(p) for p in prompts), default=0)
+        if config.max_prompt_tokens is not None and longest > config.max_prompt_tokens:
+            self.metrics.requests_rejected.labels(reason="too_large").inc()
+            raise APIError(400, f"the prompt has {longest} tokens; this server accepts at most "
+                                f"{config.max_prompt_tokens} (--max-prompt-tokens)", param=param,
+                           code="prompt_too_long")
 
     def set_engine(self, engine: Any) -> None:
         self.token_text = TokenText(engine.tokenizer)
@@ -153,7 +190,9 @@ async def run_choices(engine: Any, choices: list[Choice], tracker: RequestTracke
             streams.append(_no_generation(c))
         else:
             streams.append(engine.generate(GenerationRequest(f"{request_id}-{c.index}", c.prompt_ids, c.params)))
-    merged = merge_streams(streams)
+    timeout_s = getattr(tracker, "timeout_s", None)
+    deadline = None if timeout_s is None else tracker.arrival + timeout_s
+    merged = merge_streams(streams, deadline)
     try:
         async for i, out in merged:
             choice = choices[i]
@@ -164,6 +203,10 @@ async def run_choices(engine: Any, choices: list[Choice], tracker: RequestTracke
             yield choice, out
     except EngineError as exc:
         raise APIError(400, str(exc), param="prompt") from exc
+    except StreamTimeout as exc:  # merge_streams already cancelled every engine request
+        tracker.metrics.requests_rejected.labels(reason="timeout").inc()
+        raise APIError(504, f"the request did not finish within {timeout_s:g} s (--request-timeout); "
+                            "it was cancelled", code="request_timeout") from exc
     finally:
         await merged.aclose()
 

@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger("fbserve.metrics")
 
@@ -30,7 +30,7 @@ disable_created_metrics()
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 REQUEST_STATUSES = ("success", "error", "invalid", "cancelled", "rejected")
-REJECT_REASONS = ("loading",)
+REJECT_REASONS = ("loading", "queue_full", "timeout", "too_large", "shutting_down")
 
 
 def process_rss_bytes() -> int:
@@ -140,7 +140,7 @@ class EngineCollector:
         if engine is not None:
             reported = self._call(engine, "memory_report", {})
             if "kv_cache_bytes" in stats and not any("kv" in kind for _, kind in reported):
-                rows[(self.device, "kv_cache")] = stats["kv_cache_bytes"]
+                rows[(self.device, "kv_cache_total")] = stats["kv_cache_bytes"]
             rows.update(reported)
         return rows
 
@@ -180,6 +180,12 @@ class Metrics:
         self.engine_collector.engine_fn = engine_fn
         self.engine_collector.device = device
 
+    def enable_vllm_names(self, model_name: Callable[[], str]) -> None:
+        """Also export the vLLM names of `VLLM_NAMES` (idempotent)."""
+        if getattr(self, "vllm_collector", None) is None:
+            self.vllm_collector = VllmCompatCollector(self, model_name)
+            self.registry.register(self.vllm_collector)
+
     def count_request(self, status: str) -> None:
         self.requests.labels(status=status).inc()
         if status == "cancelled":
@@ -198,6 +204,8 @@ class RequestTracker:
         self.first_token_seen = False
         self.last_token_time: dict[int, float] = {}  # per choice
         self.finished = False
+        self.timeout_s: float | None = None  # the request's deadline is arrival + timeout_s
+        self.on_finish: Callable[[], None] | None = None  # e.g. release the admission
 
     def observe(self, index: int, prompt_len: int, first_event: bool, queue_wait_s: float | None,
                 n_tokens: int) -> None:
@@ -225,6 +233,55 @@ class RequestTracker:
         self.finished = True
         self.metrics.request_duration.observe(time.monotonic() - self.arrival)
         self.metrics.count_request(status)
+        if self.on_finish is not None:
+            self.on_finish()
+
+
+# vLLM's names for our series (`--metrics-compat vllm`), so dashboards built for vLLM work unchanged.
+# vLLM's *_perc cache gauges are fractions 0..1 too. Every series gains vLLM's `model_name` label.
+VLLM_NAMES: dict[str, tuple[str, ...]] = {
+    "fbserve_requests_running": ("vllm:num_requests_running",),
+    "fbserve_requests_waiting": ("vllm:num_requests_waiting",),
+    "fbserve_kv_cache_usage_ratio": ("vllm:gpu_cache_usage_perc", "vllm:kv_cache_usage_perc"),
+    "fbserve_time_to_first_token_seconds": ("vllm:time_to_first_token_seconds",),
+    "fbserve_inter_token_latency_seconds": ("vllm:time_per_output_token_seconds", "vllm:inter_token_latency_seconds"),
+    "fbserve_request_duration_seconds": ("vllm:e2e_request_latency_seconds",),
+    "fbserve_prompt_tokens": ("vllm:prompt_tokens",),
+    "fbserve_generation_tokens": ("vllm:generation_tokens",),
+}
+
+
+class VllmCompatCollector:
+    """Re-exports our families under vLLM's names (read from the source collectors at scrape time)."""
+
+    def __init__(self, metrics: Metrics, model_name: Callable[[], str]) -> None:
+        self.metrics = metrics
+        self.model_name = model_name
+
+    def _sources(self) -> list[Any]:
+        m = self.metrics
+        return [m.time_to_first_token, m.inter_token_latency, m.request_duration, m.prompt_tokens,
+                m.generation_tokens, m.engine_collector]
+
+    def collect(self) -> Iterable[Any]:
+        model = self.model_name()
+        for source in self._sources():
+            for family in source.collect():
+                for new_name in VLLM_NAMES.get(family.name, ()):
+                    yield _renamed(family, family.name, new_name, model)
+        success = CounterMetricFamily("vllm:request_success", "Requests finished successfully.",
+                                      labels=["model_name"])
+        succeeded = sum(sample.value for family in self.metrics.requests.collect() for sample in family.samples
+                        if sample.name.endswith("_total") and sample.labels.get("status") == "success")
+        success.add_metric([model], succeeded)
+        yield success
+
+
+def _renamed(family: Any, old: str, new: str, model: str) -> Any:
+    out = Metric(new, family.documentation, family.type)
+    for sample in family.samples:
+        out.add_sample(new + sample.name[len(old):], {**sample.labels, "model_name": model}, sample.value)
+    return out
 
 
 DEFAULT = Metrics()

@@ -36,10 +36,12 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     check_model(body.model, engine)
     ids = chat_prompt_ids(body, engine.tokenizer)
     check_prompt_ids(ids, len(engine.tokenizer), param="messages")
+    state.check_limits([ids], body.n, len(body._stop_list()), param="messages")
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     budget = resolve_max_tokens(body.requested_max_tokens, None, len(ids), engine.max_seq_len, param)
     choices = make_choices([ids], body.n, [body.to_sampling_params(budget)])
-    tracker = request.state.tracker = state.metrics.track()
+    tracker = request.state.tracker = state.admit(len(choices))
+    tracker.timeout_s = state.config.request_timeout_s
     request_id = random_id("chatcmpl")
     model = engine.model_name
     top_n = body.top_logprobs or 0
@@ -70,7 +72,8 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         def tail() -> list[str]:
             return [chunk([], usage_of(choices))] if body.include_usage else []
 
-        return SSEResponse(sse_events(first, rest, render, head, tail, tracker.finish))
+        return SSEResponse(sse_events(first, rest, render, head, tail, tracker.finish),
+                           on_close=lambda: tracker.finish("cancelled"))
 
     await cancel_on_disconnect(request, run_to_end(engine, choices, tracker, request_id))
     tracker.finish("success")

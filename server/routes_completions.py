@@ -47,13 +47,15 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     engine = state.ready_engine()
     check_model(body.model, engine)
     prompt_ids, echo_texts = _prompts(body, engine.tokenizer)
+    state.check_limits(prompt_ids, body.n, len(body._stop_list()))
     params = []
     for ids in prompt_ids:
         check_prompt_ids(ids, len(engine.tokenizer))
         budget = resolve_max_tokens(body.max_tokens, DEFAULT_MAX_TOKENS, len(ids), engine.max_seq_len)
         params.append(body.to_sampling_params(budget))
     choices = make_choices(prompt_ids, body.n, params)
-    tracker = request.state.tracker = state.metrics.track()
+    tracker = request.state.tracker = state.admit(len(choices))
+    tracker.timeout_s = state.config.request_timeout_s
     request_id = random_id("cmpl")
     model = engine.model_name
 
@@ -73,7 +75,8 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
             return [sse_frame(CompletionStreamResponse(id=request_id, created=created, model=model, choices=[],
                                                        usage=usage_of(choices)))]
 
-        return SSEResponse(sse_events(first, rest, render, [], tail, tracker.finish))
+        return SSEResponse(sse_events(first, rest, render, [], tail, tracker.finish),
+                           on_close=lambda: tracker.finish("cancelled"))
 
     await cancel_on_disconnect(request, run_to_end(engine, choices, tracker, request_id))
     tracker.finish("success")

@@ -5,6 +5,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -30,11 +31,17 @@ def sse_frame(payload: BaseModel | dict) -> str:
 _END = object()
 
 
-async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[int, T]]:
+class StreamTimeout(Exception):
+    """The deadline of `merge_streams` passed; its streams were closed (their requests cancelled)."""
+
+
+async def merge_streams(streams: list[AsyncIterator[T]],
+                        deadline: float | None = None) -> AsyncIterator[tuple[int, T]]:
     """Interleave several async iterators as `(index, item)` in arrival order.
 
-    An exception from any stream is re-raised here. Closing this generator (or cancelling its consumer)
-    cancels every pump task, which closes each stream: the engine then drops those requests.
+    An exception from any stream is re-raised here; past `deadline` (time.monotonic()), StreamTimeout is.
+    Closing this generator (or cancelling its consumer) cancels every pump task, which closes each stream:
+    the engine then drops those requests.
     """
     queue: asyncio.Queue[tuple[int, Any]] = asyncio.Queue()
 
@@ -54,7 +61,14 @@ async def merge_streams(streams: list[AsyncIterator[T]]) -> AsyncIterator[tuple[
     try:
         remaining = len(tasks)
         while remaining:
-            index, item = await queue.get()
+            if deadline is None:
+                index, item = await queue.get()
+            else:
+                try:  # asyncio.timeout, not wait_for: 3.11's wait_for can swallow an outer cancellation
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        index, item = await queue.get()
+                except TimeoutError:
+                    raise StreamTimeout() from None
             if item is _END:
                 remaining -= 1
             elif isinstance(item, Exception):
@@ -96,9 +110,11 @@ class SSEResponse(StreamingResponse):
 
     media_type = "text/event-stream"
 
-    def __init__(self, content: AsyncIterator[str], **kwargs: Any) -> None:
+    def __init__(self, content: AsyncIterator[str], on_close: Callable[[], None] | None = None,
+                 **kwargs: Any) -> None:
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no", **kwargs.pop("headers", {})}
         super().__init__(content, headers=headers, **kwargs)
+        self.on_close = on_close  # runs last: accounting for a body that was never started is not lost
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -107,6 +123,8 @@ class SSEResponse(StreamingResponse):
             aclose = getattr(self.body_iterator, "aclose", None)
             if aclose is not None:
                 await aclose()
+            if self.on_close is not None:
+                self.on_close()
 
 
 def in_band_error(exc: Exception) -> tuple[str, str]:

@@ -51,6 +51,7 @@ class FakeEngine:
     """
 
     max_seq_len: int = 64
+    max_batch: int = 8
     token_delay_s: float = 0.0
     model_name: str = "fake-model"
     tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)

@@ -224,7 +224,7 @@ def test_loading_returns_503_until_ready():
 
     metrics = Metrics()
     with TestClient(create_app(factory, metrics=metrics)) as client:
-        assert client.get("/health").json() == {"status": "loading"} and client.get("/health").status_code == 503
+        assert client.get("/health").json() == {"status": "loading", "ready": False} and client.get("/health").status_code == 503
         assert_error(client.post("/v1/chat/completions", json=CHAT), 503)
         assert_error(client.get("/v1/models"), 503)
         release.set()

@@ -1,0 +1,183 @@
+"""Production serving with the real engine and the default model, through `fbserve serve` in a subprocess:
+per-request sampling inside a batch, 32 concurrent streaming clients, 16 that leave mid-stream, and a
+graceful SIGTERM. One server for the module; the SIGTERM test runs last and ends it.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import httpx
+import pytest
+
+from tests.test_server_integration import STARTUP_TIMEOUT_S, _fbserve, _free_port
+
+MAX_BATCH = 8
+
+
+class Server:
+    def __init__(self, proc: subprocess.Popen, url: str, log_path) -> None:
+        self.proc, self.url, self.log_path = proc, url, log_path
+
+    def log(self) -> str:
+        return self.log_path.read_text()[-4000:]
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(f"{self.url}/metrics", timeout=60).text
+        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
+        assert match, f"{name} not in /metrics"
+        return float(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    port = _free_port()
+    log_path = tmp_path_factory.mktemp("fbserve") / "server.log"
+    cmd = _fbserve() + ["serve", "--port", str(port), "--device", "cpu", "--max-seq-len", "256",
+                        "--max-batch", str(MAX_BATCH), "--shutdown-grace", "60"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
+                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    srv = Server(proc, f"http://127.0.0.1:{port}", log_path)
+    try:
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"fbserve exited with {proc.returncode}:\n{srv.log()}")
+            try:
+                if httpx.get(f"{srv.url}/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"fbserve not healthy after {STARTUP_TIMEOUT_S} s:\n{srv.log()}")
+            time.sleep(0.5)
+        yield srv
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _completion(prompt: str, **params) -> dict:
+    return {"prompt": prompt, "max_tokens": 6, "ignore_eos": True, **params}
+
+
+async def _post_all(url: str, bodies: list[dict]) -> list[dict]:
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        responses = await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+    assert all(r.status_code == 200 for r in responses), [r.text for r in responses if r.status_code != 200]
+    return [r.json() for r in responses]
+
+
+def test_sampling_params_and_seeds_hold_inside_a_batch(server):
+    bodies = [_completion("The capital of France is", temperature=0),
+              _completion("Once upon a time", temperature=1.0, seed=1),
+              _completion("Once upon a time", temperature=1.0, seed=2),
+              _completion("Once upon a time", temperature=0.7, top_k=20, seed=1),
+              _completion("My favourite colour is", temperature=1.2, top_p=0.9, seed=7, stop=["\n"])]
+    alone = [asyncio.run(_post_all(server.url, [b]))[0]["choices"][0]["text"] for b in bodies]
+    together = [r["choices"][0]["text"] for r in asyncio.run(_post_all(server.url, bodies))]
+    assert together == alone
+    assert alone[1] != alone[2]  # the seed matters...
+    assert alone[1] != alone[3]  # ...and so do temperature and top_k
+
+
+async def _stream(client: httpx.AsyncClient, body: dict, leave_after_first: bool = False) -> list[str]:
+    """SSE data payloads of one streamed completion; with leave_after_first, disconnect after the first."""
+    frames: list[str] = []
+    async with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+        assert r.status_code == 200, await r.aread()
+        async for line in r.aiter_lines():
+            if line.startswith("data: "):
+                frames.append(line[6:])
+                if leave_after_first:
+                    break
+    return frames
+
+
+def test_32_concurrent_streaming_clients(server):
+    rss_before = server.metric('fbserve_memory_bytes{device="cpu",kind="rss"}')
+
+    async def client_loop(client: httpx.AsyncClient, i: int) -> int:
+        errors = 0
+        for j in range(3):
+            frames = await _stream(client, _completion(f"Request {i}.{j}: count", max_tokens=4, temperature=0))
+            chunks = [json.loads(f) for f in frames[:-1]]
+            errors += frames[-1] != "[DONE]" or any("error" in c for c in chunks)
+            errors += sum(len(c["choices"]) and c["choices"][0]["finish_reason"] == "length" for c in chunks) != 1
+        return errors
+
+    async def main() -> list[int]:
+        limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+        async with httpx.AsyncClient(base_url=server.url, timeout=300, limits=limits) as client:
+            return await asyncio.gather(*(client_loop(client, i) for i in range(32)))
+
+    assert sum(asyncio.run(main())) == 0
+    assert server.metric("fbserve_requests_running") == 0
+    assert server.metric("fbserve_requests_waiting") == 0
+    assert server.metric('fbserve_requests_total{status="error"}') == 0
+    growth = server.metric('fbserve_memory_bytes{device="cpu",kind="rss"}') - rss_before
+    assert growth < 256 * 2**20, f"RSS grew {growth / 2**20:.0f} MiB over 96 requests"
+
+
+def test_16_clients_leaving_mid_stream_free_their_slots(server):
+    cancelled_before = server.metric("fbserve_requests_cancelled_total")
+
+    async def main() -> list[list[str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=300,
+                                     limits=httpx.Limits(max_connections=32)) as client:
+            body = _completion("Tell me a long story", max_tokens=200, temperature=0)
+            return await asyncio.gather(*(_stream(client, body, leave_after_first=True) for _ in range(16)))
+
+    assert all(len(frames) == 1 for frames in asyncio.run(main()))
+    deadline = time.monotonic() + 60
+    while server.metric("fbserve_requests_running") or server.metric("fbserve_requests_waiting"):
+        assert time.monotonic() < deadline, "slots not freed 60 s after the clients left"
+        time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while server.metric("fbserve_requests_cancelled_total") - cancelled_before < 16:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def test_memory_metrics_by_kind(server):
+    text = httpx.get(f"{server.url}/metrics", timeout=60).text
+    rows = dict(re.findall(r'^fbserve_memory_bytes\{device="\w+",kind="(\w+)"\} (\S+)$', text, re.MULTILINE))
+    assert {"weights_fp", "kv_cache_total", "kv_cache_used", "pinned_residuals", "rss"} <= set(rows), rows
+    assert float(rows["kv_cache_total"]) > 0 and float(rows["weights_fp"]) > 0
+    assert float(rows["kv_cache_used"]) == 0  # nothing running
+    assert server.metric("fbserve_kv_cache_usage_ratio") == 0
+
+
+def test_sigterm_finishes_streams_refuses_new_requests_and_exits_0(server):
+    """Runs last: it ends the module's server."""
+    body = _completion("Count from one to twenty:", max_tokens=24, temperature=0, stream=True)
+    frames: list[str] = []
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            for line in lines:  # wait for the first token, then ask the server to stop
+                if line.startswith("data: "):
+                    frames.append(line[6:])
+                    break
+            server.proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            try:  # a new request during the grace period: refused (503, or the socket is already closed)
+                refused = httpx.post(f"{server.url}/v1/completions", json=_completion("Hi"), timeout=10)
+                assert refused.status_code == 503, refused.text
+                assert refused.json()["error"]["code"] == "shutting_down"
+            except httpx.ConnectError:
+                pass
+            frames += [line[6:] for line in lines if line.startswith("data: ")]
+    assert frames[-1] == "[DONE]", frames[-3:]
+    chunks = [json.loads(f) for f in frames[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert sum(len(c["choices"][0]["text"]) > 0 for c in chunks) > 5
+    assert server.proc.wait(60) == 0, server.log()
