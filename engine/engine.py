@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator
 
 import torch
 
+from engine import qdec
 from engine.sequence import Sequence
 from engine.types import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
 from models.llama import KVCache
@@ -133,6 +134,7 @@ class Engine:
             "waiting": len(self._waiting) + self._inbox.qsize(),
             "kv_cache_bytes": self.model.kv_cache_bytes(),
             "kv_cache_used_ratio": used / (self.max_batch * self.max_seq_len),
+            **qdec.stats(self.model),
         }
 
     def weight_bytes(self) -> dict[str, int]:

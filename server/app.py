@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from engine import qdec
 from server import routes_chat, routes_completions, routes_tokenize
 from server.admission import Gate, ServingConfig
 from server.generation import ServerState
@@ -123,7 +124,7 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
             "max_seq_len": engine_.max_seq_len,
             "quantization": {k: quant[k] for k in QUANTIZATION_SUMMARY_KEYS if k in quant} if quant else None,
             "kernel_paths": kernel_paths(state.device),
-            "qdec": {"enabled": False, "reason": "not configured"},  # QDEC residuals: a later issue
+            "qdec": qdec.health(engine_.model),
         })
 
     @app.get("/v1/models", response_model=ModelList)

@@ -14,7 +14,7 @@ import engine  # noqa: F401  # first, before anything imports torch: it sets Ope
 log = logging.getLogger("fbserve.cli")
 
 # Modules defining `register(subparsers) -> None`, which adds a subparser with `set_defaults(func=...)`.
-SUBCOMMAND_MODULES = ["quant.cli", "cuda_ext.check"]
+SUBCOMMAND_MODULES = ["quant.cli", "quant.eval_cli", "cuda_ext.check", "engine.qdec_tune"]
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -73,7 +73,10 @@ def serve(args: argparse.Namespace) -> int:
         from engine.engine import Engine
         from models.loader import load_model
 
+        from engine.qdec_tune import attach_for_serving
+
         loaded = load_model(args.model, device)
+        attach_for_serving(loaded, args)  # QDEC residuals when asked; never raises for bad residual files
         return Engine(loaded, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
 
     failed: list[BaseException] = []
@@ -98,6 +101,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                                                       "Face or fbserve checkpoint directory, or a .gguf file")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    from engine.qdec_tune import add_serve_arguments
+
+    add_serve_arguments(p)  # --residuals, --qdec-k-chunk, --qdec-budget
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--max-batch", type=_bounded_int(1, MAX_BATCH_LIMIT), default=8,
                    help=f"KV cache slots: requests decoded together (1..{MAX_BATCH_LIMIT})")

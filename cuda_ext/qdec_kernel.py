@@ -1,0 +1,131 @@
+"""QDEC correction kernel: gather selected residual rows, dequantize, accumulate (reference:
+cuda_ext.qdec_reference.qdec_correction_ref).
+
+    acc (M, N) fp32 += sum_j x[m, idx[m, j]] * dequant(rcodes[idx[m, j]])
+
+rcodes uint8 (K, ceil(N/2)) and rscales fp16 (N,) live in host memory on a GPU: pinned (and, with
+unified addressing, device-addressable), so the kernel reads only the selected rows over PCIe
+(zero-copy; a cudaMemcpy would need ~256 KB blocks to use the link, a row is ceil(N/2) bytes).
+Under TRITON_INTERPRET=1 everything is a plain CPU tensor.
+
+Grid (M, cdiv(S, BLOCK_S), cdiv(N, BLOCK_N)): a program owns BLOCK_S selected channels of one row and
+BLOCK_N output columns; it sums its channels in registers (fp32) and adds the partial into `acc` with
+fp32 atomics (tl.atomic_add on bf16 raises in the interpreter, and fp32 keeps the sum exact enough).
+Few programs (S / BLOCK_S * N / BLOCK_N, e.g. 8 x 3 for a 576-wide SmolLM2 layer at k_chunk 64), so
+it can run on its own stream beside the base GEMV.
+
+GPU status: written, run only in the interpreter here (no GPU lent): the zero-copy pointer path,
+the side-stream launcher and every timing are unverified; bench/qdec.py measures them.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .launch import interpreting
+
+
+@triton.jit
+def qdec_gather_kernel(x_ptr, idx_ptr, rc_ptr, rs_ptr, acc_ptr, S, N, NB, stride_xm, stride_im, stride_am,
+                       BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """x: fp16/bf16/fp32 (M, K); idx: int32 (M, S); rc: uint8 (K, NB) with NB = ceil(N/2);
+    rs: fp16 (N,); acc: fp32 (M, N), added into atomically."""
+    pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    pid_n = tl.program_id(2)
+    offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    smask = offs_s < S
+    nmask = offs_n < N
+    ch = tl.load(idx_ptr + pid_m * stride_im + offs_s, mask=smask, other=0)  # (BLOCK_S,) channels
+    xs = tl.load(x_ptr + pid_m * stride_xm + ch, mask=smask, other=0.0).to(tl.float32)
+    # one residual row per selected channel: bytes n // 2 of row ch; rows are read once (streamed)
+    byte = tl.load(rc_ptr + ch.to(tl.int64)[:, None] * NB + (offs_n // 2)[None, :],
+                   mask=smask[:, None] & nmask[None, :], other=0x88, eviction_policy="evict_first")
+    nib = (byte.to(tl.int32) >> ((offs_n % 2) * 4)[None, :]) & 0xF
+    code = (nib - 8).to(tl.float32)  # (BLOCK_S, BLOCK_N) in [-7, 7]
+    part = tl.sum(code * xs[:, None], axis=0)  # (BLOCK_N,)
+    s = tl.load(rs_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
+    tl.atomic_add(acc_ptr + pid_m * stride_am + offs_n, part * s, mask=nmask)
+
+
+class HostPointer:
+    """A host tensor handed to a Triton launch by address: pinned memory is device-addressable under
+    unified addressing, but a launcher may refuse a CPU tensor, so it sees only data_ptr/dtype."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self._t = t  # keeps the memory alive
+        self.dtype = t.dtype
+
+    def data_ptr(self) -> int:
+        return self._t.data_ptr()
+
+
+def qdec_correction(x: torch.Tensor, idx: torch.Tensor, rcodes: torch.Tensor, rscales: torch.Tensor,
+                    acc: torch.Tensor | None = None, block_s: int = 32, block_n: int = 128) -> torch.Tensor:
+    """acc (M, N) fp32 (+)= the residual correction of rows x (M, K) at channels idx (M, S).
+
+    x: fp16/bf16/fp32 (M, K) on the compute device (CUDA, or CPU under TRITON_INTERPRET=1).
+    idx: int32/int64 (M, S) on that device, values in [0, K).  rcodes uint8 (K, ceil(N/2)), rscales
+    fp16 (N,): on a GPU, pinned host tensors (read zero-copy) or device tensors; on CPU, CPU tensors.
+    acc: fp32 (M, N) contiguous to add into (zeroed and returned when None)."""
+    if x.dim() != 2 or idx.dim() != 2 or idx.shape[0] != x.shape[0]:
+        raise ValueError(f"x must be (M, K) and idx (M, S); got {tuple(x.shape)}, {tuple(idx.shape)}")
+    m, k = x.shape
+    n = rscales.shape[0]
+    if rcodes.dtype != torch.uint8 or tuple(rcodes.shape) != (k, (n + 1) // 2):
+        raise ValueError(f"rcodes must be uint8 ({k}, {(n + 1) // 2}); got {rcodes.dtype} {tuple(rcodes.shape)}")
+    if rscales.dtype != torch.float16 or rscales.dim() != 1:
+        raise ValueError(f"rscales must be float16 (N,); got {rscales.dtype} {tuple(rscales.shape)}")
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(f"qdec_correction needs CUDA tensors (or TRITON_INTERPRET=1); x is on {x.device}")
+    if not (rcodes.is_contiguous() and rscales.is_contiguous()):
+        raise ValueError("rcodes and rscales must be contiguous")
+    if acc is None:
+        acc = torch.zeros((m, n), dtype=torch.float32, device=x.device)
+    elif acc.dtype != torch.float32 or tuple(acc.shape) != (m, n) or acc.stride(1) != 1:
+        raise ValueError(f"acc must be float32 ({m}, {n}) with unit column stride")
+    s = idx.shape[1]
+    if m == 0 or s == 0:
+        return acc
+    idx32 = idx.to(torch.int32).contiguous()
+    x = x if x.stride(1) == 1 else x.contiguous()
+    on_host = x.device.type == "cuda" and rcodes.device.type == "cpu"
+    if on_host and not rcodes.is_pinned():
+        raise ValueError("host residuals must be pinned (pin_memory()) to be read zero-copy")
+    rc = HostPointer(rcodes) if on_host else rcodes
+    rs = rscales.to(x.device) if rscales.device != x.device else rscales  # N fp16: tiny, copy once per call
+    grid = (m, triton.cdiv(s, block_s), triton.cdiv(n, block_n))
+    qdec_gather_kernel[grid](x, idx32, rc, rs, acc, s, n, (n + 1) // 2, x.stride(0), idx32.stride(0), acc.stride(0),
+                             BLOCK_S=block_s, BLOCK_N=block_n, num_warps=4)
+    return acc
+
+
+class SideStream:
+    """Runs the correction on its own CUDA stream beside the base GEMV (UNVERIFIED: no GPU here).
+
+        side = SideStream(device)
+        acc = side.launch(x, idx, rcodes, rscales)   # after x and idx exist on the current stream
+        y = base(x)                                   # the base kernel, current stream
+        y += side.join(acc)                           # current stream waits for the side stream
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.stream = torch.cuda.Stream(device)
+        self.done = torch.cuda.Event()
+
+    def launch(self, x: torch.Tensor, idx: torch.Tensor, rcodes: torch.Tensor, rscales: torch.Tensor) -> torch.Tensor:
+        cur = torch.cuda.current_stream(x.device)
+        self.stream.wait_stream(cur)  # x, idx ready
+        with torch.cuda.stream(self.stream):
+            acc = qdec_correction(x, idx, rcodes, rscales)
+            x.record_stream(self.stream)
+            idx.record_stream(self.stream)
+            self.done.record(self.stream)
+        return acc
+
+    def join(self, acc: torch.Tensor) -> torch.Tensor:
+        torch.cuda.current_stream(acc.device).wait_event(self.done)
+        acc.record_stream(torch.cuda.current_stream(acc.device))
+        return acc

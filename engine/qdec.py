@@ -1,0 +1,278 @@
+"""QDEC at serving time: per decode step, add R[:, idx] @ x[idx] to each quantized linear's output.
+
+    status = attach(model, checkpoint_dir, mode="cpu", k_chunk=8)   # never raises for bad residuals
+    health(model)   -> {"enabled": bool, "reason": str | None, ...}   (/health "qdec")
+    stats(model)    -> {"qdec_residual_bytes", "qdec_channels_fetched", "qdec_bytes_fetched"}  (metrics)
+
+Each QuantLinear gets a forward hook; the layer itself is unchanged (its state dict, path and kernel).
+Residuals (quant.qdec) stay in host memory: pinned when CUDA is available (the kernel reads the
+selected rows zero-copy), plain CPU memory otherwise.  Only rows of T == 1 are corrected (decode);
+prefill is not, unless `all_positions` is set (the evaluation protocol: every position as a decode step).
+
+Selection per linear and row (cuda_ext.qdec_reference): `approx` (bucketed, calibrated thresholds; the
+default on a GPU), `exact` (per-chunk top-k; the default on CPU, same chunking and count), and the
+ablations `random` and `static` (the channels of largest calibration mean |x|).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from cuda_ext.qdec_reference import CHUNK, approx_topk, exact_topk, qdec_correction_ref, selected_count
+
+log = logging.getLogger("fbserve.qdec")
+SELECTIONS = ("approx", "exact", "random", "static")
+# Layer types the tuner and --qdec-budget choose k_chunk for: the module's last name -> type (Llama
+# family names, models/llama.py).  Unknown names fall in "other".
+LAYER_TYPES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
+               "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
+TUNING_FILE = "qdec_tuning.json"
+
+
+def layer_type(name: str) -> str:
+    return LAYER_TYPES.get(name.rpartition(".")[2], "other")
+
+
+@dataclass
+class Counters:
+    channels: int = 0
+    bytes: int = 0
+
+
+@dataclass
+class QdecLayer:
+    """The residual of one linear and its selection statistics (CPU tensors; pinned on CUDA hosts)."""
+    name: str
+    kind: str
+    rcodes: torch.Tensor  # uint8 (K, ceil(N/2))
+    rscales: torch.Tensor  # fp16 (N,)
+    lo: float
+    hi: float
+    static_rank: torch.Tensor  # int64 (K,) channels by decreasing calibration mean |x|
+    dense: torch.Tensor | None = None  # fp32 (K, N) dequantized residual, evaluation only
+
+
+@dataclass
+class Qdec:
+    """The controller hung on the model as `model.qdec` (a plain attribute: not a module, no state)."""
+    enabled: bool = False
+    reason: str | None = "not configured"
+    mode: str = "off"
+    select: str = "exact"
+    k_chunk: dict[str, int] = field(default_factory=dict)  # layer type -> k_chunk
+    all_positions: bool = False
+    layers: dict[str, QdecLayer] = field(default_factory=dict)
+    counters: Counters = field(default_factory=Counters)
+    handles: list = field(default_factory=list)
+    residual_bytes: int = 0
+    seed: int = 0
+    tuning: dict | None = None
+    measure_recall: bool = False  # evaluation: count approx-vs-exact overlap (recall_hits / recall_total)
+    recall_hits: int = 0
+    recall_total: int = 0
+
+    def k_for(self, kind: str) -> int:
+        return self.k_chunk.get(kind, self.k_chunk.get("default", 0))
+
+
+def controller(model: nn.Module) -> Qdec:
+    q = getattr(model, "qdec", None)
+    if q is None:
+        q = Qdec()
+        object.__setattr__(model, "qdec", q)  # bypass nn.Module registration: not a submodule
+    return q
+
+
+def select_channels(x2: torch.Tensor, layer: QdecLayer, k_chunk: int, how: str,
+                    gen: torch.Generator | None = None) -> torch.Tensor:
+    """int64 (M, selected_count(K, k_chunk)) channel indices for rows x2 (M, K)."""
+    m, k = x2.shape
+    if how == "exact":
+        return exact_topk(x2, k_chunk)
+    if how == "approx":
+        return approx_topk(x2, k_chunk, layer.lo, layer.hi)
+    parts = []
+    for c0 in range(0, k, CHUNK):
+        c = min(CHUNK, k - c0)
+        kk = min(k_chunk, c)
+        if how == "random":
+            parts.append(torch.rand((m, c), generator=gen).topk(kk, dim=1).indices.to(x2.device) + c0)
+        elif how == "static":
+            r = layer.static_rank
+            top = r[(r >= c0) & (r < c0 + c)][:kk].to(x2.device)  # this chunk's channels, best first
+            parts.append(top[None, :].expand(m, kk))
+        else:
+            raise ValueError(f"selection {how!r} unknown; choose from {SELECTIONS}")
+    return torch.cat(parts, 1) if parts else torch.empty((m, 0), dtype=torch.long, device=x2.device)
+
+
+def correction(x2: torch.Tensor, idx: torch.Tensor, layer: QdecLayer) -> torch.Tensor:
+    """fp32 (M, N) = R[:, idx] @ x[idx] per row: the Triton kernel on CUDA, the reference on CPU; with a
+    dense evaluation copy, a masked matmul (the same sum)."""
+    if layer.dense is not None:
+        xm = torch.zeros_like(x2, dtype=torch.float32).scatter_(1, idx, x2.float().gather(1, idx))
+        return xm @ layer.dense
+    if x2.device.type == "cuda":
+        from cuda_ext.qdec_kernel import qdec_correction
+
+        return qdec_correction(x2, idx, layer.rcodes, layer.rscales)
+    return qdec_correction_ref(x2, idx, layer.rcodes, layer.rscales)
+
+
+def _hook(q: Qdec, layer: QdecLayer, gen: torch.Generator):
+    def forward_hook(module, inputs, y):
+        if not q.enabled:
+            return None
+        x = inputs[0]
+        if x.dim() == 3 and x.shape[1] != 1 and not q.all_positions:
+            return None  # prefill (T > 1): not corrected
+        k_chunk = q.k_for(layer.kind)
+        if k_chunk <= 0:
+            return None
+        x2 = x.reshape(-1, x.shape[-1])
+        idx = select_channels(x2, layer, k_chunk, q.select, gen)
+        if q.measure_recall:
+            exact = exact_topk(x2, k_chunk)
+            hit = torch.zeros_like(x2, dtype=torch.bool).scatter_(1, idx, True).gather(1, exact)
+            q.recall_hits += int(hit.sum())
+            q.recall_total += exact.numel()
+        q.counters.channels += idx.numel()
+        q.counters.bytes += idx.numel() * layer.rcodes.shape[1]
+        return (y.float() + correction(x2, idx, layer).view(*y.shape)).to(y.dtype)
+    return forward_hook
+
+
+def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu", k_chunk: int | dict[str, int] = 8,
+           select: str | None = None, budget_pct: float | None = None) -> Qdec:
+    """Load the checkpoint's residuals and hook every QuantLinear of `model`; returns the controller.
+
+    mode "off" (or no checkpoint) leaves QDEC disabled. Missing or damaged residuals disable it too,
+    logged with the reason (never wrong numbers: the hooks are not installed). `budget_pct` picks
+    k_chunk per layer type from the checkpoint's qdec_tuning.json when there is one."""
+    from engine.quant_linear import QuantLinear
+    from quant.qdec import ResidualError, load_residuals
+
+    q = controller(model)
+    detach(model)
+    q.mode = mode
+    if mode == "off":
+        q.enabled, q.reason = False, "disabled (--residuals off)"
+        return q
+    if mode != "cpu":
+        raise ValueError(f"--residuals {mode!r} unknown; choose off or cpu")
+    if checkpoint is None or not (Path(checkpoint) / "quantization.json").is_file():
+        q.enabled, q.reason = False, "the model is not a quantized checkpoint: nothing to compensate"
+        log.warning("QDEC disabled: %s", q.reason)
+        return q
+    mods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    try:
+        res = load_residuals(Path(checkpoint), {n: (m.out_features, m.in_features) for n, m in mods.items()})
+    except ResidualError as e:
+        q.enabled, q.reason = False, f"residuals unusable: {e}"
+        log.error("QDEC disabled, serving without error compensation: %s", e)
+        return q
+    pin = torch.cuda.is_available()
+    q.residual_bytes = 0
+    for name, t in res.items():
+        rc, rs = t["rcodes"], t["rscales"]
+        if pin:
+            rc = rc.pin_memory()
+            rs = rs.to(mods[name].qweight.device)  # N fp16: resident beside the weights
+        lo, hi = t["act_thresholds"].tolist()
+        q.layers[name] = QdecLayer(name, layer_type(name), rc, rs, lo, hi,
+                                   torch.argsort(t["act_mean"], descending=True))
+        q.residual_bytes += rc.numel() + t["rscales"].numel() * 2
+    q.tuning = load_tuning(Path(checkpoint))
+    if isinstance(k_chunk, int):
+        k_chunk = {"default": k_chunk}
+    if budget_pct is not None:
+        if q.tuning is None:
+            log.warning("--qdec-budget %s%%: no %s in %s (run `fbserve tune-qdec`); using k_chunk %s",
+                        budget_pct, TUNING_FILE, checkpoint, k_chunk)
+        else:
+            k_chunk = choose_k(q.tuning, budget_pct)
+    q.k_chunk = dict(k_chunk)
+    q.select = select or ("approx" if any(m.qweight.device.type == "cuda" for m in mods.values()) else "exact")
+    gen = torch.Generator().manual_seed(q.seed)
+    for name, layer in q.layers.items():
+        q.handles.append(mods[name].register_forward_hook(_hook(q, layer, gen)))
+    q.enabled, q.reason = True, None
+    log.info("QDEC live: %d layers, %.1f MB residuals in %s host memory, k_chunk %s, selection %s",
+             len(q.layers), q.residual_bytes / 1e6, "pinned" if pin else "plain", q.k_chunk, q.select)
+    return q
+
+
+def detach(model: nn.Module) -> None:
+    q = controller(model)
+    for h in q.handles:
+        h.remove()
+    q.handles.clear()
+    q.layers.clear()
+    q.enabled = False
+
+
+def dense_for_eval(model: nn.Module) -> None:
+    """Keep a dequantized fp32 (K, N) copy of each residual so evaluation corrects all positions with one
+    masked matmul per linear (the same sum as the row gather)."""
+    from cuda_ext.qdec_reference import dequant_rows
+
+    for layer in controller(model).layers.values():
+        layer.dense = dequant_rows(layer.rcodes, layer.rscales.cpu())
+
+
+def health(model: nn.Module) -> dict:
+    """/health's "qdec" object: enabled, reason (why not), k_chunk per layer type, selection, bytes."""
+    q = controller(model)
+    out = {"enabled": q.enabled, "reason": q.reason, "mode": q.mode}
+    if q.enabled:
+        out.update(k_chunk=q.k_chunk, selection=q.select, layers=len(q.layers), residual_bytes=q.residual_bytes,
+                   tuned=q.tuning is not None)
+    return out
+
+
+def stats(model: nn.Module) -> dict[str, int]:
+    """The totals server/metrics.py reads from Engine.stats()."""
+    q = controller(model)
+    return {"qdec_residual_bytes": q.residual_bytes if q.enabled else 0,
+            "qdec_channels_fetched": q.counters.channels, "qdec_bytes_fetched": q.counters.bytes}
+
+
+# ---- tuning file (written by engine.qdec_tune) ------------------------------------------------------------
+
+def load_tuning(checkpoint: Path) -> dict | None:
+    import json
+
+    p = Path(checkpoint) / TUNING_FILE
+    if not p.is_file():
+        return None
+    try:
+        t = json.loads(p.read_text())
+        if not isinstance(t.get("base_step_s"), float) or not isinstance(t.get("layer_types"), dict):
+            raise ValueError("missing base_step_s / layer_types")
+        return t
+    except ValueError as e:
+        log.error("ignoring %s: %s", p, e)
+        return None
+
+
+def choose_k(tuning: dict, budget_pct: float) -> dict[str, int]:
+    """Per layer type, the largest measured k_chunk whose added time, summed over types, stays within
+    budget_pct of the base decode step. Greedy: raise the type with the cheapest next step first."""
+    budget = tuning["base_step_s"] * budget_pct / 100
+    types = tuning["layer_types"]  # type -> {"k_chunk": [...], "added_s": [...]} (per step, all layers)
+    pos = {t: 0 for t in types}
+    spent = sum(types[t]["added_s"][0] for t in types)
+    while True:
+        steps = [(types[t]["added_s"][pos[t] + 1] - types[t]["added_s"][pos[t]], t)
+                 for t in types if pos[t] + 1 < len(types[t]["k_chunk"])]
+        steps = [s for s in steps if spent + s[0] <= budget]
+        if not steps:
+            break
+        cost, t = min(steps)
+        pos[t] += 1
+        spent += cost
+    return {t: types[t]["k_chunk"][pos[t]] for t in types}

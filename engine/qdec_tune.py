@@ -1,0 +1,122 @@
+"""`fbserve tune-qdec` and the QDEC flags of `fbserve serve`.
+
+    fbserve tune-qdec --model CHECKPOINT [--device auto|cpu|cuda] [--k 0,8,16,32,64,128] [--steps 20]
+
+measures the decode step time (batch 1) with QDEC at each k_chunk for one layer type at a time (QKV,
+O, gate/up, down; the others off) on the device in use, and writes CHECKPOINT/qdec_tuning.json:
+    {"device": "cpu" | "cuda", "device_name": ..., "base_step_s": float,
+     "layer_types": {"qkv": {"k_chunk": [...], "added_s": [...]}, ...}, "note": ...}
+`fbserve serve --residuals cpu --qdec-budget PCT` then picks, per layer type, the largest k_chunk whose
+summed added time stays within PCT % of the base step (engine.qdec.choose_k). CPU timings are CPU
+timings (the correction is a gather + matmul in torch there): they say nothing about a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from engine import qdec
+
+log = logging.getLogger("fbserve.qdec")
+TYPES = ("qkv", "o", "gate_up", "down")
+
+
+def add_serve_arguments(p: argparse.ArgumentParser) -> None:
+    """`fbserve serve` flags (server/cli.py's add_serve_parser calls this)."""
+    p.add_argument("--residuals", choices=["off", "cpu"], default="off",
+                   help="QDEC: keep the checkpoint's 4-bit residuals in host memory and correct each decode "
+                        "step (cpu), or not (off)")
+    p.add_argument("--qdec-k-chunk", type=int, default=8, help="QDEC channels per 1024 input channels "
+                   "(used when there is no tuning file or no --qdec-budget)")
+    p.add_argument("--qdec-budget", type=float, default=None, metavar="PCT",
+                   help="QDEC: target slowdown in percent; k_chunk per layer type from qdec_tuning.json")
+
+
+def attach_for_serving(loaded, args: argparse.Namespace) -> qdec.Qdec:
+    """Attach QDEC to a LoadedModel per the serve flags; never raises for bad residuals (see engine.qdec)."""
+    return qdec.attach(loaded.model, loaded.path if loaded.quantization else None,
+                       mode=getattr(args, "residuals", "off"), k_chunk=getattr(args, "qdec_k_chunk", 8),
+                       budget_pct=getattr(args, "qdec_budget", None))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.inference_mode()
+def step_time(model, device: torch.device, steps: int) -> float:
+    """Median seconds of one batch-1 decode step at position 64 (after a 64-token prefill)."""
+    slots = torch.tensor([0], device=device)
+    tok = torch.tensor([[1]], device=device)
+    pos = torch.tensor([[64]], device=device)
+    times = []
+    for i in range(steps + 3):
+        _sync(device)
+        t0 = time.perf_counter()
+        model(tok, pos, slots, last_only=True)
+        _sync(device)
+        if i >= 3:
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def tune(model_dir: str, device: str = "auto", ks: list[int] = (0, 8, 16, 32, 64, 128), steps: int = 20) -> dict:
+    from models.loader import load_model
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    lm = load_model(model_dir, device=dev)
+    q = qdec.attach(lm.model, lm.path if lm.quantization else None, mode="cpu", k_chunk=0)
+    if not q.enabled:
+        raise ValueError(f"QDEC unavailable for {model_dir}: {q.reason}")
+    lm.model.setup_cache(1, 128)
+    with torch.inference_mode():
+        lm.model(torch.arange(64, device=dev)[None] % lm.model.config.vocab_size, torch.arange(64, device=dev)[None],
+                 torch.tensor([0], device=dev))
+    q.k_chunk = {t: 0 for t in TYPES}
+    base = step_time(lm.model, dev, steps)
+    out: dict = {"device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
+                 else "cpu", "torch_threads": torch.get_num_threads(), "selection": q.select, "steps": steps,
+                 "base_step_s": base, "layer_types": {},
+                 "note": "median decode step (batch 1); added_s = step with QDEC on this layer type only - base"}
+    for t in TYPES:
+        added = []
+        for k in ks:
+            q.k_chunk = {**{u: 0 for u in TYPES}, t: k}
+            added.append(max(0.0, step_time(lm.model, dev, steps) - base) if k else 0.0)
+        for i in range(1, len(added)):  # noise: time never falls with k
+            added[i] = max(added[i], added[i - 1])
+        out["layer_types"][t] = {"k_chunk": list(ks), "added_s": added}
+        log.info("%s: added seconds %s at k_chunk %s (base step %.4f s)", t, [f"{a:.5f}" for a in added], list(ks), base)
+    (Path(lm.path) / qdec.TUNING_FILE).write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        out = tune(args.model, args.device, args.k, args.steps)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fbserve tune-qdec: error: {e}", file=sys.stderr)
+        return 2
+    for pct in (2.5, 5, 10, 20):
+        print(f"budget {pct}%: k_chunk {qdec.choose_k(out, pct)}")
+    return 0
+
+
+def register(subparsers) -> None:
+    """Add `tune-qdec` to the `fbserve` command's subparsers."""
+    p = subparsers.add_parser("tune-qdec", help="measure decode time vs QDEC k_chunk per layer type",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="quantized checkpoint directory with residuals")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--k", type=lambda s: [int(v) for v in s.split(",")], default=[0, 8, 16, 32, 64, 128])
+    p.add_argument("--steps", type=int, default=20)
+    p.set_defaults(func=run)

@@ -1,0 +1,90 @@
+"""Report evaluation results (the JSON dicts `quant.eval_cli.evaluate` returns): markdown table and plot."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from quant.tasks import HEADLINE_METRIC, TASK_NAMES
+
+PRIMARY_TEXT = "wikitext2"
+_SHORT = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "Wino", "boolq": "BoolQ"}
+
+
+def load_results(paths: list[str | Path]) -> list[dict]:
+    """Result dicts from JSON files (a folder stands for every *.json in it)."""
+    files: list[Path] = []
+    for p in map(Path, paths):
+        files.extend(sorted(p.glob("*.json")) if p.is_dir() else [p])
+    return [json.loads(f.read_text()) for f in files]
+
+
+def label(result: dict) -> str:
+    """Curve name: the method, with its rank when it has a low-rank branch."""
+    rank = result.get("rank") or 0
+    return f"{result['method']} r{rank}" if rank else result["method"]
+
+
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _sort_key(r: dict) -> tuple:
+    return (r["method"] != "fp", r["method"], -(r.get("bits") or 99), r.get("rank") or 0)
+
+
+def markdown_table(results: list[dict]) -> str:
+    """One row per result; zero-shot columns show lm-eval's headline metric (acc_norm or acc) in %."""
+    texts = sorted({k for r in results for k in r.get("perplexity", {})} - {PRIMARY_TEXT})
+    tasks = [t for t in TASK_NAMES if any(t in r.get("tasks", {}) for r in results)]
+    head = (["method", "bits", "group", "rank", "bits/weight", f"ppl {PRIMARY_TEXT}"] + [f"ppl {t}" for t in texts]
+            + ["KL to fp", "top-1 agree"] + [f"{_SHORT[t]} {HEADLINE_METRIC[t]}" for t in tasks]
+            + (["zero-shot mean"] if tasks else []))
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in sorted(results, key=_sort_key):
+        ppl = r.get("perplexity", {})
+        cells = [r["method"], str(r.get("bits") or "-"), str(r.get("group_size") or "-"), str(r.get("rank") or "-"),
+                 _fmt(r["bits_per_weight"]), _fmt(ppl.get(PRIMARY_TEXT))]
+        cells += [_fmt(ppl.get(t)) for t in texts]
+        cells += [_fmt(r.get("kl_divergence"), 4), _fmt(r.get("top1_agreement"), 3)]
+        for t in tasks:
+            res = r.get("tasks", {}).get(t)
+            cells.append(_fmt(100 * res[HEADLINE_METRIC[t]], 1) if res else "-")
+        if tasks:
+            mean = r.get("zero_shot_mean")
+            cells.append(_fmt(None if mean is None else 100 * mean, 1))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(results: list[dict], out: str | Path, text: str = PRIMARY_TEXT) -> Path:
+    """Perplexity on `text` against bits per weight, one line per method (and rank); the fp model dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    fp = [r for r in results if r["method"] == "fp" and text in r.get("perplexity", {})]
+    for r in results:
+        if r["method"] != "fp" and text in r.get("perplexity", {}):
+            curves[label(r)].append((r["bits_per_weight"], r["perplexity"][text]))
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name in sorted(curves):
+        xs, ys = zip(*sorted(curves[name]))
+        ax.plot(xs, ys, marker="o", label=name)
+    for r in fp[:1]:
+        ax.axhline(r["perplexity"][text], color="k", linestyle="--", linewidth=1,
+                   label=f"fp ({r['perplexity'][text]:.2f})")
+    ax.set_xlabel("bits per weight")
+    ax.set_ylabel(f"perplexity ({text}, lower is better)")
+    ax.set_yscale("log")
+    ax.grid(True, which="both", alpha=0.3)
+    if curves or fp:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out
