@@ -100,9 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         for method, bits, rank in todo:
             name = run_name(method, bits, args.group_size, rank)
             result_file = results_dir / f"{name}.json"
+            wanted = {"ctx": args.ctx, "max_windows": args.max_windows, "limit": args.limit, "tasks": args.tasks}
             if result_file.is_file() and not args.force:
-                print(f"{name}: reusing {result_file}", flush=True)
-                continue
+                had = json.loads(result_file.read_text()).get("settings", {})
+                if all(had.get(k) == v for k, v in wanted.items()):
+                    print(f"{name}: reusing {result_file}", flush=True)
+                    continue
+                print(f"{name}: {result_file} has other settings ({had}): evaluating again", flush=True)
             t0 = time.perf_counter()
             model = "default"
             if method != "fp":

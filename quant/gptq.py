@@ -20,7 +20,7 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
-from quant.quantizer import QuantizedWeight, pad_groups, check_format, find_params, num_groups, quantize_with
+from quant.quantizer import QuantizedWeight, check_format, find_params, num_groups, pad_groups
 
 
 @contextlib.contextmanager
@@ -94,6 +94,8 @@ def _sweep(w: Tensor, hinv: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, 
            g: int, block: int, act_order: bool, clip_search: bool) -> None:
     """The column loop with lazy block updates; fills `codes` and (without act-order) `scale`, `zero`."""
     k = w.shape[1]
+    maxq = 2 ** bits - 1
+    current = -1
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
         w1 = w[:, i1:i2].clone()
@@ -106,10 +108,14 @@ def _sweep(w: Tensor, hinv: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, 
                 if grp.shape[1] < g:
                     grp = torch.nn.functional.pad(grp, (0, g - grp.shape[1]))
                 scale[:, col // g], zero[:, col // g] = find_params(grp, bits, clip_search)
-            s, z = scale[:, group_of[col]], zero[:, group_of[col]]
-            q = quantize_with(w1[:, i], s, z, bits)
+                current = -1
+            if group_of[col] != current:  # the group's parameters, fetched once per run of columns
+                current = group_of[col]
+                s, z = scale[:, current].contiguous(), zero[:, current].contiguous()
+            x = w1[:, i]
+            q = torch.round(x / s).add_(z).clamp_(0, maxq)
             codes[:, col] = q
-            e = (w1[:, i] - (q - z) * s) / hinv1[i, i]
-            w1[:, i:] -= e[:, None] * hinv1[i, i:][None, :]
+            e = (x - (q - z) * s).div_(hinv1[i, i])
+            w1[:, i:].addr_(e, hinv1[i, i:], alpha=-1)  # w1[:, i:] -= e hinv1[i, i:]
             err1[:, i] = e
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]

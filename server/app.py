@@ -124,7 +124,8 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
             "max_seq_len": engine_.max_seq_len,
             "quantization": {k: quant[k] for k in QUANTIZATION_SUMMARY_KEYS if k in quant} if quant else None,
             "kernel_paths": kernel_paths(state.device),
-            "qdec": qdec.health(engine_.model),
+            "qdec": qdec.health(engine_.model) if hasattr(engine_, "model") else {"enabled": False,
+                                                                                  "reason": "not configured"},
         })
 
     @app.get("/v1/models", response_model=ModelList)
