@@ -62,6 +62,12 @@ def gptq(w: Tensor, h: Tensor, bits: int, group_size: int, *, damp: float = 0.01
     (their value does not change any output).
     """
     check_format(bits, group_size)
+    with small_op_threads(w.device):  # also makes the result independent of the caller's thread count
+        return _gptq(w, h, bits, group_size, damp, act_order, block_size, clip_search)
+
+
+def _gptq(w: Tensor, h: Tensor, bits: int, group_size: int, damp: float, act_order: bool, block_size: int,
+          clip_search: bool) -> QuantizedWeight:
     n, k = w.shape
     w = w.detach().clone().float()
     h = h.detach().clone().float().to(w.device)
@@ -83,8 +89,7 @@ def gptq(w: Tensor, h: Tensor, bits: int, group_size: int, *, damp: float = 0.01
     hinv = damped_cholesky_inverse(h, damp)
     codes = torch.zeros(n, k, device=w.device)
     block = max(block_size // g, 1) * g  # groups never straddle blocks (matters without act-order)
-    with small_op_threads(w.device):
-        _sweep(w, hinv, codes, scale, zero, group_of, bits, g, block, act_order, clip_search)
+    _sweep(w, hinv, codes, scale, zero, group_of, bits, g, block, act_order, clip_search)
     if act_order:
         codes = codes[:, torch.argsort(perm)]
     return QuantizedWeight(codes.to(torch.uint8), scale.half(), zero.half(), bits, group_size)
