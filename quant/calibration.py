@@ -46,7 +46,7 @@ def calibration_tokens(tokenizer, path: str | Path | None, n_samples: int, seqle
     """
     file = resolve_calibration_file(path)
     text = file.read_text(encoding="utf-8")
-    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"][0]
+    ids = tokenizer(text, return_tensors="pt", add_special_tokens=False, verbose=False)["input_ids"][0]
     if ids.numel() <= seqlen:
         raise CalibrationDataError(f"{file}: {ids.numel()} tokens, fewer than one window of {seqlen}")
     gen = torch.Generator().manual_seed(seed)

@@ -131,7 +131,8 @@ def write_checkpoint(out_dir: Path, source_dir: Path, tensors: dict[str, torch.T
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}-"))
     try:
         tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt", "producer": "fbserve quantize"})
+        # one metadata key: safetensors writes a map in random order, and the file must be byte-reproducible
+        save_file(tensors, str(tmp / TENSORS), metadata={"format": "pt"})
         shutil.copy2(source_dir / "config.json", tmp / "config.json")
         copy_tokenizer_files(source_dir, tmp)
         full = Manifest(**manifest, files={TENSORS: sha256_file(tmp / TENSORS)}, tensors=tensor_records(tensors))

@@ -11,6 +11,9 @@ What we do instead (block-coordinate descent, every step evaluated with the stor
          scales = least squares of the output error given the codes, zeros and S   (exact, per row)
          S = whitened-SVD_r(W - C)                              exact rank-r refit given C
   keep the round of least measured output error (so FBQuant never ends worse than GPTQ+QERA).
+The stored pair of a round is (C_t, S_t) with C_t = Q(W - S_{t-1}): the branch is refit after the codes,
+so it is the feedback form W_F = Q(W - BA) + BA exactly at a fixed point of the loop and up to the last
+refit otherwise (the refit can only lower the measured error given C_t).
 H_a = H - a H A^T (A H A^T)^-1 A H is the Gram matrix with the share `a` of the directions the current
 branch spans projected out: for a fixed A the best B absorbs any error lying in the row space of A, so
 GPTQ's error feedback is told those errors are (mostly) cheap. a = 1 over-commits to the previous A (its

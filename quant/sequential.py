@@ -64,8 +64,8 @@ def run_layer(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def linear_groups(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> list[list[str]]:
     """Names of `layer`'s nn.Linear modules grouped by shared input, in call order (a probe forward on x)."""
-    calls: list[tuple[str, int]] = []
-    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, id(args[0]))))
+    calls: list[tuple[str, Tensor]] = []  # the input tensors are kept alive: identity, not a reusable id()
+    handles = [m.register_forward_pre_hook(lambda _m, args, name=name: calls.append((name, args[0])))
                for name, m in layer.named_modules() if isinstance(m, nn.Linear)]
     try:
         run_layer(layer, x, cos, sin)
@@ -74,12 +74,12 @@ def linear_groups(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> list
             hd.remove()
     groups: list[list[str]] = []
     last = None
-    for name, ident in calls:
-        if ident == last:
+    for name, inp in calls:
+        if inp is last:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last = ident
+        last = inp
     return groups
 
 

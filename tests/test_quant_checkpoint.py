@@ -115,6 +115,30 @@ def test_every_method_writes_a_loadable_checkpoint(tiny_model, tmp_path, method,
         assert torch.isfinite(model(torch.tensor([[1, 5, 7, 9]]))).all()
 
 
+def test_linears_are_grouped_by_shared_input(tiny_model) -> None:
+    """q/k/v and gate/up share an input (one Gram matrix); o and down stand alone, in every layer, also
+    when the allocator reuses a freed input's memory for the next one (identity, not id(), decides)."""
+    from quant.sequential import linear_groups, rope_tables, run_layer
+
+    model = load_model(str(tiny_model)).model
+    x = model.model.embed_tokens(torch.tensor([[1, 4, 9, 16, 25, 36]]))
+    cos, sin = rope_tables(model, 6, torch.device("cpu"), torch.float32)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            for _ in range(5):
+                assert linear_groups(layer, x, cos, sin) == [
+                    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                    ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+            x = run_layer(layer, x, cos, sin)
+
+
+def test_same_seed_same_checkpoint(tiny_model, quantized, tmp_path) -> None:
+    again = _quantize(tiny_model, tmp_path / "again", "--method", "fbquant", "--bits", "3")
+    assert sha256_file(again / TENSORS) == sha256_file(quantized / TENSORS)
+    other = _quantize(tiny_model, tmp_path / "other", "--method", "fbquant", "--bits", "3", "--seed", "1")
+    assert sha256_file(other / TENSORS) != sha256_file(quantized / TENSORS)
+
+
 def _copy(src: Path, dst: Path) -> Path:
     dst.mkdir()
     for f in src.iterdir():
