@@ -9,7 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 HOST ?= 127.0.0.1
 PORT ?= 8000
-MODEL ?= default
+# the embedded SmolLM2-135M-Instruct quantized with the FBQuant preset (built once into $FBSERVE_HOME);
+# MODEL=default serves it unquantized, MODEL=DIR any checkpoint
+MODEL ?= default-fbquant
 
 .PHONY: install serve test kernels-check clean
 

@@ -39,10 +39,23 @@ class LoadedModel:
     quantization: dict | None = None  # quantization.json of a quantized checkpoint
 
 
-def resolve_model_dir(spec: str) -> Path:
-    """Map `default` | HF dir | GGUF file to a Hugging Face style directory, converting GGUF once."""
+PRESET_SPEC = "default-fbquant"  # the embedded model quantized with quant.preset's FBQuant settings (built once)
+
+
+def resolve_model_dir(spec: str, device: str | torch.device = "cpu") -> Path:
+    """Map `default` | `default-fbquant` | HF dir | GGUF file to a model directory, converting or
+    quantizing once (`device` runs the one-time quantization of the preset)."""
     if spec == "default":
         return convert_gguf(default_gguf_path(), fbserve_home() / "models" / DEFAULT_MODEL_NAME)
+    if spec == PRESET_SPEC:
+        from quant.calibration import CalibrationDataError
+        from quant.preset import ensure_default_checkpoint
+
+        try:
+            return ensure_default_checkpoint(device=str(torch.device(device).type))
+        except CalibrationDataError as e:
+            raise CalibrationDataError(f"{e}; the one-time quantization of {PRESET_SPEC} calibrates on it "
+                                       f"(or serve --model default, unquantized)") from e
     path = Path(spec).expanduser()
     if path.is_file() and path.suffix == ".gguf":
         digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode()).hexdigest()
@@ -128,8 +141,8 @@ def load_model(spec: str = "default", device: str | torch.device = "cpu", dtype:
 
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
-    model_dir = resolve_model_dir(spec)
-    name = DEFAULT_MODEL_NAME if spec == "default" else model_dir.name
+    model_dir = resolve_model_dir(spec, device)
+    name = {"default": DEFAULT_MODEL_NAME, PRESET_SPEC: f"{DEFAULT_MODEL_NAME}-fbquant"}.get(spec, model_dir.name)
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     config = read_config(model_dir)
     if (model_dir / "quantization.json").is_file():

@@ -81,11 +81,10 @@ def register(subparsers) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    parser = argparse.ArgumentParser(prog="fbserve")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["quantize", *(sys.argv[1:] if argv is None else argv)])
-    return args.func(args)
+    """`python -m quant.cli ...`: the same as `fbserve quantize ...`."""
+    from server.cli import main as fbserve
+
+    return fbserve(["quantize", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -217,11 +217,9 @@ def register(subparsers) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m quant.eval_cli ...`: the same as `fbserve eval ...`."""
-    parser = argparse.ArgumentParser(prog="fbserve")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    return args.func(args)
+    from server.cli import main as fbserve
+
+    return fbserve(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from server import routes_chat, routes_completions, routes_tokenize
 from server.admission import Gate, ServingConfig
 from server.generation import ServerState
 from server.metrics import DEFAULT, Metrics, kernel_paths
-from server.protocol import ModelCard, ModelList
+from server.model_card import model_card
+from server.protocol import ModelList
 from server.errors import install_error_handlers
 
 log = logging.getLogger("fbserve.server")
@@ -131,7 +132,7 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
     @app.get("/v1/models", response_model=ModelList)
     async def list_models() -> ModelList:
         engine_ = state.ready_engine()
-        return ModelList(data=[ModelCard(id=engine_.model_name, max_model_len=engine_.max_seq_len)])
+        return ModelList(data=[model_card(engine_)])
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:  # sync: runs in the threadpool, off the event loop

@@ -49,17 +49,35 @@ class StreamOptions(OpenAIModel):
 
 
 class SamplingFields(OpenAIModel):
-    """Fields both endpoints share; subclasses list them again where the reference order needs it."""
+    """The request fields both endpoints share (sampling, streaming, n, stop), and their checks."""
+
+    model: str | None = None
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
+    user: str | None = None
+    # extensions (vLLM's names)
+    top_k: int | None = Field(None, ge=-1)
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    ignore_eos: bool = False
 
     def _stop_list(self) -> list[str]:
-        stop = getattr(self, "stop", None)
+        stop = self.stop
         if stop is None:
             return []
         stops = [stop] if isinstance(stop, str) else list(stop)
         return [s for s in stops if s]  # an empty stop string would end every generation at once
 
     def _sampling_params(self, max_tokens: int, logprobs: int | None, prompt_logprobs: int | None) -> SamplingParams:
-        top_k = getattr(self, "top_k", None)
+        top_k = self.top_k
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if self.temperature is None else self.temperature,
@@ -90,28 +108,11 @@ class SamplingFields(OpenAIModel):
 # ---------------------------------------------------------------- /v1/completions
 
 class CompletionRequest(SamplingFields):
-    model: str | None = None
     prompt: str | list[str] | list[int] | list[list[int]]
     echo: bool = False
-    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     logprobs: int | None = Field(None, ge=0, le=COMPLETION_MAX_LOGPROBS)
     max_tokens: int | None = Field(None, ge=0)  # None: 16, as OpenAI
-    n: int = Field(1, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
     suffix: str | None = None
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    user: str | None = None
-    # extensions
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    ignore_eos: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
@@ -149,28 +150,11 @@ class ChatMessage(OpenAIModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    model: str | None = None
-    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
     logprobs: bool = False
     max_completion_tokens: int | None = Field(None, ge=1)
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for max_completion_tokens
-    n: int = Field(1, ge=1, le=MAX_N)
-    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_logprobs: int | None = Field(None, ge=0, le=CHAT_MAX_TOP_LOGPROBS)
-    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
-    user: str | None = None
-    # extensions
-    top_k: int | None = Field(None, ge=-1)
-    min_p: float | None = Field(None, ge=0.0, le=1.0)
-    repetition_penalty: float | None = Field(None, gt=0.0)
-    ignore_eos: bool = False
-    add_generation_prompt: bool = True
+    add_generation_prompt: bool = True  # extension
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:
@@ -320,12 +304,36 @@ class ChatCompletionStreamResponse(StreamChunk):
 
 # ---------------------------------------------------------------- /v1/models
 
+class QualityCard(OpenAIModel):
+    """Quality measured once, when the checkpoint was made (quantization.json "quality")."""
+
+    dataset: str
+    perplexity: float
+    reference_perplexity: float | None = None  # the unquantized model on the same windows
+    kl_divergence: float | None = None  # mean KL(unquantized || quantized) of the next-token distribution
+    top1_agreement: float | None = None
+    windows: int | None = None
+    ctx: int | None = None
+
+
+class QuantizationCard(OpenAIModel):
+    """How the served weights are stored. `method` is "none" for an unquantized model."""
+
+    method: str
+    bits_per_weight: float  # codes + scales + zeros + low-rank factors, per weight of the quantized linears
+    bits: int | None = None
+    group_size: int | None = None
+    rank: int | None = None
+    quality: list[QualityCard] = Field(default_factory=list)  # empty when none was measured
+
+
 class ModelCard(OpenAIModel):
     id: str
     object: Literal["model"] = "model"
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "fbserve"
     max_model_len: int | None = None
+    quantization: QuantizationCard | None = None
 
 
 class ModelList(OpenAIModel):

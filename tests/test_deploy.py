@@ -182,6 +182,11 @@ def test_compose_runs_fbserve_on_a_gpu_with_prometheus_and_grafana():
     assert "FBSERVE_API_KEY" in fb["environment"], "the API key must pass through from the host"
     data = [v for v in fb["volumes"] if v.endswith(":/data")]
     assert data and data[0].split(":")[0] in doc["volumes"], "/data must be a named volume"
+    # the default model is the FBQuant preset; its one-time calibration reads FBSERVE_DATA inside the container
+    assert "${FBSERVE_MODEL:-default-fbquant}" in fb["command"]
+    (calib,) = [v for v in fb["volumes"] if v.endswith(":/shared-data:ro")]
+    assert calib.startswith("${FBSERVE_DATA_DIR:-./docker/data}") and (ROOT / "docker" / "data").is_dir()
+    assert "FBSERVE_DATA=/shared-data" in fb["environment"]
 
     assert "9090:9090" in services["prometheus"]["ports"]
     grafana = services["grafana"]

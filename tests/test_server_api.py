@@ -210,6 +210,29 @@ def test_models_and_health(client):
     assert health["kernel_paths"] and health["max_seq_len"] == 64
 
 
+def test_models_reports_quantization_and_quality(fake_engine):
+    fake_engine.loaded.quantization = {
+        "method": "fbquant", "bits": 3, "group_size": 128, "rank": 32, "bits_per_weight": 4.7431,
+        "quality": {"wikitext2": {"perplexity": 40.07, "reference_perplexity": 30.64, "kl_divergence": 0.3,
+                                  "top1_agreement": 0.699, "windows": 8, "ctx": 512, "note": "quick figure"}}}
+    with TestClient(create_app(fake_engine, metrics=Metrics())) as c:
+        card = c.get("/v1/models").json()["data"][0]["quantization"]
+    assert card == {"method": "fbquant", "bits_per_weight": 4.7431, "bits": 3, "group_size": 128, "rank": 32,
+                    "quality": [{"dataset": "wikitext2", "perplexity": 40.07, "reference_perplexity": 30.64,
+                                 "kl_divergence": 0.3, "top1_agreement": 0.699, "windows": 8, "ctx": 512}]}
+
+
+def test_models_reports_an_unquantized_model_as_such():
+    import torch
+    from types import SimpleNamespace
+
+    from server.model_card import quantization_card
+
+    model = SimpleNamespace(lm_head=torch.nn.Linear(4, 4, dtype=torch.float16))
+    card = quantization_card(SimpleNamespace(quantization=None, model=model))
+    assert card.method == "none" and card.bits_per_weight == 16.0 and card.quality == []
+
+
 def test_loading_returns_503_until_ready():
     release = threading.Event()
     engine = None

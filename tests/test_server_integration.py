@@ -5,65 +5,25 @@ One server process for the module; generated lengths stay small (the model decod
 from __future__ import annotations
 
 import json
-import os
 import re
-import socket
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import pytest
 from openai import OpenAI
 
+from tests.server_process import running_server
+
 CONTEXT = 512  # --max-seq-len: a small KV cache, and an over-long prompt is cheap to build
-STARTUP_TIMEOUT_S = 180
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _fbserve() -> list[str]:
-    script = Path(sys.executable).parent / "fbserve"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "server.cli"]
 
 
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("fbserve") / "server.log"
-    cmd = _fbserve() + ["serve", "--port", str(port), "--device", "cpu", "--max-seq-len", str(CONTEXT)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                cwd=Path(__file__).resolve().parents[1])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"fbserve exited with {proc.returncode}:\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"fbserve not healthy after {STARTUP_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    with running_server(["--device", "cpu", "--max-seq-len", str(CONTEXT)], log_path) as srv:
+        yield srv.url
 
 
 @pytest.fixture(scope="module")

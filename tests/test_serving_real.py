@@ -6,62 +6,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import signal
-import subprocess
 import time
 
 import httpx
 import pytest
 
-from tests.test_server_integration import STARTUP_TIMEOUT_S, _fbserve, _free_port
+from tests.server_process import running_server
 
 MAX_BATCH = 8
 
 
-class Server:
-    def __init__(self, proc: subprocess.Popen, url: str, log_path) -> None:
-        self.proc, self.url, self.log_path = proc, url, log_path
-
-    def log(self) -> str:
-        return self.log_path.read_text()[-4000:]
-
-    def metric(self, name: str) -> float:
-        text = httpx.get(f"{self.url}/metrics", timeout=60).text
-        match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-        assert match, f"{name} not in /metrics"
-        return float(match.group(1))
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    port = _free_port()
     log_path = tmp_path_factory.mktemp("fbserve") / "server.log"
-    cmd = _fbserve() + ["serve", "--port", str(port), "--device", "cpu", "--max-seq-len", "256",
-                        "--max-batch", str(MAX_BATCH), "--shutdown-grace", "60"]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(),
-                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    srv = Server(proc, f"http://127.0.0.1:{port}", log_path)
-    try:
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"fbserve exited with {proc.returncode}:\n{srv.log()}")
-            try:
-                if httpx.get(f"{srv.url}/health", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail(f"fbserve not healthy after {STARTUP_TIMEOUT_S} s:\n{srv.log()}")
-            time.sleep(0.5)
+    args = ["--device", "cpu", "--max-seq-len", "256", "--max-batch", str(MAX_BATCH), "--shutdown-grace", "60"]
+    with running_server(args, log_path) as srv:
         yield srv
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def _completion(prompt: str, **params) -> dict:
