@@ -129,7 +129,25 @@ class EngineCollector:
             for row in kernel_paths(self.device):
                 bits = "" if row.get("bits") is None else str(row["bits"])
                 kernel.add_metric([str(row.get("path")), bits, str(row.get("device"))], 1)
-        return [running, waiting, kv_ratio, memory, weights, residual, channels, fetched, kernel]
+        bpw = GaugeMetricFamily("fbserve_model_bits_per_weight", "Bits per weight of the served model's linears "
+                                "(codes, scales, zeros and low-rank factors; the dtype width when unquantized).",
+                                labels=["model", "method"])
+        card = self._model_card(engine)
+        if card is not None and card.quantization is not None:
+            bpw.add_metric([card.id, card.quantization.method], card.quantization.bits_per_weight)
+        return [running, waiting, kv_ratio, memory, weights, residual, channels, fetched, kernel, bpw]
+
+    @staticmethod
+    def _model_card(engine: Any) -> Any:
+        if engine is None:
+            return None
+        from server.model_card import model_card
+
+        try:
+            return model_card(engine)
+        except Exception:
+            log.exception("the model card failed during a metrics scrape")
+            return None
 
     def _memory_rows(self, engine: Any, stats: dict) -> dict[tuple[str, str], int]:
         rows: dict[tuple[str, str], int] = {("cpu", "rss"): process_rss_bytes()}

@@ -56,6 +56,7 @@ CONTRACT_OTHER = {
     "fbserve_kv_cache_usage_ratio",
     "fbserve_qdec_residual_bytes",
     "fbserve_kernel_info",
+    "fbserve_model_bits_per_weight",
 }
 CONTRACT_SERIES = CONTRACT_OTHER | {f"{h}_{s}" for h in CONTRACT_HISTOGRAMS for s in ("bucket", "sum", "count")}
 

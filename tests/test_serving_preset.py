@@ -6,6 +6,7 @@ The first start takes ~2 min on 2 quiet cores when the cache is empty (quant.pre
 from __future__ import annotations
 
 import math
+import re
 
 import httpx
 from openai import OpenAI
@@ -30,6 +31,7 @@ def test_quantized_preset_is_built_served_and_reused(tmp_path_factory) -> None:
         assert "Paris" in _ask_capital(srv.url), srv.log()
         card = httpx.get(f"{srv.url}/v1/models", timeout=30).json()["data"][0]
         health = httpx.get(f"{srv.url}/health", timeout=30).json()
+        metrics = httpx.get(f"{srv.url}/metrics", timeout=30).text
     q = card["quantization"]
     assert card["id"] == "SmolLM2-135M-Instruct-fbquant"
     assert (q["method"], q["bits"], q["group_size"], q["rank"]) == (PRESET.method, PRESET.bits,
@@ -39,6 +41,9 @@ def test_quantized_preset_is_built_served_and_reused(tmp_path_factory) -> None:
     assert math.isfinite(wikitext["perplexity"]) and wikitext["kl_divergence"] > 0
     assert 1.0 < wikitext["perplexity"] < 2 * wikitext["reference_perplexity"]  # near the unquantized model
     assert health["quantization"]["method"] == "fbquant"
+    gauge = re.search(r'^fbserve_model_bits_per_weight\{method="fbquant",model="SmolLM2-135M-Instruct-fbquant"\} (\S+)$',
+                      metrics, re.MULTILINE)
+    assert gauge and float(gauge.group(1)) == q["bits_per_weight"], metrics[-2000:]
     paths = health["kernel_paths"]
     assert paths and all(p["path"] == "cpu_int4" and p["bits"] == PRESET.bits and not p.get("fallback")
                          for p in paths), paths
