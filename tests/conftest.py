@@ -2,10 +2,13 @@
 (engine.engine.Engine) with a character-level tokenizer, so server tests need no model."""
 from __future__ import annotations
 
+import glob
 import os
 
 # Without a GPU, Triton kernels run under its interpreter; this must be set before triton is imported.
-if not os.path.exists("/dev/nvidia0"):
+# (A device node, not torch.cuda: torch must not be imported before `engine`, see engine/__init__.py.
+# Any /dev/nvidiaN counts: a container given one GPU may expose only /dev/nvidia3.)
+if not glob.glob("/dev/nvidia[0-9]*"):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import asyncio
