@@ -44,7 +44,10 @@ ENGINES = ("ours", "transformers", "llamacpp")
 # The issue's targets: llama.cpp on the Q4_1 GGUF measured 57.7 tok/s on this machine type (2 cores).
 REFERENCE_LLAMACPP_TOK_S = 57.7
 TARGET_VS_TRANSFORMERS = 3.0
-QUANT_DEFAULTS = [(4, 128, 32), (3, 128, 32)]  # (bits, group size, rank) of the FBQuant checkpoints
+QUANT_DEFAULTS = [(4, 128, 32), (3, 128, 32)]
+# --module-path rows: the same engine with engine.cpu_decode's fast decode step turned off
+MODULE_PATH = "[module path]"
+NO_FAST = {"FBSERVE_CPU_DECODE": "0"}  # (bits, group size, rank) of the FBQuant checkpoints
 
 
 @dataclass
@@ -139,8 +142,9 @@ def checkpoint_problem(path: Path) -> str | None:
 
 # ---- running the rows ---------------------------------------------------------------------------------
 def run_worker(job: dict, timeout_s: float) -> dict:
+    env = {**os.environ, **job.get("env", {})}
     proc = subprocess.run([sys.executable, str(WORKERS)], input=json.dumps(job), capture_output=True, text=True,
-                          cwd=ROOT, timeout=timeout_s)
+                          cwd=ROOT, timeout=timeout_s, env=env)
     if proc.returncode != 0:
         raise RuntimeError("\n    ".join(proc.stderr.strip().splitlines()[-8:]))
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -172,6 +176,8 @@ def quant_rows(args, base: dict) -> list[Row]:
     rows = []
     for d in dirs:
         row = Row("ours", checkpoint_label(d) if (d / "quantization.json").is_file() else d.name)
+        if any(r.weights == row.weights for r in rows):  # two checkpoints of the same settings
+            row.weights += f" ({d.name})"
         reason = made.get(d) or checkpoint_problem(d)
         if reason:
             row.status, row.reason = "skipped", reason
@@ -179,6 +185,10 @@ def quant_rows(args, base: dict) -> list[Row]:
         else:
             measure(row, lambda d=d: run_worker({**base, "kind": "ours", "spec": str(d)}, args.timeout))
         rows.append(row)
+        if args.module_path and not reason:
+            rows.append(measure(Row("ours", f"{row.weights} {MODULE_PATH}"),
+                                lambda d=d: run_worker({**base, "kind": "ours", "spec": str(d), "env": NO_FAST},
+                                                       args.timeout)))
     return rows
 
 
@@ -200,6 +210,10 @@ def run_all(args, ids: list[int]) -> list[Row]:
     if "ours" in args.only:
         rows.append(measure(Row("ours", "fp32"),
                             lambda: run_worker({**base, "kind": "ours", "spec": "default"}, args.timeout)))
+        if args.module_path:
+            rows.append(measure(Row("ours", f"fp32 {MODULE_PATH}"),
+                                lambda: run_worker({**base, "kind": "ours", "spec": "default", "env": NO_FAST},
+                                                   args.timeout)))
         rows.extend(quant_rows(args, base))
         for bits in args.proxy:
             proxy = {"bits": bits, "group_size": 128, "rank": 32}
@@ -227,13 +241,15 @@ def table(rows: list[Row]) -> str:
     hf = next((r for r in rows if r.engine == "transformers" and r.tok_s), None)
     lcpp = next((r for r in rows if r.engine == "llama.cpp" and r.tok_s), None)
     lines = ["| engine | weights | decode tok/s | runs tok/s | TTFT ms | vs transformers | vs llama.cpp "
-             "| peak RSS MB | RSS end MB | threads | greedy = transformers |",
-             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+             "| peak RSS MB | RSS end MB | threads | greedy = transformers | greedy = module path |",
+             "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, r in enumerate(rows):
         if r.tok_s is None:
             lines.append(f"| {r.engine} | {r.weights} | {r.status}: {r.reason.splitlines()[0] if r.reason else ''} "
-                         "| | | | | | | | |")
+                         "| | | | | | | | | |")
             continue
+        # the --module-path row of the same model is the one right after it
+        twin = rows[i + 1] if i + 1 < len(rows) and rows[i + 1].weights == f"{r.weights} {MODULE_PATH}" else None
         res = r.result
         runs = ", ".join(f"{x:.1f}" for x in res.get("decode_tok_s_runs", []))
         lines.append(
@@ -242,7 +258,7 @@ def table(rows: list[Row]) -> str:
             f"| {_fmt(r.tok_s / lcpp.tok_s if lcpp else None, '.2f', 'x')} "
             f"| {_fmt(res.get('peak_rss_mb'), '.0f')} | {_fmt(res.get('rss_end_mb'), '.0f')} "
             f"| {res.get('torch_threads', res.get('threads', '—'))} "
-            f"| {_agreement(r, hf)} |")
+            f"| {_agreement(r, hf)} | {_agreement(r, twin)} |")
     return "\n".join(lines)
 
 
@@ -250,7 +266,7 @@ def targets(rows: list[Row]) -> list[str]:
     """The issue's targets for the 3-bit FBQuant row: >= llama.cpp and >= 3x transformers."""
     hf = next((r.tok_s for r in rows if r.engine == "transformers" and r.tok_s), None)
     lcpp = next((r.tok_s for r in rows if r.engine == "llama.cpp" and r.tok_s), None)
-    three = [r for r in rows if r.engine == "ours" and " w3" in f" {r.weights}"]
+    three = [r for r in rows if r.engine == "ours" and " w3" in f" {r.weights}" and MODULE_PATH not in r.weights]
     if not three:
         return ["targets: unknown (no 3-bit checkpoint row)"]
     out = []
@@ -320,6 +336,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "(round-to-nearest codes, zero rank-32 branch, g128) at these bit widths, e.g. 4,3; "
                         "same kernels and bytes as an FBQuant checkpoint, not its accuracy")
     p.add_argument("--repeats", type=int, default=3, help="measured generations per engine (median reported)")
+    p.add_argument("--module-path", action="store_true",
+                   help="also run each of our rows with the CPU fast decode step off (FBSERVE_CPU_DECODE=0): "
+                        "before/after in one run")
     p.add_argument("--profile", action="store_true", help="torch.profiler per-op table of our decode steps")
     p.add_argument("--profile-rows", type=int, default=15, help="ops in the profile table")
     p.add_argument("--json", metavar="OUT", help="write all results as JSON")

@@ -44,8 +44,8 @@ class CpuInt4Weight:
         return self.weight.numel() * self.weight.element_size() + self.scales_zeros.numel() * 2
 
 
-def prepare_cpu(packed: PackedWeight) -> CpuInt4Weight:
-    """Convert a packed layer (on any device) into the CPU int4 op's layout, once."""
+def _cpu_codes(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, int, int, int]:
+    """One layer in the op's terms: (int32 codes (n16, k_cpu), fp32 scales_zeros (k_cpu/g, n16, 2), g_cpu, k_cpu, n16)."""
     codes, scales, zeros = (t.cpu() for t in unpack(packed))
     n, k, g, bits = packed.out_features, packed.in_features, packed.group_size, packed.bits
     # A partial last group (e.g. K=576, g=128) is expressed with a smaller group dividing K when one
@@ -71,8 +71,45 @@ def prepare_cpu(packed: PackedWeight) -> CpuInt4Weight:
     sz = torch.zeros(k_cpu // g_cpu, n16, 2)
     sz[:, :n, 0] = s.t()
     sz[:, :n, 1] = zp.t()
+    return q_full, sz, g_cpu, k_cpu, n16
+
+
+def prepare_cpu(packed: PackedWeight) -> CpuInt4Weight:
+    """Convert a packed layer (on any device) into the CPU int4 op's layout, once."""
+    q_full, sz, g_cpu, k_cpu, n16 = _cpu_codes(packed)
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q_full, 1)
-    return CpuInt4Weight(weight, sz.to(torch.bfloat16).contiguous(), g_cpu, k, n, k_cpu, n16)
+    return CpuInt4Weight(weight, sz.to(torch.bfloat16).contiguous(), g_cpu, packed.in_features,
+                         packed.out_features, k_cpu, n16)
+
+
+def fuse_cpu(ws: list[CpuInt4Weight]) -> tuple[CpuInt4Weight, list[CpuInt4Weight]]:
+    """Several converted layers that read the same input (q/k/v, gate/up) as ONE int4 CPU weight,
+    concatenated along the output dimension (each part keeps its padding to 16 rows), plus one
+    CpuInt4Weight per part whose int4 pack is a VIEW of the fused one, so the parts cost no memory
+    beyond their own small scales. This relies on the op's pack being row-separable,
+    pack(cat(q_i)) == cat(pack(q_i)), which holds on torch 2.13 when every part but the last has a
+    multiple of 64 rows (the pack works in blocks of 64 rows, a shorter tail differently; checked in
+    tests). Part i is columns offsets[i] : offsets[i] + out_features of the fused output, the offsets
+    being the running sum of the parts' n16. Raises ValueError when the layers differ in input width or
+    CPU group size, or a part before the last is not a multiple of 64 rows."""
+    if len({(w.in_features, w.group_size, w.k_cpu) for w in ws}) != 1:
+        raise ValueError("fused layers need the same in_features and CPU group size: "
+                         f"{[(w.in_features, w.group_size) for w in ws]}")
+    if any(w.n16 % 64 for w in ws[:-1]):
+        raise ValueError(f"fused layers before the last need multiples of 64 rows: {[w.n16 for w in ws]}")
+    weight = torch.cat([w.weight for w in ws])
+    sz = torch.cat([w.scales_zeros for w in ws], dim=1).contiguous()
+    n_total = weight.shape[0]
+    w0 = ws[0]
+    fused = CpuInt4Weight(weight, sz, w0.group_size, w0.in_features, n_total, w0.k_cpu, n_total)
+    views, off = [], 0
+    for w in ws:
+        # scales_zeros stay the part's own contiguous tensor: the op reads them as if contiguous
+        # (a strided slice gives silently wrong results on torch 2.13)
+        views.append(CpuInt4Weight(weight[off:off + w.n16], w.scales_zeros, w.group_size, w.in_features,
+                                   w.out_features, w.k_cpu, w.n16))
+        off += w.n16
+    return fused, views
 
 
 def cpu_matmul(x: torch.Tensor, w: CpuInt4Weight, a_t: torch.Tensor | None = None,

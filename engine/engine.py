@@ -57,6 +57,10 @@ class Engine:
         self.max_batch = max_batch
         self.device = self.model.lm_head.weight.device
         self.model.setup_cache(max_batch, self.max_seq_len)
+        if self.device.type == "cpu":  # the decode step's fast path (FBSERVE_CPU_DECODE=0 turns it off)
+            from engine.cpu_decode import install
+
+            install(self.model)
         eos = set(config.eos_ids())
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)

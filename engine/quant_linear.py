@@ -94,6 +94,9 @@ class QuantLinear(nn.Module):
         if path == "cpu_int4" and dev.type != "cpu":
             raise ValueError(f"path 'cpu_int4' needs CPU tensors; layer is on {dev}")
         self._cpu = self._a_t = self._b_t = self._bias32 = None
+        owner, self._cpu_owner = getattr(self, "_cpu_owner", None), None
+        if owner is not None:
+            owner()  # whoever shared our CPU weight (engine.cpu_decode) learns that its copy is stale
         if path == "cpu_int4":
             self._cpu = prepare_cpu(self.packed)
             if self.A is not None:
@@ -107,6 +110,17 @@ class QuantLinear(nn.Module):
         _ANNOUNCED.add(key)
         log.log(level, "kernel path %s for %d-bit g%d %dx%d layers on %s (rank %d)", path, self.bits,
                 self.group_size, self.out_features, self.in_features, dev, self.rank)
+
+    def share_cpu(self, w, a_t: torch.Tensor | None, b_t: torch.Tensor | None, on_reprepare=None) -> None:
+        """Adopt a CpuInt4Weight (and fp32 A^T, B^T) that views a fused weight of several layers
+        (cuda_ext.cpu.fuse_cpu): the same values as this layer's own, stored once. `on_reprepare()` is
+        called when the layer later re-prepares its path (.to(), load_state_dict): the fused copy is stale."""
+        if self.path != "cpu_int4":
+            raise ValueError(f"share_cpu needs the cpu_int4 path, layer is on {self.path}")
+        if (w.in_features, w.out_features) != (self.in_features, self.out_features) or (a_t is None) != (self.A is None):
+            raise ValueError("shared CPU weight does not fit this layer")
+        self._cpu, self._a_t, self._b_t = w, a_t, b_t
+        self._cpu_owner = on_reprepare
 
     def _apply(self, fn, *args, **kwargs):
         """.to()/.cuda()/.half()/.bfloat16() move the layer; dtype casts never touch the packed

@@ -186,6 +186,9 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.max_seq_len = 0
+        # Optional fast decode step (engine.cpu_decode installs one on CPU): called for cached steps,
+        # returns logits (B, 1, V) or None to let the module path below run.
+        self.decode_fn = None
 
     def setup_cache(self, slots: int, max_seq_len: int) -> None:
         """Allocate a KV cache of `slots` sequences of up to `max_seq_len` tokens each."""
@@ -231,6 +234,10 @@ class Transformer(nn.Module):
     def forward(self, tokens: Tensor, positions: Tensor | None = None, slots: Tensor | None = None,
                 last_only: bool = False) -> Tensor:
         """Logits (B, T, vocab) in fp32, or (B, 1, vocab) with `last_only`; arguments as `hidden_states`."""
+        if self.decode_fn is not None and positions is not None and tokens.shape[1] == 1:
+            out = self.decode_fn(tokens, positions, slots, last_only)
+            if out is not None:
+                return out
         h = self.hidden_states(tokens, positions, slots)
         if last_only:
             h = h[:, -1:]

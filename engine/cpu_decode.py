@@ -1,0 +1,312 @@
+"""The CPU decode fast path: one step of batch decoding (T = 1 new token per row) with few ATen calls.
+
+`install(model)` prepares a `Transformer` on the CPU and sets `model.decode_fn`; `Transformer.forward`
+then hands decode steps (tokens (B, 1) with cache positions) to it, everything else (prefill,
+evaluation, no cache) takes the ordinary module path. What it changes, all without extra memory:
+
+  * q/k/v and gate/up of each layer read the same input, so they run as ONE matmul each:
+    - QuantLinear (cpu_int4): one torch int4 CPU matmul over the output-concatenated weight
+      (cuda_ext.cpu.fuse_cpu); each QuantLinear's own CPU weight becomes a view of it, so the
+      module path (prefill, QDEC hooks, eval) still works and costs no second copy. The low-rank
+      branches share one x @ [A_q; A_k; A_v]^T, then one addmm per part into its columns.
+    - nn.Linear (fp32/bf16 model): the weights are stored column-major, [W_q; W_k; W_v]^T as one
+      contiguous (K, N) block, each module's .weight a transposed view into it (same values).
+  * every other linear weight, and the tied embedding / lm_head, is stored column-major too (W^T
+    contiguous; the module's weight is the transposed view): torch's CPU GEMV for x @ W^T is ~2x
+    faster on that layout (measured for the [576 x 49152] lm_head, 1 thread: see bench/RESULTS.md).
+    Values are bit-identical; only the summation order inside the matmul changes.
+  * RoPE cos/sin, the attention mask and the cache rows are computed once per step, not per layer;
+    the KV write is a plain slice copy; q and k are rotated together; activations stay fp32 between
+    the int4 matmuls exactly as on the module path (QuantLinear rounds x to bf16 inside, same here).
+
+Numerics: the same operations as the module path (cpu_int4 QuantLinear, fp32 RMSNorm / RoPE /
+softmax), so logits agree to fp32 rounding (tests/test_cpu_decode.py). The step declines (returns
+None, the module path runs) when a QuantLinear carries forward hooks (QDEC residuals), when a layer
+was re-prepared after install (.to(), load_state_dict), or for T > 1.
+
+FBSERVE_CPU_DECODE=0 disables the whole thing (install returns None).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cuda_ext.cpu import fuse_cpu
+from engine.quant_linear import QuantLinear
+
+log = logging.getLogger("fbserve.engine")
+ENV = "FBSERVE_CPU_DECODE"
+
+
+def _column_major(lin: nn.Linear) -> None:
+    """Store lin.weight as the transposed view of a contiguous W^T (same values, same Parameter)."""
+    w = lin.weight
+    if w.dim() == 2 and not w.t().is_contiguous():
+        w.data = w.data.t().contiguous().t()
+
+
+class _Proj:
+    """Projections that read the same input, as one matmul: __call__(x (M, K) fp32) -> (M, N_total).
+
+    Part i is columns offsets[i] : offsets[i] + widths[i] of the result.
+    """
+
+    def __init__(self, mods: list[nn.Module], on_stale=None) -> None:
+        self.mods = mods
+        self.widths = [m.out_features for m in mods]
+        self.quant = all(isinstance(m, QuantLinear) for m in mods)
+        self.on_stale = on_stale
+        if self.quant:
+            self._init_quant(mods)
+        else:
+            self._init_linear(mods)
+
+    def _init_quant(self, mods: list[QuantLinear]) -> None:
+        fused, views = fuse_cpu([m._cpu for m in mods])  # the layers' own conversions, concatenated
+        self.w = fused
+        self.offsets, off = [], 0
+        for v in views:
+            self.offsets.append(off)
+            off += v.n16
+        self.n_total = off
+        ranks = [m.rank for m in mods]
+        self.a_t = None
+        self.parts: list[tuple[int, int, int, int, Tensor]] = []  # (r0, r1, col0, col1, B^T)
+        if any(ranks):
+            self.a_t = torch.cat([m.A.float() for m in mods if m.rank]).t().contiguous()  # (K, sum r)
+        r0 = 0
+        a_views = []
+        for m, off, n in zip(mods, self.offsets, self.widths):
+            if m.rank:
+                b_t = m.B.float().t().contiguous()  # (r, N)
+                self.parts.append((r0, r0 + m.rank, off, off + n, b_t))
+                a_views.append((self.a_t[:, r0:r0 + m.rank], b_t))
+                r0 += m.rank
+            else:
+                a_views.append((None, None))
+        self.bias = None
+        if any(m.bias is not None for m in mods):
+            self.bias = torch.zeros(self.n_total)
+            for m, off, n in zip(mods, self.offsets, self.widths):
+                if m.bias is not None:
+                    self.bias[off:off + n] = m.bias.float()
+        for m, view, (a_t, b_t) in zip(mods, views, a_views):
+            m.share_cpu(view, a_t, b_t, self.on_stale)  # the module path now reads these views: no second copy
+
+    def _init_linear(self, mods: list[nn.Linear]) -> None:
+        k = mods[0].in_features
+        if len(mods) > 1:
+            if len({(m.in_features, m.weight.dtype) for m in mods}) != 1:
+                raise ValueError("fused linears need one input width and dtype")
+            wt = torch.cat([m.weight.detach().t() for m in mods], dim=1).contiguous()  # (K, N_total)
+        else:
+            wt = mods[0].weight.detach().t().contiguous()
+        self.offsets, off = [], 0
+        for m, n in zip(mods, self.widths):
+            self.offsets.append(off)
+            m.weight.data = wt[:, off:off + n].t()  # a view: the module path reads the same storage
+            off += n
+        self.n_total, self.wt = off, wt
+        self.bias = None
+        if any(m.bias is not None for m in mods):
+            self.bias = torch.zeros(off, dtype=wt.dtype)
+            for m, o, n in zip(mods, self.offsets, self.widths):
+                if m.bias is not None:
+                    self.bias[o:o + n] = m.bias.detach()
+        self.dtype = wt.dtype
+        assert k == wt.shape[0]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if not self.quant:
+            xk = x.to(self.dtype)
+            y = torch.addmm(self.bias, xk, self.wt) if self.bias is not None else xk @ self.wt
+            return y.float()
+        w = self.w
+        xb = x.to(torch.bfloat16)
+        if w.k_cpu > w.in_features:
+            xb = F.pad(xb, (0, w.k_cpu - w.in_features))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w.weight, w.group_size, w.scales_zeros).float()
+        if self.a_t is not None:
+            t = x @ self.a_t  # (M, sum r), fp32 as on the module path
+            for r0, r1, c0, c1, b_t in self.parts:
+                y[:, c0:c1].addmm_(t[:, r0:r1], b_t)
+        if self.bias is not None:
+            y += self.bias
+        return y
+
+
+class _Each:
+    """Fallback for a group mixing QuantLinear and nn.Linear (partly quantized models): module calls, concatenated."""
+
+    def __init__(self, mods: list[nn.Module]) -> None:
+        self.mods = mods
+
+    def __call__(self, x: Tensor) -> Tensor:
+        ys = [m(x).float() for m in self.mods]
+        return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
+
+
+def _proj(mods: list[nn.Module], on_stale=None) -> _Proj | _Each:
+    if all(isinstance(m, QuantLinear) for m in mods):
+        ws = [m._cpu for m in mods]
+        if (len({(w.in_features, w.group_size, w.k_cpu) for w in ws}) == 1
+                and not any(w.n16 % 64 for w in ws[:-1])):  # what cuda_ext.cpu.fuse_cpu accepts
+            return _Proj(mods, on_stale)
+        return _Each(mods)
+    if all(type(m) is nn.Linear for m in mods):
+        return _Proj(mods)
+    return _Each(mods)
+
+
+class _Layer:
+    def __init__(self, layer: nn.Module, on_stale) -> None:
+        att, mlp = layer.self_attn, layer.mlp
+        self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
+        self.qkv = _proj([att.q_proj, att.k_proj, att.v_proj], on_stale)
+        self.o = _proj([att.o_proj], on_stale)
+        self.gate_up = _proj([mlp.gate_proj, mlp.up_proj], on_stale)
+        self.down = _proj([mlp.down_proj], on_stale)
+        self.attn = att
+
+
+def _rms(x: Tensor, norm: nn.Module) -> Tensor:
+    # models.llama.RMSNorm on fp32 activations: x * rsqrt(mean(x^2) + eps) * weight
+    return F.rms_norm(x, (x.shape[-1],), norm.weight, norm.eps)
+
+
+class CpuDecoder:
+    """model.decode_fn: (tokens (B, 1), positions (B, 1), slots (B,), last_only) -> fp32 logits (B, 1, V),
+    or None to let the module path run."""
+
+    def __init__(self, model: nn.Module) -> None:
+        cfg = model.config
+        self.model = model
+        self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.nq, self.nkv = self.h * self.d, self.hkv * self.d
+        self.inter = cfg.intermediate_size
+        self.stale = False
+        self.declined: str | None = None
+        self.layers = [_Layer(layer, self._invalidate) for layer in model.model.layers]
+        self.quant_modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
+        _column_major(model.lm_head)  # tied: the embedding's weight becomes the same column-major view
+        self.lm_head = model.lm_head
+        self.lm_wt = model.lm_head.weight.t()  # (C, V) contiguous
+
+    def _invalidate(self) -> None:
+        self.stale = True
+
+    def usable(self) -> bool:
+        """False when QDEC (or anyone) hooks a QuantLinear, or a layer re-prepared its CPU weight."""
+        if self.stale:
+            reason = "a QuantLinear was re-prepared after install (.to(), load_state_dict): install again"
+        elif any(m._forward_hooks or m._forward_pre_hooks for m in self.quant_modules):
+            reason = "forward hooks on QuantLinear (QDEC residuals)"
+        else:
+            return True
+        if reason != self.declined:
+            log.info("CPU decode fast path off: %s; using the module path", reason)
+            self.declined = reason
+        return False
+
+    @torch.inference_mode()
+    def __call__(self, tokens: Tensor, positions: Tensor, slots: Tensor, last_only: bool) -> Tensor | None:
+        b, t = tokens.shape
+        if t != 1 or tokens.device.type != "cpu" or not self.usable():
+            return None
+        model = self.model
+        pos = positions[:, 0].tolist()
+        sl = slots.tolist()
+        length = max(pos) + 1
+        if length > model.max_seq_len:
+            raise ValueError(f"position {length - 1} is beyond the KV cache ({model.max_seq_len} tokens)")
+        contiguous = b == 1 or sl == list(range(sl[0], sl[0] + b))
+        rows = slice(sl[0], sl[0] + b) if contiguous else slots
+        h, hkv, d = self.h, self.hkv, self.d
+        g = h // hkv
+        x = F.embedding(tokens[:, 0], model.model.embed_tokens.weight).float()  # (B, C)
+        freqs = positions.float() * model.inv_freq  # (B, D/2)
+        cos = torch.cat((freqs, freqs), dim=-1).cos()[:, None, :]  # (B, 1, D)
+        sin = freqs.sin()
+        sin = torch.cat((-sin, sin), dim=-1)[:, None, :]  # rotate_half(x) * sin == roll(x, D/2) * [-sin, sin]
+        mask = None
+        if min(pos) != length - 1:  # rows at different positions: hide each row's keys beyond its own
+            mask = (torch.arange(length) <= positions)[:, None, None, :]  # (B, 1, 1, L)
+        half = d // 2
+        nqk = self.nq + self.nkv
+        for lay in self.layers:
+            qkv = lay.qkv(_rms(x, lay.ln1))  # (B, Nq + 2 Nkv)
+            qk = qkv[:, :nqk].view(b, h + hkv, d)
+            qk = torch.addcmul(qk * cos, torch.roll(qk, half, -1), sin)  # RoPE on q and k at once
+            v = qkv[:, nqk:].view(b, hkv, d)
+            cache = lay.attn.kv_cache
+            for i in range(b):
+                cache.k[sl[i], :, pos[i]] = qk[i, h:]
+                cache.v[sl[i], :, pos[i]] = v[i]
+            keys, values = cache.k[rows, :, :length], cache.v[rows, :, :length]  # (B, Hkv, L, D)
+            # The G query heads of one kv head as G queries of one position: SDPA without GQA expansion.
+            y = F.scaled_dot_product_attention(qk[:, :h].view(b, hkv, g, d), keys, values, attn_mask=mask)
+            x = x + lay.o(y.reshape(b, h * d))
+            gu = lay.gate_up(_rms(x, lay.ln2))
+            x = x + lay.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
+        x = _rms(x, model.model.norm)
+        w = self.lm_head.weight
+        logits = x.to(w.dtype) @ self.lm_wt
+        if self.lm_head.bias is not None:
+            logits = logits + self.lm_head.bias
+        return logits.float()[:, None, :]
+
+
+def _own_parameters(model: nn.Module) -> None:
+    """Weights loaded from safetensors are views of the file's memory map, which stays mapped (and its
+    touched pages resident) while any one of them lives. After the re-layout, copy the few parameters
+    still on the map (norms, biases) so that the map, and the old layout's pages, go away (fp32 model:
+    RSS 1.5 GB -> 1.0 GB)."""
+    seen: set[int] = set()
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        st = p.untyped_storage()
+        if st.nbytes() > p.numel() * p.element_size() * 2:  # a view into something bigger (ours: the fused
+            continue                                         # blocks, the column-major lm_head): keep it
+        if p.is_contiguous() and p.data_ptr() == st.data_ptr():
+            p.data = p.data.clone()
+
+
+def _return_freed_memory() -> None:
+    """Re-laying out the weights frees as much as it allocates, but glibc keeps the freed heap pages
+    (RSS +200..500 MB measured on SmolLM2-135M); malloc_trim hands them back. A no-op elsewhere."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def install(model: nn.Module) -> CpuDecoder | None:
+    """Prepare a CPU Transformer for fast decode steps and set model.decode_fn; None when not applicable
+    (not on CPU, not fp32/bf16 activations, FBSERVE_CPU_DECODE=0)."""
+    if os.environ.get(ENV, "1") in ("0", "", "off"):
+        log.info("CPU decode fast path disabled (%s=0)", ENV)
+        return None
+    if model.lm_head.weight.device.type != "cpu":
+        return None
+    if model.lm_head.weight.dtype != torch.float32:
+        log.info("CPU decode fast path skipped: it runs fp32 activations, the model is %s", model.lm_head.weight.dtype)
+        return None
+    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    if any(m.path != "cpu_int4" for m in qls):
+        log.info("CPU decode fast path skipped: QuantLinear layers not on the cpu_int4 path")
+        return None
+    dec = CpuDecoder(model)
+    model.decode_fn = dec
+    _own_parameters(model)
+    _return_freed_memory()
+    log.info("CPU decode fast path on: %d layers, q/k/v and gate/up fused, %d QuantLinear",
+             len(dec.layers), len(qls))
+    return dec
