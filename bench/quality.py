@@ -2,13 +2,16 @@
 
     .venv/bin/python bench/quality.py [--methods fp,rtn,gptq,svd,lqer,qera,fbquant] [--bits 4,3,2]
         [--ranks 16,32,64] [--group-size 128] [--tasks piqa,...|none] [--limit N] [--max-windows N]
-        [--ctx 2048] [--out bench/out/quality] [--force] [--report-only] [--quantize-args "..."]
+        [--ctx 2048] [--out bench/out/quality] [--checkpoints DIR] [--base rtn|gptq] [--force]
+        [--report-only] [--quantize-args "..."]
 
 For each (method, bits, rank) it runs `fbserve quantize --model default --method M --bits B
 --group-size G [--rank R] --out DIR` in-process (through `quant.cli.register`, the subcommand
 `server/cli.py` mounts), then `fbserve eval` on DIR (KL against the embedded fp model), and writes
 OUT/results/<run>.json. Methods without a branch (fp, rtn, gptq) run once per bit width (fp once).
-Existing checkpoints and results are reused unless --force. At the end it writes OUT/quality.md
+`--base gptq` puts svd/lqer/qera on GPTQ codes (the strong baselines; fbquant's loop quantizer is GPTQ by
+default) and names those runs e.g. `qera-gptq-w3g128-r32`. Existing checkpoints and results are reused
+unless --force. At the end it writes OUT/quality.md
 (the table) and OUT/quality.png (perplexity vs bits per weight, a line per method and rank) and
 prints the table. On 2 CPU cores a full eval of one model takes hours (bench/RESULTS.md, ## Quality):
 use --limit / --max-windows / --tasks for a quick pass, and say so when quoting numbers.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shlex
 import sys
 import time
@@ -48,13 +52,18 @@ def runs(methods: list[str], bits: list[int], ranks: list[int]) -> list[tuple[st
     return out
 
 
-def run_name(method: str, bits: int | None, group_size: int, rank: int) -> str:
+SUB_BRANCH = {"svd", "lqer", "qera"}  # the methods whose base quantizer --base chooses
+
+
+def run_name(method: str, bits: int | None, group_size: int, rank: int, base: str | None = None) -> str:
     if method == "fp":
         return "fp"
-    return f"{method}-w{bits}g{group_size}" + (f"-r{rank}" if rank else "")
+    tag = f"{method}-{base}" if base and method in SUB_BRANCH else method
+    return f"{tag}-w{bits}g{group_size}" + (f"-r{rank}" if rank else "")
 
 
-def quantize(method: str, bits: int, group_size: int, rank: int, out: Path, extra: list[str]) -> None:
+def quantize(method: str, bits: int, group_size: int, rank: int, out: Path, extra: list[str],
+             base: str | None = None) -> None:
     """`fbserve quantize ...` in-process; fails clearly while quant.cli does not exist yet."""
     try:
         import quant.cli as qcli
@@ -63,7 +72,8 @@ def quantize(method: str, bits: int, group_size: int, rank: int, out: Path, extr
     parser = argparse.ArgumentParser(prog="fbserve")
     qcli.register(parser.add_subparsers(dest="command", required=True))
     argv = ["quantize", "--model", "default", "--method", method, "--bits", str(bits),
-            "--group-size", str(group_size), "--out", str(out)] + (["--rank", str(rank)] if rank else []) + extra
+            "--group-size", str(group_size), "--out", str(out)] + (["--rank", str(rank)] if rank else []) \
+        + (["--base", base] if base and method in SUB_BRANCH else []) + extra
     args = parser.parse_args(argv)
     rc = args.func(args)
     if rc not in (0, None) or not (out / "quantization.json").is_file():
@@ -81,12 +91,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-windows", type=int, default=None, help="WikiText-2 windows (0 skips perplexity)")
     p.add_argument("--ctx", type=int, default=2048)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "quality")
+    p.add_argument("--checkpoints", type=Path, default=None, help="checkpoint folder (default OUT/checkpoints)")
+    p.add_argument("--base", choices=("rtn", "gptq"), default=None,
+                   help="base quantizer of svd/lqer/qera (default: fbserve quantize's, rtn); named in the run")
     p.add_argument("--force", action="store_true", help="re-quantize and re-evaluate existing runs")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from OUT/results")
     p.add_argument("--quantize-args", default="--eval-windows 0",
                    help="extra arguments for fbserve quantize (default skips its quick quality figure: this bench "
                         "measures the full one), e.g. '--eval-windows 0 --n-samples 32'")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")  # eval/quantize progress
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = sorted(set(methods) - set(METHODS))
@@ -96,9 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     results_dir.mkdir(parents=True, exist_ok=True)
     if not args.report_only:
         todo = runs(methods, args.bits, args.ranks)
-        print(f"{len(todo)} runs: {', '.join(run_name(m, b, args.group_size, r) for m, b, r in todo)}", flush=True)
+        print(f"{len(todo)} runs: {', '.join(run_name(m, b, args.group_size, r, args.base) for m, b, r in todo)}",
+              flush=True)
         for method, bits, rank in todo:
-            name = run_name(method, bits, args.group_size, rank)
+            name = run_name(method, bits, args.group_size, rank, args.base)
             result_file = results_dir / f"{name}.json"
             wanted = {"ctx": args.ctx, "max_windows": args.max_windows, "limit": args.limit, "tasks": args.tasks}
             if result_file.is_file() and not args.force:
@@ -110,12 +125,20 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             model = "default"
             if method != "fp":
-                ckpt = args.out / "checkpoints" / name
+                ckpt = (args.checkpoints or args.out / "checkpoints") / name
                 if args.force or not (ckpt / "quantization.json").is_file():
-                    quantize(method, bits, args.group_size, rank, ckpt, shlex.split(args.quantize_args))
+                    quantize(method, bits, args.group_size, rank, ckpt, shlex.split(args.quantize_args), args.base)
                 model = str(ckpt)
             result = evaluate(model, tasks=args.tasks, limit=args.limit, ctx=args.ctx, max_windows=args.max_windows)
             result["run"] = name
+            if args.base and method in SUB_BRANCH:  # its own line in the table and plot, e.g. "qera-gptq r32"
+                result["method"] = f"{method}-{args.base}"
+            if method != "fp":  # how it was quantized: calibration, base quantizer, FBQuant rounds, time
+                man = json.loads((ckpt / "quantization.json").read_text())
+                result["quantization"] = {k: man.get(k) for k in
+                                          ("base_quantizer", "calibration", "options", "seconds")}
+                errs = [v["error"] for v in man.get("layers", {}).values()]
+                result["quantization"]["mean_layer_error"] = sum(errs) / len(errs) if errs else None
             result_file.write_text(json.dumps(result, indent=2) + "\n")
             print(f"{name}: ppl {result['perplexity'].get('wikitext2', float('nan')):.3f}, "
                   f"{result['bits_per_weight']:.2f} bits/weight ({time.perf_counter() - t0:.0f} s)", flush=True)
