@@ -16,6 +16,7 @@ ablations `random` and `static` (the channels of largest calibration mean |x|).
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,6 +115,15 @@ def correction(x2: torch.Tensor, idx: torch.Tensor, layer: QdecLayer) -> torch.T
     """fp32 (M, N) = R[:, idx] @ x[idx] per row: the Triton kernel on CUDA, the reference on CPU; with a
     dense evaluation copy, a masked matmul (the same sum)."""
     if layer.dense is not None:
+        m, s = idx.shape
+        k = x2.shape[1]
+        if 0 < 4 * s < k and x2.device.type == "cpu":  # few channels: a CSR row-gather matmul (3-4x faster)
+            ids = idx.sort(1).values
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)  # "sparse CSR support is in beta"
+                csr = torch.sparse_csr_tensor(torch.arange(0, m * s + 1, s, device=x2.device), ids.reshape(-1),
+                                              x2.float().gather(1, ids).reshape(-1), size=(m, k))
+                return csr @ layer.dense
         xm = torch.zeros_like(x2, dtype=torch.float32).scatter_(1, idx, x2.float().gather(1, idx))
         return xm @ layer.dense
     if x2.device.type == "cuda":

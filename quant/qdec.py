@@ -36,10 +36,21 @@ log = logging.getLogger("fbserve.qdec")
 RESIDUALS = "residuals.safetensors"
 RESIDUAL_MANIFEST = "residuals.json"
 GRID = 32  # scale candidates per output channel
-# Threshold quantiles of |x| over calibration tokens and channels: hi ~ 1 channel in 1024 above it,
-# lo ~ 1 in 8 (k_chunk up to 128 lands between them, so the 32 buckets resolve the top-k boundary).
+# Threshold quantiles of |x| over calibration tokens and channels: hi ~ 1 channel in 1024 above it; lo
+# leaves ~K_CHUNK_MAX channels of the narrowest selection chunk above it (1 in 8 of a full 1024-chunk),
+# so k_chunk up to K_CHUNK_MAX lands between them and the 32 buckets resolve the top-k boundary. A
+# fixed 1-in-8 lo (the first version) left too few channels above lo in narrow chunks (576-wide
+# SmolLM2 layers, the 512 tail of 1536): approx recall of exact top-k fell to 61% at k_chunk 64.
 HI_QUANTILE = 1.0 - 1.0 / 1024
-LO_QUANTILE = 1.0 - 1.0 / 8
+K_CHUNK_MAX = 128
+
+
+def lo_quantile(k: int) -> float:
+    """The lo threshold's quantile for a layer with K = k input channels (1 - 1/8 for 1024-multiples)."""
+    from cuda_ext.qdec_reference import CHUNK
+
+    width = CHUNK if k % CHUNK == 0 else min(CHUNK, k % CHUNK)  # the narrowest chunk of the layer
+    return 1.0 - min(0.5, K_CHUNK_MAX / width)
 SUFFIXES = ("rcodes", "rscales", "act_thresholds", "act_mean")
 
 
@@ -109,12 +120,14 @@ def activation_stats(model, tokens: torch.Tensor, names: list[str]) -> dict[str,
     mods = dict(model.named_modules())
     samples: dict[str, list[torch.Tensor]] = {n: [] for n in names}
     sums: dict[str, torch.Tensor] = {}
+    width: dict[str, int] = {}
     count = [0]
     gen = torch.Generator().manual_seed(0)
 
     def hook(name):
         def f(_m, inp, _out):
             a = inp[0].detach().reshape(-1, inp[0].shape[-1]).abs().float()  # (tokens, K)
+            width[name] = a.shape[1]
             sums[name] = sums.get(name, 0) + a.sum(0)
             # a random subsample of |x| values keeps the quantiles cheap
             flat = a.reshape(-1)
@@ -132,7 +145,7 @@ def activation_stats(model, tokens: torch.Tensor, names: list[str]) -> dict[str,
     out = {}
     for n in names:
         v = torch.cat(samples[n])
-        lo, hi = torch.quantile(v, torch.tensor([LO_QUANTILE, HI_QUANTILE])).tolist()
+        lo, hi = torch.quantile(v, torch.tensor([lo_quantile(width[n]), HI_QUANTILE])).tolist()
         hi = max(hi, lo * (1 + 1e-3) + 1e-6)
         out[n] = (torch.tensor([lo, hi], dtype=torch.float32), (sums[n] / count[0]).float())
     return out

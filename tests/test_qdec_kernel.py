@@ -77,3 +77,24 @@ def test_approx_topk_recall_vs_exact(k_chunk) -> None:
     # the selected channels carry most of what the exact top-k carries
     xa, xe = x.abs().gather(1, a).sum(), x.abs().gather(1, e).sum()
     assert float(xa / xe) > 0.9  # measured 0.946 at k_chunk 32
+
+
+@pytest.mark.parametrize("k_chunk", [8, 64, 1024])
+def test_dense_evaluation_correction_matches_reference(k_chunk) -> None:
+    """engine.qdec.correction with the evaluation's dense residual copy (a CSR row-gather matmul for few
+    channels, a masked matmul for many) is the reference gather sum, for every selection."""
+    from cuda_ext.qdec_reference import dequant_rows
+    from engine.qdec import QdecLayer, correction, select_channels
+
+    k, n = 1536, 577
+    rc, rs = _residual(k, n, seed=3)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(4))
+    layer = QdecLayer("l", "down", rc, rs, 0.5, 2.5, torch.randperm(k, generator=torch.Generator().manual_seed(5)))
+    for how in ("exact", "approx", "random", "static"):
+        idx = select_channels(x, layer, k_chunk, how, torch.Generator().manual_seed(6))
+        assert idx.shape == (40, selected_count(k, k_chunk))
+        ref = qdec_correction_ref(x, idx, rc, rs)
+        layer.dense = dequant_rows(rc, rs)
+        got = correction(x, idx, layer)
+        layer.dense = None
+        assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), (how, float((got - ref).abs().max()))

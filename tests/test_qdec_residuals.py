@@ -102,3 +102,27 @@ def test_damaged_or_missing_residuals_are_refused(with_residuals, tmp_path) -> N
         load_residuals(d, shapes)
     with pytest.raises(ResidualError, match="expected"):
         load_residuals(with_residuals, {"model.layers.0.self_attn.q_proj": (96, 100)})
+
+
+def test_lo_threshold_follows_the_narrowest_chunk_and_keeps_approx_recall() -> None:
+    """lo leaves ~128 channels of the narrowest chunk above it: 1 in 8 of a 1024-chunk as before, more
+    of a 576-wide layer, so approx top-k at k_chunk 64 keeps its recall there (it fell to ~61% on
+    SmolLM2 with a fixed 1-in-8 lo)."""
+    from cuda_ext.qdec_reference import approx_topk
+    from quant.qdec import HI_QUANTILE, lo_quantile
+
+    assert lo_quantile(4096) == 1 - 1 / 8 and lo_quantile(1024) == 1 - 1 / 8
+    assert lo_quantile(1536) == 1 - 128 / 512 and abs(lo_quantile(576) - (1 - 128 / 576)) < 1e-12
+    assert lo_quantile(96) == 0.5
+    g = torch.Generator().manual_seed(0)
+    x = torch.distributions.StudentT(3.0).sample((256, 576)) * (torch.rand(256, 1, generator=g) + 0.5)
+    v = x.abs().reshape(-1)
+    exact = exact_topk(x, 64)
+
+    def recall(lo_q: float) -> float:
+        lo, hi = torch.quantile(v[:200_000], torch.tensor([lo_q, HI_QUANTILE])).tolist()
+        idx = approx_topk(x, 64, lo, hi)
+        return float(torch.zeros_like(x, dtype=torch.bool).scatter_(1, idx, True).gather(1, exact).float().mean())
+
+    new, old = recall(lo_quantile(576)), recall(1 - 1 / 8)
+    assert new > old and new > 0.8, (new, old)
