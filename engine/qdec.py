@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cuda_ext.qdec_reference import CHUNK, approx_topk, exact_topk, qdec_correction_ref, selected_count
+from cuda_ext.qdec_reference import CHUNK, approx_topk, exact_topk, qdec_correction_ref
 
 log = logging.getLogger("fbserve.qdec")
 SELECTIONS = ("approx", "exact", "random", "static")
