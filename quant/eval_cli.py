@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import logging
 import sys
 import time
@@ -24,7 +23,7 @@ import torch
 
 from quant.eval import (WIKITEXT2_TEST, DataMissingError, evaluate_windows, model_summary, require_data,
                         token_windows, wikitext2_text)
-from quant.eval_report import markdown_table, plot_results
+from quant.eval_report import markdown_table, plot_results, write_outputs
 from quant.eval_score import encode_pair, hf_encoder, loglikelihoods
 from quant.tasks import HEADLINE_METRIC, TASK_NAMES, accuracy, load_task, task_files
 
@@ -195,12 +194,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"fbserve eval: error: {e}", file=sys.stderr)
         return 2
     table = markdown_table([result])
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table + "\n")
+    write_outputs(result, table, args.json, args.markdown)
     if args.plot:
         plot_results([result], args.plot)
     print(table)

@@ -11,6 +11,14 @@ PRIMARY_TEXT = "wikitext2"
 _SHORT = {"piqa": "PIQA", "arc_easy": "ARC-e", "arc_challenge": "ARC-c", "winogrande": "Wino", "boolq": "BoolQ"}
 
 
+def write_outputs(result: dict, table: str, json_path: str | None, markdown_path: str | None) -> None:
+    """Write an evaluation's result as JSON and its table as markdown where asked (parent folders made)."""
+    for path, text in ((json_path, json.dumps(result, indent=2)), (markdown_path, table)):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text(text + "\n")
+
+
 def load_results(paths: list[str | Path]) -> list[dict]:
     """Result dicts from JSON files (a folder stands for every *.json in it)."""
     files: list[Path] = []

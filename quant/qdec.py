@@ -19,7 +19,6 @@ Activation statistics come from the quantized model itself on calibration text (
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import os
 import tempfile
@@ -31,6 +30,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from cuda_ext.qdec_reference import CODE_MAX, pack_rows
+from quant.checkpoint import sha256_file
 
 log = logging.getLogger("fbserve.qdec")
 RESIDUALS = "residuals.safetensors"
@@ -200,14 +200,6 @@ def extract_residuals(checkpoint: Path, source: str | None = None, calib: str | 
     return checkpoint / RESIDUALS
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_residuals(checkpoint: Path, tensors: dict[str, torch.Tensor], layers: dict[str, ResidualLayer],
                     source: str, calibration: dict, checkpoint_sha256: str) -> None:
     """Write the tensor file, then the manifest with its checksum (each through a temporary + rename)."""
@@ -216,7 +208,7 @@ def write_residuals(checkpoint: Path, tensors: dict[str, torch.Tensor], layers: 
     os.close(fd)
     try:
         save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
-        digest = _sha256(Path(tmp))
+        digest = sha256_file(Path(tmp))
         os.chmod(tmp, 0o644)  # mkstemp makes it 0600
         os.replace(tmp, checkpoint / RESIDUALS)
     finally:
@@ -247,7 +239,7 @@ def load_residuals(checkpoint: Path, shapes: dict[str, tuple[int, int]]) -> dict
         m = ResidualManifest.model_validate_json(mpath.read_text())
     except (ValidationError, ValueError) as e:
         raise ResidualError(f"{mpath}: invalid manifest: {e}") from e
-    actual = _sha256(tpath)
+    actual = sha256_file(tpath)
     if m.files.get(RESIDUALS) != actual:
         raise ResidualError(f"{tpath}: sha256 {actual[:16]}... does not match {RESIDUAL_MANIFEST}: damaged or changed")
     try:

@@ -9,11 +9,9 @@ cache). k_chunk 0 is the quantized model alone. The unquantized reference gives 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 import time
-from pathlib import Path
 
 log = logging.getLogger("fbserve.eval")
 
@@ -116,11 +114,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"fbserve eval: error: {e}", file=sys.stderr)
         return 2
     table = markdown(result)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
-    if args.markdown:
-        Path(args.markdown).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.markdown).write_text(table + "\n")
+    from quant.eval_report import write_outputs
+
+    write_outputs(result, table, args.json, args.markdown)
     print(table)
     return 0
