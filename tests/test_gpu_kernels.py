@@ -17,26 +17,18 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-DRY = not CUDA and os.environ.get("FBSERVE_GPU_DRYRUN", "0") == "1"
-if not CUDA:  # before anything imports triton (see cuda_ext/README.md)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
+from tests.gpu_support import CUDA, DEV, GPU_MARKS, cuda_only_mark  # first: it sets TRITON_INTERPRET without CUDA
 from cuda_ext import branch_down, branch_down_ref, interpreting, pack, quant_matmul, quant_matmul_ref  # noqa: E402
 from cuda_ext.configs import GemmConfig, gemm_config  # noqa: E402
 from cuda_ext.launch import gemm_grid, target_for  # noqa: E402
 from cuda_ext.testing import random_codes, random_layer, rel_err  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not (CUDA or DRY), reason="needs a CUDA GPU (torch.cuda.is_available() is False); run on a lent GPU by "
-    "`bash bench/gpu_session.sh`, or FBSERVE_GPU_DRYRUN=1 for a CPU-interpreter subset")]
-cuda_only = pytest.mark.skipif(not CUDA, reason="CUDA only (not part of the CPU dry run)")
+pytestmark = GPU_MARKS
+cuda_only = cuda_only_mark("not part of the CPU dry run")
 
-DEV = "cuda" if CUDA else "cpu"
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 MAXB = {torch.float16: 2e-2, torch.bfloat16: 6e-2}
 DTYPES = [torch.float16, torch.bfloat16]

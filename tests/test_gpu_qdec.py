@@ -10,23 +10,15 @@ from __future__ import annotations
 import json
 import os
 
+import pytest
 import torch
 
-CUDA = torch.cuda.is_available()
-DRY = not CUDA and os.environ.get("FBSERVE_GPU_DRYRUN", "0") == "1"
-if not CUDA:  # before anything imports triton (see cuda_ext/README.md)
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import pytest  # noqa: E402
-
+from tests.gpu_support import CUDA, DEV, GPU_MARKS, cuda_only_mark  # first: it sets TRITON_INTERPRET without CUDA
 from cuda_ext.qdec_kernel import qdec_correction  # noqa: E402
 from cuda_ext.qdec_reference import exact_topk, pack_rows, qdec_correction_ref  # noqa: E402
 
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(
-    not (CUDA or DRY), reason="needs a CUDA GPU (torch.cuda.is_available() is False); run on a lent GPU by "
-    "`bash bench/gpu_session.sh`, or FBSERVE_GPU_DRYRUN=1 for a CPU-interpreter subset")]
-cuda_only = pytest.mark.skipif(not CUDA, reason="CUDA only (pinned host memory, streams)")
-DEV = "cuda" if CUDA else "cpu"
+pytestmark = GPU_MARKS
+cuda_only = cuda_only_mark("pinned host memory, streams")
 
 
 def pick(gpu, dry):
