@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cuda_ext import cpu_matmul, prepare_cpu, quant_matmul  # noqa: E402
 from cuda_ext.roofline import MODELS, ideal_parts  # noqa: E402
-from cuda_ext.testing import random_layer, random_packed  # noqa: E402
+from cuda_ext.testing import cuda_median_ms, random_layer, random_packed  # noqa: E402
 
 LAYERS = 32
 GROUP = 128
@@ -58,18 +58,9 @@ def graph_ms(step: Callable[[], None], reps: int) -> float:
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         step()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        g.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
+    ms = cuda_median_ms(g.replay, reps, warm=1)
     del g
-    return sorted(times)[len(times) // 2]
+    return ms
 
 
 def fp16_stack(shapes: list[tuple[int, int]]) -> list[Callable]:

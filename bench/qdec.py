@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 
 import torch
@@ -29,18 +28,10 @@ SHAPES = {  # per decoder layer: (name, N out, K in); 32 layers
 
 
 def cuda_time(fn, reps: int = 50, warm: int = 10) -> float:
-    for _ in range(warm):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    """Median seconds of fn() (CUDA events)."""
+    from cuda_ext.testing import cuda_median_ms
+
+    return cuda_median_ms(fn, reps, warm) / 1e3
 
 
 def gather_table(n: int = 4096, k_in: int = 11008) -> list[dict]:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from typing import Callable
 
 import torch
 
@@ -17,23 +16,7 @@ from . import configs
 from .configs import BranchConfig, GemmConfig
 from .launch import quant_matmul, target_for
 from .roofline import MODELS
-from .testing import random_layer
-
-
-def _time_ms(fn: Callable[[], object], reps: int = 30) -> float:
-    """Median milliseconds of fn() over reps CUDA-event-timed calls (after 3 warm-ups)."""
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+from .testing import cuda_median_ms, random_layer
 
 
 def gemm_candidates(decode: bool) -> list[GemmConfig]:
@@ -51,7 +34,7 @@ def tune_gemm(shapes: list[tuple[int, int]], m: int, bits: int, group: int = 128
     best: tuple[GemmConfig, float] | None = None
     for cfg in gemm_candidates(m <= configs.DECODE_M_MAX):
         try:
-            ms = sum(_time_ms(lambda p=p, x=x: quant_matmul(x, p, config=cfg)) for p, x in zip(layers, xs))
+            ms = sum(cuda_median_ms(lambda p=p, x=x: quant_matmul(x, p, config=cfg)) for p, x in zip(layers, xs))
         except Exception as e:  # noqa: BLE001 - a config that fails to compile/launch is skipped, loudly
             print(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
             continue
@@ -75,7 +58,7 @@ def tune_branch(shapes: list[tuple[int, int]], m: int, rank: int = 64) -> tuple[
         for bm, bk, w, sp in itertools.product([16] if m <= 16 else [32, 64], [64, 128, 256], [4, 8], [16, 64, 128]):
             cfg = BranchConfig(bm, bk, w, 1, sp)
             table["branch_down"] = [configs.as_rule(cfg)]
-            ms = sum(_time_ms(lambda a=a, x=x: branch_down(x, a)) for a, x in zip(a_s, xs))
+            ms = sum(cuda_median_ms(lambda a=a, x=x: branch_down(x, a)) for a, x in zip(a_s, xs))
             if best is None or ms < best[1]:
                 best = (cfg, ms)
     finally:

@@ -1,6 +1,9 @@
 """Random quantized layers and error metrics shared by tests and benchmarks (never zeros)."""
 from __future__ import annotations
 
+import statistics
+from collections.abc import Callable
+
 import torch
 
 from .packing import PackedWeight, layout_dims, pack
@@ -21,8 +24,9 @@ def random_codes(n: int, k: int, bits: int, group_size: int, seed: int = 0,
 def random_layer(n: int, k: int, bits: int, group_size: int, rank: int = 0, seed: int = 0,
                  device: str | torch.device = "cpu"
                  ) -> tuple[PackedWeight, torch.Tensor | None, torch.Tensor | None]:
-    """(packed weight, A fp16 (r, K) or None, B fp16 (N, r) or None) of a random layer."""
-    packed = pack(*random_codes(n, k, bits, group_size, seed), bits, group_size).to(device)
+    """(packed weight, A fp16 (r, K) or None, B fp16 (N, r) or None) of a random layer, packed on `device`
+    (the same words on every device; packing a Llama-sized layer on the CPU takes seconds)."""
+    packed = pack(*random_codes(n, k, bits, group_size, seed, device=device), bits, group_size)
     if not rank:
         return packed, None, None
     g = torch.Generator().manual_seed(seed + 1)
@@ -46,3 +50,19 @@ def random_packed(n: int, k: int, bits: int, group_size: int, device: str | torc
     scales = (torch.rand(groups, d["n_pad"], device=device) * 0.016 + 0.004).half()
     zeros = torch.randint(0, 1 << bits, (groups, d["n_pad"]), device=device).half()
     return PackedWeight(qweight, scales, zeros, bits, group_size, k, n)
+
+
+def cuda_median_ms(fn: Callable[[], object], reps: int = 30, warm: int = 3) -> float:
+    """Median milliseconds of fn() over `reps` calls timed with CUDA events, after `warm` untimed calls."""
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)

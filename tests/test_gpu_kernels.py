@@ -59,15 +59,9 @@ def record(check: str, **fields) -> None:
 
 
 def layer(n: int, k: int, bits: int, group: int, rank: int = 0, seed: int = 0):
-    """cuda_ext.testing.random_layer's layer, packed on DEV (packing a 4096x11008 layer on the CPU takes
-    seconds; test_pack_on_gpu_matches_cpu checks that both pack the same words)."""
-    packed = pack(*random_codes(n, k, bits, group, seed, device=DEV), bits, group)
-    if not rank:
-        return packed, None, None
-    g = torch.Generator().manual_seed(seed + 1)
-    a = (torch.randn(rank, k, generator=g) * 0.05).half().to(DEV)
-    b = (torch.randn(n, rank, generator=g) * 0.05).half().to(DEV)
-    return packed, a, b
+    """cuda_ext.testing.random_layer's layer, packed on DEV (test_pack_on_gpu_matches_cpu checks that the
+    GPU packs the same words as the CPU)."""
+    return random_layer(n, k, bits, group, rank=rank, seed=seed, device=DEV)
 
 
 def poison(nbytes: int) -> None:
