@@ -153,11 +153,15 @@ LONG = {"model": "default", "prompt": "Once upon a time", "max_tokens": CONTEXT 
 def test_disconnect_mid_stream_cancels(base_url):
     cancelled = metric(base_url, "fbserve_requests_cancelled_total")
     with httpx.stream("POST", f"{base_url}/v1/completions", json={**LONG, "stream": True}, timeout=60) as r:
-        for line in r.iter_lines():
+        # Keep the line iterator referenced: a dropped one is closed at once, and closing it closes the
+        # connection, i.e. disconnects before the checks below (this raced and failed once).
+        lines = r.iter_lines()
+        for line in lines:
             if line.startswith("data: {"):
                 break
         assert metric(base_url, "fbserve_requests_running") == 1
         generated = metric(base_url, "fbserve_generation_tokens_total")
+        lines.close()
     _wait_idle(base_url, 3)  # the whole completion would take far longer
     assert metric(base_url, "fbserve_requests_cancelled_total") == cancelled + 1
     assert metric(base_url, "fbserve_generation_tokens_total") - generated < LONG["max_tokens"] / 2
