@@ -15,12 +15,19 @@ evaluation, no cache) takes the ordinary module path. What it changes, all witho
     contiguous; the module's weight is the transposed view): torch's CPU GEMV for x @ W^T is ~2x
     faster on that layout (measured for the [576 x 49152] lm_head, 1 thread: see bench/RESULTS.md).
     Values are bit-identical; only the summation order inside the matmul changes.
+  * the lm_head GEMV (the largest single read of a small model's step) runs through fbgemm's fp16
+    linear (`torch.ops.quantized.linear_dynamic_fp16`: weights rounded once to fp16, fp32 activations,
+    fp32 math and fp32 logits): 1.9 vs 5-9 ms for SmolLM2's [576 x 49152] head, logits within 0.024
+    of the fp32 head on real text (KL 1e-6; bench/RESULTS.md). +2 bytes per lm_head weight of memory
+    (the fp32 weight stays: the tied embedding and prefill read it). Where this torch has no fbgemm
+    (ARM) or a weight overflows fp16, the head stays fp32 and the log and /health say so.
   * RoPE cos/sin, the attention mask and the cache rows are computed once per step, not per layer;
     the KV write is a plain slice copy; q and k are rotated together; activations stay fp32 between
     the int4 matmuls exactly as on the module path (QuantLinear rounds x to bf16 inside, same here).
 
 Numerics: the same operations as the module path (cpu_int4 QuantLinear, fp32 RMSNorm / RoPE /
-softmax), so logits agree to fp32 rounding (tests/test_cpu_decode.py). The step declines (returns
+softmax), so hidden states agree to fp32 rounding, and the logits to that plus the fp16 rounding of
+the lm_head weights (tests/test_cpu_decode.py). The step declines (returns
 None, the module path runs) when a QuantLinear carries forward hooks (QDEC residuals), when a layer
 was re-prepared after install (.to(), load_state_dict), or for T > 1.
 
@@ -40,6 +47,25 @@ from engine.quant_linear import QuantLinear
 
 log = logging.getLogger("fbserve.engine")
 ENV = "FBSERVE_CPU_DECODE"
+
+
+FP16_MAX = 65504.0
+
+
+def fp16_lm_head(lm_head: nn.Linear) -> tuple[object | None, str]:
+    """fbgemm's prepacked fp16 copy of the lm_head for `torch.ops.quantized.linear_dynamic_fp16`, and
+    the path's name; (None, "fp32: <why>") where fbgemm is missing or a weight does not fit fp16."""
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        return None, "fp32: this torch build has no fbgemm (fp16 GEMV needs x86)"
+    w = lm_head.weight.detach()
+    if not bool(w.abs().max() < FP16_MAX):
+        return None, "fp32: lm_head weights overflow fp16"
+    bias = None if lm_head.bias is None else lm_head.bias.detach().float()
+    try:
+        packed = torch.ops.quantized.linear_prepack_fp16(w.float().contiguous(), bias)
+    except (RuntimeError, AttributeError) as exc:  # an op missing from this build
+        return None, f"fp32: fbgemm fp16 prepack failed ({exc})"
+    return packed, "fbgemm-fp16"
 
 
 def _column_major(lin: nn.Linear) -> None:
@@ -182,7 +208,7 @@ class CpuDecoder:
     """model.decode_fn: (tokens (B, 1), positions (B, 1), slots (B,), last_only) -> fp32 logits (B, 1, V),
     or None to let the module path run."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, lm_head_fp16: bool = True) -> None:
         cfg = model.config
         self.model = model
         self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -195,6 +221,11 @@ class CpuDecoder:
         _column_major(model.lm_head)  # tied: the embedding's weight becomes the same column-major view
         self.lm_head = model.lm_head
         self.lm_wt = model.lm_head.weight.t()  # (C, V) contiguous
+        self.lm_fp16, self.lm_head_path = fp16_lm_head(model.lm_head) if lm_head_fp16 else (None, "fp32: asked")
+
+    def status(self) -> dict[str, object]:
+        """What /health shows: the fast step is installed, its lm_head path, and why it last declined."""
+        return {"enabled": True, "lm_head": self.lm_head_path, "declined": self.declined}
 
     def _invalidate(self) -> None:
         self.stale = True
@@ -253,11 +284,12 @@ class CpuDecoder:
             gu = lay.gate_up(_rms(x, lay.ln2))
             x = x + lay.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
         x = _rms(x, model.model.norm)
-        w = self.lm_head.weight
-        logits = x.to(w.dtype) @ self.lm_wt
+        if self.lm_fp16 is not None:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.lm_fp16)[:, None, :]  # bias inside
+        logits = x @ self.lm_wt
         if self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias
-        return logits.float()[:, None, :]
+        return logits[:, None, :]
 
 
 def _own_parameters(model: nn.Module) -> None:
@@ -288,25 +320,30 @@ def _return_freed_memory() -> None:
         pass
 
 
-def install(model: nn.Module) -> CpuDecoder | None:
-    """Prepare a CPU Transformer for fast decode steps and set model.decode_fn; None when not applicable
-    (not on CPU, not fp32/bf16 activations, FBSERVE_CPU_DECODE=0)."""
+def unavailable_reason(model: nn.Module) -> str | None:
+    """Why the fast step cannot serve this model, or None when it can."""
     if os.environ.get(ENV, "1") in ("0", "", "off"):
-        log.info("CPU decode fast path disabled (%s=0)", ENV)
-        return None
+        return f"disabled ({ENV}=0)"
     if model.lm_head.weight.device.type != "cpu":
-        return None
+        return "the model is not on the CPU"
     if model.lm_head.weight.dtype != torch.float32:
-        log.info("CPU decode fast path skipped: it runs fp32 activations, the model is %s", model.lm_head.weight.dtype)
+        return f"it runs fp32 activations, the model is {model.lm_head.weight.dtype}"
+    if any(m.path != "cpu_int4" for m in model.modules() if isinstance(m, QuantLinear)):
+        return "QuantLinear layers not on the cpu_int4 path"
+    return None
+
+
+def install(model: nn.Module, lm_head_fp16: bool = True) -> CpuDecoder | None:
+    """Prepare a CPU Transformer for fast decode steps and set model.decode_fn; None (logged) when
+    `unavailable_reason` names a reason. `lm_head_fp16=False` keeps the fp32 head."""
+    reason = unavailable_reason(model)
+    if reason is not None:
+        log.info("CPU decode fast path off: %s", reason)
         return None
-    qls = [m for m in model.modules() if isinstance(m, QuantLinear)]
-    if any(m.path != "cpu_int4" for m in qls):
-        log.info("CPU decode fast path skipped: QuantLinear layers not on the cpu_int4 path")
-        return None
-    dec = CpuDecoder(model)
+    dec = CpuDecoder(model, lm_head_fp16)
     model.decode_fn = dec
     _own_parameters(model)
     _return_freed_memory()
-    log.info("CPU decode fast path on: %d layers, q/k/v and gate/up fused, %d QuantLinear",
-             len(dec.layers), len(qls))
+    log.info("CPU decode fast path on: %d layers, q/k/v and gate/up fused, %d QuantLinear, lm_head %s",
+             len(dec.layers), len(dec.quant_modules), dec.lm_head_path)
     return dec

@@ -57,10 +57,11 @@ class Engine:
         self.max_batch = max_batch
         self.device = self.model.lm_head.weight.device
         self.model.setup_cache(max_batch, self.max_seq_len)
+        self.cpu_decoder = None
         if self.device.type == "cpu":  # the decode step's fast path (FBSERVE_CPU_DECODE=0 turns it off)
             from engine.cpu_decode import install
 
-            install(self.model)
+            self.cpu_decoder = install(self.model)
         eos = set(config.eos_ids())
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -140,6 +141,14 @@ class Engine:
             "kv_cache_used_ratio": used / (self.max_batch * self.max_seq_len),
             **qdec.stats(self.model),
         }
+
+    def cpu_decode_status(self) -> dict[str, object]:
+        """/health's view of the CPU decode fast path (engine.cpu_decode): on or off, and its lm_head path."""
+        if self.cpu_decoder is not None:
+            return self.cpu_decoder.status()
+        from engine.cpu_decode import unavailable_reason
+
+        return {"enabled": False, "reason": unavailable_reason(self.model) or "not installed"}
 
     def weight_bytes(self) -> dict[str, int]:
         """Model weight bytes by kind: `packed` low-bit weights, `scales` (+zeros), `branch` factors, `fp` rest."""

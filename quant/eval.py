@@ -12,7 +12,6 @@ stays at two (ctx, vocab) logits tensors whatever the number of windows.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-REPO_DIR = Path(__file__).resolve().parents[1]
+from quant.calibration import data_dir
+
 WIKITEXT2_TEST = "wikitext-2-raw/wiki.test.raw"
 # Bits per weight recorded for an unquantized model. Papers plot the FP16 baseline at 16; fbserve serves
 # the embedded default in fp32 on CPU (dequantized from its Q4_1 GGUF), but we keep the papers' axis so
@@ -33,12 +33,6 @@ Model = Callable[[Tensor], Tensor]  # tokens (B, T) int64 -> logits (B, T, V) fp
 
 class DataMissingError(FileNotFoundError):
     """An evaluation data file is not where `data_dir()` points."""
-
-
-def data_dir() -> Path:
-    """The evaluation data folder: `$FBSERVE_DATA`, default `../shared/data` beside the repository."""
-    env = os.environ.get("FBSERVE_DATA")
-    return Path(env).expanduser() if env else REPO_DIR.parent / "shared" / "data"
 
 
 def require_data(*relpaths: str) -> list[Path]:

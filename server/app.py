@@ -127,6 +127,8 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
             "kernel_paths": kernel_paths(state.device),
             "qdec": qdec.health(engine_.model) if hasattr(engine_, "model") else {"enabled": False,
                                                                                   "reason": "not configured"},
+            "cpu_decode": (engine_.cpu_decode_status() if hasattr(engine_, "cpu_decode_status")
+                           else {"enabled": False, "reason": "not this engine"}),
         })
 
     @app.get("/v1/models", response_model=ModelList)

@@ -12,6 +12,7 @@ import time
 import httpx
 import openai
 import pytest
+import torch
 from openai import OpenAI
 
 from tests.server_process import running_server
@@ -42,6 +43,10 @@ def test_health_and_models(base_url, client):
     health = httpx.get(f"{base_url}/health").json()
     assert health["status"] == "ok" and health["device"] == "cpu" and health["max_seq_len"] == CONTEXT
     assert health["kernel_paths"]
+    fast = health["cpu_decode"]  # engine.cpu_decode on, and which lm_head it runs
+    assert fast["enabled"], fast
+    x86 = "fbgemm" in torch.backends.quantized.supported_engines
+    assert fast["lm_head"] == "fbgemm-fp16" if x86 else fast["lm_head"].startswith("fp32"), fast
     assert [m.id for m in client.models.list().data] == [health["model"]]
 
 
