@@ -48,7 +48,43 @@ class StreamOptions(OpenAIModel):
     include_usage: bool = False
 
 
-class SamplingFields(OpenAIModel):
+def invalid_text_location(value: Any, where: str = "") -> str | None:
+    """Where the first string of a parsed JSON value is not valid Unicode text (a lone UTF-16 surrogate,
+    which JSON's `\\udc80` escapes allow and no tokenizer accepts), or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return where or "body"
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            found = invalid_text_location(key, where) or invalid_text_location(item, f"{where}.{key}".lstrip("."))
+            if found:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = invalid_text_location(item, f"{where}.{i}".lstrip("."))
+            if found:
+                return found
+    return None
+
+
+INT64 = 2**63
+
+
+class RequestModel(OpenAIModel):
+    """A request body: every string in it must be valid Unicode text (checked before the fields)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        where = invalid_text_location(data)
+        if where:
+            raise ValueError(f"{where}: not valid Unicode text (a lone surrogate escape such as \\udcff); send UTF-8")
+        return data
+
+
+class SamplingFields(RequestModel):
     """The request fields both endpoints share (sampling, streaming, n, stop), and their checks."""
 
     model: str | None = None
@@ -56,7 +92,7 @@ class SamplingFields(OpenAIModel):
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)  # a 64-bit seed, as torch.Generator takes
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -343,7 +379,7 @@ class ModelList(OpenAIModel):
 
 # ---------------------------------------------------------------- /tokenize, /detokenize (vLLM's shape)
 
-class TokenizeRequest(OpenAIModel):
+class TokenizeRequest(RequestModel):
     """Either `prompt` (text) or `messages` (rendered with the chat template), not both."""
 
     model: str | None = None
@@ -365,7 +401,7 @@ class TokenizeResponse(OpenAIModel):
     max_model_len: int
 
 
-class DetokenizeRequest(OpenAIModel):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 

@@ -184,9 +184,29 @@ def test_error_mid_stream_is_in_band(client):
     ("/v1/chat/completions", {**CHAT, "max_completion_tokens": 100}, "max_completion_tokens"),
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, None),
     ("/v1/chat/completions", {**CHAT, "stream": True, "max_tokens": 0}, "max_tokens"),
+    ("/v1/completions", {**COMPLETION, "seed": 2**70}, "seed"),  # beyond torch.Generator's 64 bits
 ])
 def test_invalid_requests(client, path, payload, param):
     assert_error(client.post(path, json=payload), 400, param)
+
+
+@pytest.mark.parametrize("path, body, where", [  # JSON allows lone surrogate escapes; no tokenizer takes them
+    ("/v1/completions", '{"prompt": "caf\\udcff"}', "prompt"),
+    ("/v1/completions", '{"prompt": "hi", "stop": ["ok", "\\ud800"]}', "stop.1"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": "\\udcff"}]}', "messages.0.content"),
+    ("/v1/chat/completions", '{"messages": [{"role": "user", "content": [{"type": "text", "text": "\\udfff"}]}]}',
+     "messages.0.content.0.text"),
+    ("/tokenize", '{"prompt": "\\udcff"}', "prompt"),
+])
+def test_lone_surrogates_get_a_400_naming_the_field(client, path, body, where):
+    r = client.post(path, content=body.encode(), headers={"content-type": "application/json"})
+    assert assert_error(r, 400)["message"].startswith(f"{where}: not valid Unicode text")
+    assert client.get("/health").status_code == 200
+
+
+def test_seed_takes_the_whole_signed_64_bit_range(client):
+    for seed in (-(2**63), 2**63 - 1):
+        assert client.post("/v1/completions", json={**COMPLETION, "seed": seed}).status_code == 200
 
 
 def test_malformed_json_and_wrong_body(client):
