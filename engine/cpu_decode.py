@@ -15,19 +15,21 @@ evaluation, no cache) takes the ordinary module path. What it changes, all witho
     contiguous; the module's weight is the transposed view): torch's CPU GEMV for x @ W^T is ~2x
     faster on that layout (measured for the [576 x 49152] lm_head, 1 thread: see bench/RESULTS.md).
     Values are bit-identical; only the summation order inside the matmul changes.
-  * the lm_head GEMV (the largest single read of a small model's step) runs through fbgemm's fp16
-    linear (`torch.ops.quantized.linear_dynamic_fp16`: weights rounded once to fp16, fp32 activations,
-    fp32 math and fp32 logits): 1.9 vs 5-9 ms for SmolLM2's [576 x 49152] head, logits within 0.024
-    of the fp32 head on real text (KL 1e-6; bench/RESULTS.md). +2 bytes per lm_head weight of memory
-    (the fp32 weight stays: the tied embedding and prefill read it). Where this torch has no fbgemm
-    (ARM) or a weight overflows fp16, the head stays fp32 and the log and /health say so.
+  * the lm_head GEMV (the largest single read of a small model's step), and every unquantized
+    projection of an fp32 model, run through fbgemm's fp16 linear
+    (`torch.ops.quantized.linear_dynamic_fp16`: weights rounded once to fp16, fp32 activations, fp32
+    math and fp32 outputs): 1.9 vs 5-9 ms for SmolLM2's [576 x 49152] head, logits within 0.024 of the
+    fp32 head on real text (KL 1e-6); the fp32 model's step 1.7x faster (bench/RESULTS.md). +2 bytes
+    per such weight of memory (the fp32 weights stay: the tied embedding, prefill and evaluation read
+    them). Where this torch has no fbgemm (ARM) or a weight overflows fp16, they stay fp32 and the
+    log and /health say so.
   * RoPE cos/sin, the attention mask and the cache rows are computed once per step, not per layer;
     the KV write is a plain slice copy; q and k are rotated together; activations stay fp32 between
     the int4 matmuls exactly as on the module path (QuantLinear rounds x to bf16 inside, same here).
 
 Numerics: the same operations as the module path (cpu_int4 QuantLinear, fp32 RMSNorm / RoPE /
-softmax), so hidden states agree to fp32 rounding, and the logits to that plus the fp16 rounding of
-the lm_head weights (tests/test_cpu_decode.py). The step declines (returns
+softmax), so the step equals the module path of the same model with its lm_head (and unquantized
+projections) rounded to fp16, to fp32 rounding (tests/test_cpu_decode.py). The step declines (returns
 None, the module path runs) when a QuantLinear carries forward hooks (QDEC residuals), when a layer
 was re-prepared after install (.to(), load_state_dict), or for T > 1.
 
@@ -52,17 +54,18 @@ ENV = "FBSERVE_CPU_DECODE"
 FP16_MAX = 65504.0
 
 
-def fp16_lm_head(lm_head: nn.Linear) -> tuple[object | None, str]:
-    """fbgemm's prepacked fp16 copy of the lm_head for `torch.ops.quantized.linear_dynamic_fp16`, and
-    the path's name; (None, "fp32: <why>") where fbgemm is missing or a weight does not fit fp16."""
+def fp16_pack(weight: Tensor, bias: Tensor | None) -> tuple[object | None, str]:
+    """fbgemm's prepacked fp16 copy of a linear's (N, K) weight (and fp32 bias) for
+    `torch.ops.quantized.linear_dynamic_fp16` (fp32 x, fp32 math, fp32 y), and the path's name;
+    (None, "fp32: <why>") where fbgemm is missing or a weight does not fit fp16."""
     if "fbgemm" not in torch.backends.quantized.supported_engines:
         return None, "fp32: this torch build has no fbgemm (fp16 GEMV needs x86)"
-    w = lm_head.weight.detach()
+    w = weight.detach()
     if not bool(w.abs().max() < FP16_MAX):
-        return None, "fp32: lm_head weights overflow fp16"
-    bias = None if lm_head.bias is None else lm_head.bias.detach().float()
+        return None, "fp32: weights overflow fp16"
     try:
-        packed = torch.ops.quantized.linear_prepack_fp16(w.float().contiguous(), bias)
+        packed = torch.ops.quantized.linear_prepack_fp16(
+            w.float().contiguous(), None if bias is None else bias.detach().float())
     except (RuntimeError, AttributeError) as exc:  # an op missing from this build
         return None, f"fp32: fbgemm fp16 prepack failed ({exc})"
     return packed, "fbgemm-fp16"
@@ -81,15 +84,17 @@ class _Proj:
     Part i is columns offsets[i] : offsets[i] + widths[i] of the result.
     """
 
-    def __init__(self, mods: list[nn.Module], on_stale=None) -> None:
+    def __init__(self, mods: list[nn.Module], on_stale=None, fp16: bool = False) -> None:
         self.mods = mods
         self.widths = [m.out_features for m in mods]
         self.quant = all(isinstance(m, QuantLinear) for m in mods)
         self.on_stale = on_stale
+        self.packed16, self.path = None, "cpu_int4"
         if self.quant:
             self._init_quant(mods)
         else:
             self._init_linear(mods)
+            self.packed16, self.path = fp16_pack(self.wt.t(), self.bias) if fp16 else (None, "fp32: asked")
 
     def _init_quant(self, mods: list[QuantLinear]) -> None:
         fused, views = fuse_cpu([m._cpu for m in mods])  # the layers' own conversions, concatenated
@@ -147,6 +152,8 @@ class _Proj:
         assert k == wt.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
+        if self.packed16 is not None:
+            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed16)  # bias inside
         if not self.quant:
             xk = x.to(self.dtype)
             y = torch.addmm(self.bias, xk, self.wt) if self.bias is not None else xk @ self.wt
@@ -176,7 +183,7 @@ class _Each:
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
 
-def _proj(mods: list[nn.Module], on_stale=None) -> _Proj | _Each:
+def _proj(mods: list[nn.Module], on_stale=None, fp16: bool = False) -> _Proj | _Each:
     if all(isinstance(m, QuantLinear) for m in mods):
         ws = [m._cpu for m in mods]
         if (len({(w.in_features, w.group_size, w.k_cpu) for w in ws}) == 1
@@ -184,19 +191,22 @@ def _proj(mods: list[nn.Module], on_stale=None) -> _Proj | _Each:
             return _Proj(mods, on_stale)
         return _Each(mods)
     if all(type(m) is nn.Linear for m in mods):
-        return _Proj(mods)
+        return _Proj(mods, fp16=fp16)
     return _Each(mods)
 
 
 class _Layer:
-    def __init__(self, layer: nn.Module, on_stale) -> None:
+    def __init__(self, layer: nn.Module, on_stale, fp16: bool) -> None:
         att, mlp = layer.self_attn, layer.mlp
         self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv = _proj([att.q_proj, att.k_proj, att.v_proj], on_stale)
-        self.o = _proj([att.o_proj], on_stale)
-        self.gate_up = _proj([mlp.gate_proj, mlp.up_proj], on_stale)
-        self.down = _proj([mlp.down_proj], on_stale)
+        self.qkv = _proj([att.q_proj, att.k_proj, att.v_proj], on_stale, fp16)
+        self.o = _proj([att.o_proj], on_stale, fp16)
+        self.gate_up = _proj([mlp.gate_proj, mlp.up_proj], on_stale, fp16)
+        self.down = _proj([mlp.down_proj], on_stale, fp16)
         self.attn = att
+
+    def dense_paths(self) -> set[str]:
+        return {p.path for p in (self.qkv, self.o, self.gate_up, self.down) if isinstance(p, _Proj) and not p.quant}
 
 
 def _rms(x: Tensor, norm: nn.Module) -> Tensor:
@@ -208,7 +218,7 @@ class CpuDecoder:
     """model.decode_fn: (tokens (B, 1), positions (B, 1), slots (B,), last_only) -> fp32 logits (B, 1, V),
     or None to let the module path run."""
 
-    def __init__(self, model: nn.Module, lm_head_fp16: bool = True) -> None:
+    def __init__(self, model: nn.Module, fp16_weights: bool = True) -> None:
         cfg = model.config
         self.model = model
         self.h, self.hkv, self.d = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
@@ -216,16 +226,21 @@ class CpuDecoder:
         self.inter = cfg.intermediate_size
         self.stale = False
         self.declined: str | None = None
-        self.layers = [_Layer(layer, self._invalidate) for layer in model.model.layers]
+        self.layers = [_Layer(layer, self._invalidate, fp16_weights) for layer in model.model.layers]
         self.quant_modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
         _column_major(model.lm_head)  # tied: the embedding's weight becomes the same column-major view
         self.lm_head = model.lm_head
         self.lm_wt = model.lm_head.weight.t()  # (C, V) contiguous
-        self.lm_fp16, self.lm_head_path = fp16_lm_head(model.lm_head) if lm_head_fp16 else (None, "fp32: asked")
+        self.lm_fp16, self.lm_head_path = (fp16_pack(model.lm_head.weight, model.lm_head.bias) if fp16_weights
+                                           else (None, "fp32: asked"))
+        dense = set().union(*(lay.dense_paths() for lay in self.layers))
+        self.dense_path = " / ".join(sorted(dense)) if dense else None  # unquantized projections, if any
 
     def status(self) -> dict[str, object]:
-        """What /health shows: the fast step is installed, its lm_head path, and why it last declined."""
-        return {"enabled": True, "lm_head": self.lm_head_path, "declined": self.declined}
+        """What /health shows: the fast step is installed, the paths of its lm_head and of unquantized
+        projections (None when all are QuantLinear), and why it last declined a step."""
+        return {"enabled": True, "lm_head": self.lm_head_path, "dense_linears": self.dense_path,
+                "declined": self.declined}
 
     def _invalidate(self) -> None:
         self.stale = True
@@ -333,17 +348,19 @@ def unavailable_reason(model: nn.Module) -> str | None:
     return None
 
 
-def install(model: nn.Module, lm_head_fp16: bool = True) -> CpuDecoder | None:
+def install(model: nn.Module, fp16_weights: bool = True) -> CpuDecoder | None:
     """Prepare a CPU Transformer for fast decode steps and set model.decode_fn; None (logged) when
-    `unavailable_reason` names a reason. `lm_head_fp16=False` keeps the fp32 head."""
+    `unavailable_reason` names a reason. `fp16_weights=False` keeps the lm_head and unquantized
+    projections on fp32 GEMVs (the tests' exact comparisons)."""
     reason = unavailable_reason(model)
     if reason is not None:
         log.info("CPU decode fast path off: %s", reason)
         return None
-    dec = CpuDecoder(model, lm_head_fp16)
+    dec = CpuDecoder(model, fp16_weights)
     model.decode_fn = dec
     _own_parameters(model)
     _return_freed_memory()
-    log.info("CPU decode fast path on: %d layers, q/k/v and gate/up fused, %d QuantLinear, lm_head %s",
-             len(dec.layers), len(dec.quant_modules), dec.lm_head_path)
+    log.info("CPU decode fast path on: %d layers, q/k/v and gate/up fused, %d QuantLinear, lm_head %s%s",
+             len(dec.layers), len(dec.quant_modules), dec.lm_head_path,
+             f", unquantized projections {dec.dense_path}" if dec.dense_path else "")
     return dec
