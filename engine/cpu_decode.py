@@ -96,6 +96,12 @@ class _Proj:
             self._init_linear(mods)
             self.packed16, self.path = fp16_pack(self.wt.t(), self.bias) if fp16 else (None, "fp32: asked")
 
+    def fp16_bytes(self) -> int:
+        """Bytes of the fbgemm fp16 copy (weights + fp32 bias), 0 without one."""
+        if self.packed16 is None:
+            return 0
+        return self.wt.numel() * 2 + (0 if self.bias is None else self.bias.numel() * 4)
+
     def _init_quant(self, mods: list[QuantLinear]) -> None:
         fused, views = fuse_cpu([m._cpu for m in mods])  # the layers' own conversions, concatenated
         self.w = fused
@@ -205,8 +211,11 @@ class _Layer:
         self.down = _proj([mlp.down_proj], on_stale, fp16)
         self.attn = att
 
+    def projs(self) -> list[_Proj | _Each]:
+        return [self.qkv, self.o, self.gate_up, self.down]
+
     def dense_paths(self) -> set[str]:
-        return {p.path for p in (self.qkv, self.o, self.gate_up, self.down) if isinstance(p, _Proj) and not p.quant}
+        return {p.path for p in self.projs() if isinstance(p, _Proj) and not p.quant}
 
 
 def _rms(x: Tensor, norm: nn.Module) -> Tensor:
@@ -235,6 +244,14 @@ class CpuDecoder:
                                            else (None, "fp32: asked"))
         dense = set().union(*(lay.dense_paths() for lay in self.layers))
         self.dense_path = " / ".join(sorted(dense)) if dense else None  # unquantized projections, if any
+
+    def weight_bytes(self) -> dict[str, int]:
+        """The step's own weight copies: `cpu_fp16`, fbgemm's fp16 packs of the lm_head and of unquantized
+        projections (the fp32 weights they copy stay and are counted as the model's `fp`)."""
+        head = self.lm_head
+        n = 0 if self.lm_fp16 is None else head.weight.numel() * 2 + (0 if head.bias is None else head.bias.numel() * 4)
+        n += sum(p.fp16_bytes() for lay in self.layers for p in lay.projs() if isinstance(p, _Proj))
+        return {"cpu_fp16": n}
 
     def status(self) -> dict[str, object]:
         """What /health shows: the fast step is installed, the paths of its lm_head and of unquantized

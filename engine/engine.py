@@ -151,7 +151,8 @@ class Engine:
         return {"enabled": False, "reason": unavailable_reason(self.model) or "not installed"}
 
     def weight_bytes(self) -> dict[str, int]:
-        """Model weight bytes by kind: `packed` low-bit weights, `scales` (+zeros), `branch` factors, `fp` rest."""
+        """Model weight bytes by kind: `packed` low-bit weights, `scales` (+zeros), `branch` factors, `fp` rest,
+        and the CPU paths' own copies (`cpu_int4`, `cpu_fp16`)."""
         out: dict[str, int] = {"fp": 0}
         seen: set[int] = {id(self.model.inv_freq)}
         for module in self.model.modules():
@@ -168,6 +169,9 @@ class Engine:
             if id(t) not in seen:
                 seen.add(id(t))
                 out["fp"] += t.numel() * t.element_size()
+        if self.cpu_decoder is not None:  # the CPU decode step's fp16 copies
+            for kind, n in self.cpu_decoder.weight_bytes().items():
+                out[kind] = out.get(kind, 0) + n
         return out
 
     def memory_report(self) -> dict[tuple[str, str], int]:

@@ -99,3 +99,19 @@ def test_cancel_frees_the_slot_within_a_step(engine):
         return False
 
     assert run(cancel_midway())
+
+
+def test_weight_bytes_count_the_cpu_decode_copies(engine):
+    """The fp32 model on CPU: the decode step's fbgemm fp16 packs (every projection and the lm_head)
+    are reported as `cpu_fp16`, 2 bytes per weight, beside the fp32 weights (`fp`, 4 bytes each)."""
+    wb = engine.weight_bytes()
+    model = engine.model
+    status = engine.cpu_decode_status()
+    if status["lm_head"] != "fbgemm-fp16":
+        pytest.skip(f"no fbgemm here: {status}")
+    proj = sum(m.weight.numel() for layer in model.model.layers
+               for m in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
+                         *(getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))))
+    assert wb["cpu_fp16"] == 2 * (proj + model.lm_head.weight.numel())
+    assert wb["fp"] == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for name, b in model.named_buffers() if "kv_cache" not in name and "inv_freq" not in name)
