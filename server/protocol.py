@@ -149,12 +149,15 @@ class CompletionRequest(SamplingFields):
     logprobs: int | None = Field(None, ge=0, le=COMPLETION_MAX_LOGPROBS)
     max_tokens: int | None = Field(None, ge=0)  # None: 16, as OpenAI
     suffix: str | None = None
+    best_of: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _check(self) -> CompletionRequest:
         self._check_common()
         if self.suffix:
             raise ValueError("suffix is not supported")
+        if self.best_of is not None and self.best_of != self.n:  # best_of == n returns every sample: plain n
+            raise ValueError("best_of is not supported (use n and pick client-side)")
         if isinstance(self.prompt, list) and not self.prompt:
             raise ValueError("prompt must not be an empty list")
         return self

@@ -185,6 +185,7 @@ def test_error_mid_stream_is_in_band(client):
     ("/v1/chat/completions", {**CHAT, "top_logprobs": 2}, None),
     ("/v1/chat/completions", {**CHAT, "stream": True, "max_tokens": 0}, "max_tokens"),
     ("/v1/completions", {**COMPLETION, "seed": 2**70}, "seed"),  # beyond torch.Generator's 64 bits
+    ("/v1/completions", {**COMPLETION, "best_of": 3}, None),  # not silently ignored
 ])
 def test_invalid_requests(client, path, payload, param):
     assert_error(client.post(path, json=payload), 400, param)
@@ -207,6 +208,11 @@ def test_lone_surrogates_get_a_400_naming_the_field(client, path, body, where):
 def test_seed_takes_the_whole_signed_64_bit_range(client):
     for seed in (-(2**63), 2**63 - 1):
         assert client.post("/v1/completions", json={**COMPLETION, "seed": seed}).status_code == 200
+
+
+def test_best_of_equal_to_n_is_plain_n(client):
+    r = client.post("/v1/completions", json={**COMPLETION, "n": 2, "best_of": 2})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
 def test_malformed_json_and_wrong_body(client):
