@@ -15,21 +15,22 @@ evaluation, no cache) takes the ordinary module path. What it changes, all witho
     contiguous; the module's weight is the transposed view): torch's CPU GEMV for x @ W^T is ~2x
     faster on that layout (measured for the [576 x 49152] lm_head, 1 thread: see bench/RESULTS.md).
     Values are bit-identical; only the summation order inside the matmul changes.
-  * the lm_head GEMV (the largest single read of a small model's step), and every unquantized
-    projection of an fp32 model, run through fbgemm's fp16 linear
-    (`torch.ops.quantized.linear_dynamic_fp16`: weights rounded once to fp16, fp32 activations, fp32
-    math and fp32 outputs): 1.9 vs 5-9 ms for SmolLM2's [576 x 49152] head, logits within 0.024 of the
-    fp32 head on real text (KL 1e-6); the fp32 model's step 1.7x faster (bench/RESULTS.md). +2 bytes
-    per such weight of memory (the fp32 weights stay: the tied embedding, prefill and evaluation read
-    them). Where this torch has no fbgemm (ARM) or a weight overflows fp16, they stay fp32 and the
-    log and /health say so.
+  * fbgemm's fp16 linear (engine/fp16_linear.py: weights rounded once to fp16, fp32 activations, math
+    and outputs) for the lm_head GEMV, the largest single read of a small model's step (1.9 vs 5-9 ms
+    for SmolLM2's [576 x 49152] head; its fp32 weight stays for the tied embedding and prefill: +2
+    bytes per head weight), and for every unquantized projection of an fp32 model, which is REPLACED
+    by its Fp16Linear (the fp32 weight goes; prefill uses it too): the fp32 model's step 1.6x faster
+    with half the projection memory. Logits within 0.02 of the fp32 ones on real text (KL ~1e-6;
+    bench/RESULTS.md). Where this torch has no fbgemm (ARM) or a weight overflows fp16, that weight
+    stays fp32 and the log and /health say so.
   * RoPE cos/sin, the attention mask and the cache rows are computed once per step, not per layer;
     the KV write is a plain slice copy; q and k are rotated together; activations stay fp32 between
     the int4 matmuls exactly as on the module path (QuantLinear rounds x to bf16 inside, same here).
 
 Numerics: the same operations as the module path (cpu_int4 QuantLinear, fp32 RMSNorm / RoPE /
-softmax), so the step equals the module path of the same model with its lm_head (and unquantized
-projections) rounded to fp16, to fp32 rounding (tests/test_cpu_decode.py). The step declines (returns
+softmax) on the same projection modules (after install an fp32 model's are Fp16Linear on both paths),
+so the step equals the module path to fp32 rounding, except for the lm_head's fp16 copy
+(tests/test_cpu_decode.py). The step declines (returns
 None, the module path runs) when a QuantLinear carries forward hooks (QDEC residuals), when a layer
 was re-prepared after install (.to(), load_state_dict), or for T > 1.
 
@@ -45,30 +46,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cuda_ext.cpu import fuse_cpu
+from engine.fp16_linear import Fp16Linear, fp16_linear, fp16_pack
 from engine.quant_linear import QuantLinear
 
 log = logging.getLogger("fbserve.engine")
 ENV = "FBSERVE_CPU_DECODE"
-
-
-FP16_MAX = 65504.0
-
-
-def fp16_pack(weight: Tensor, bias: Tensor | None) -> tuple[object | None, str]:
-    """fbgemm's prepacked fp16 copy of a linear's (N, K) weight (and fp32 bias) for
-    `torch.ops.quantized.linear_dynamic_fp16` (fp32 x, fp32 math, fp32 y), and the path's name;
-    (None, "fp32: <why>") where fbgemm is missing or a weight does not fit fp16."""
-    if "fbgemm" not in torch.backends.quantized.supported_engines:
-        return None, "fp32: this torch build has no fbgemm (fp16 GEMV needs x86)"
-    w = weight.detach()
-    if not bool(w.abs().max() < FP16_MAX):
-        return None, "fp32: weights overflow fp16"
-    try:
-        packed = torch.ops.quantized.linear_prepack_fp16(
-            w.float().contiguous(), None if bias is None else bias.detach().float())
-    except (RuntimeError, AttributeError) as exc:  # an op missing from this build
-        return None, f"fp32: fbgemm fp16 prepack failed ({exc})"
-    return packed, "fbgemm-fp16"
 
 
 def _column_major(lin: nn.Linear) -> None:
@@ -84,23 +66,15 @@ class _Proj:
     Part i is columns offsets[i] : offsets[i] + widths[i] of the result.
     """
 
-    def __init__(self, mods: list[nn.Module], on_stale=None, fp16: bool = False) -> None:
+    def __init__(self, mods: list[nn.Module], on_stale=None) -> None:
         self.mods = mods
         self.widths = [m.out_features for m in mods]
         self.quant = all(isinstance(m, QuantLinear) for m in mods)
         self.on_stale = on_stale
-        self.packed16, self.path = None, "cpu_int4"
         if self.quant:
             self._init_quant(mods)
         else:
             self._init_linear(mods)
-            self.packed16, self.path = fp16_pack(self.wt.t(), self.bias) if fp16 else (None, "fp32: asked")
-
-    def fp16_bytes(self) -> int:
-        """Bytes of the fbgemm fp16 copy (weights + fp32 bias), 0 without one."""
-        if self.packed16 is None:
-            return 0
-        return self.wt.numel() * 2 + (0 if self.bias is None else self.bias.numel() * 4)
 
     def _init_quant(self, mods: list[QuantLinear]) -> None:
         fused, views = fuse_cpu([m._cpu for m in mods])  # the layers' own conversions, concatenated
@@ -158,8 +132,6 @@ class _Proj:
         assert k == wt.shape[0]
 
     def __call__(self, x: Tensor) -> Tensor:
-        if self.packed16 is not None:
-            return torch.ops.quantized.linear_dynamic_fp16(x, self.packed16)  # bias inside
         if not self.quant:
             xk = x.to(self.dtype)
             y = torch.addmm(self.bias, xk, self.wt) if self.bias is not None else xk @ self.wt
@@ -179,7 +151,8 @@ class _Proj:
 
 
 class _Each:
-    """Fallback for a group mixing QuantLinear and nn.Linear (partly quantized models): module calls, concatenated."""
+    """Module calls, concatenated: Fp16Linear groups (fbgemm packs are per module), and groups mixing
+    QuantLinear and nn.Linear (partly quantized models)."""
 
     def __init__(self, mods: list[nn.Module]) -> None:
         self.mods = mods
@@ -189,7 +162,7 @@ class _Each:
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
 
-def _proj(mods: list[nn.Module], on_stale=None, fp16: bool = False) -> _Proj | _Each:
+def _proj(mods: list[nn.Module], on_stale=None) -> _Proj | _Each:
     if all(isinstance(m, QuantLinear) for m in mods):
         ws = [m._cpu for m in mods]
         if (len({(w.in_features, w.group_size, w.k_cpu) for w in ws}) == 1
@@ -197,25 +170,40 @@ def _proj(mods: list[nn.Module], on_stale=None, fp16: bool = False) -> _Proj | _
             return _Proj(mods, on_stale)
         return _Each(mods)
     if all(type(m) is nn.Linear for m in mods):
-        return _Proj(mods, fp16=fp16)
+        return _Proj(mods)
     return _Each(mods)
 
 
+PROJECTIONS = (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj")))
+
+
+def _to_fp16(model: nn.Module) -> set[str]:
+    """Replace every unquantized projection (nn.Linear) of the decoder layers by its Fp16Linear, which
+    drops the fp32 weight; the paths that result ("fbgemm-fp16", or "fp32: <why>" for those kept)."""
+    paths = set()
+    for layer in model.model.layers:
+        for part, names in PROJECTIONS:
+            parent = getattr(layer, part)
+            for name in names:
+                lin = getattr(parent, name)
+                if type(lin) is not nn.Linear:
+                    continue
+                fast, path = Fp16Linear.from_linear(lin)
+                paths.add(path)
+                if fast is not None:
+                    setattr(parent, name, fast)
+    return paths
+
+
 class _Layer:
-    def __init__(self, layer: nn.Module, on_stale, fp16: bool) -> None:
+    def __init__(self, layer: nn.Module, on_stale) -> None:
         att, mlp = layer.self_attn, layer.mlp
         self.ln1, self.ln2 = layer.input_layernorm, layer.post_attention_layernorm
-        self.qkv = _proj([att.q_proj, att.k_proj, att.v_proj], on_stale, fp16)
-        self.o = _proj([att.o_proj], on_stale, fp16)
-        self.gate_up = _proj([mlp.gate_proj, mlp.up_proj], on_stale, fp16)
-        self.down = _proj([mlp.down_proj], on_stale, fp16)
+        self.qkv = _proj([att.q_proj, att.k_proj, att.v_proj], on_stale)
+        self.o = _proj([att.o_proj], on_stale)
+        self.gate_up = _proj([mlp.gate_proj, mlp.up_proj], on_stale)
+        self.down = _proj([mlp.down_proj], on_stale)
         self.attn = att
-
-    def projs(self) -> list[_Proj | _Each]:
-        return [self.qkv, self.o, self.gate_up, self.down]
-
-    def dense_paths(self) -> set[str]:
-        return {p.path for p in self.projs() if isinstance(p, _Proj) and not p.quant}
 
 
 def _rms(x: Tensor, norm: nn.Module) -> Tensor:
@@ -235,22 +223,23 @@ class CpuDecoder:
         self.inter = cfg.intermediate_size
         self.stale = False
         self.declined: str | None = None
-        self.layers = [_Layer(layer, self._invalidate, fp16_weights) for layer in model.model.layers]
+        dense = _to_fp16(model) if fp16_weights else {"fp32: asked"}
+        if not any(type(m) in (nn.Linear, Fp16Linear) for m in model.model.layers.modules()):
+            dense = set()  # every projection is a QuantLinear
+        self.dense_path = " / ".join(sorted(dense)) if dense else None  # unquantized projections, if any
+        self.layers = [_Layer(layer, self._invalidate) for layer in model.model.layers]
         self.quant_modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
         _column_major(model.lm_head)  # tied: the embedding's weight becomes the same column-major view
         self.lm_head = model.lm_head
         self.lm_wt = model.lm_head.weight.t()  # (C, V) contiguous
         self.lm_fp16, self.lm_head_path = (fp16_pack(model.lm_head.weight, model.lm_head.bias) if fp16_weights
                                            else (None, "fp32: asked"))
-        dense = set().union(*(lay.dense_paths() for lay in self.layers))
-        self.dense_path = " / ".join(sorted(dense)) if dense else None  # unquantized projections, if any
 
     def weight_bytes(self) -> dict[str, int]:
-        """The step's own weight copies: `cpu_fp16`, fbgemm's fp16 packs of the lm_head and of unquantized
-        projections (the fp32 weights they copy stay and are counted as the model's `fp`)."""
+        """The step's own weight copy: `cpu_fp16`, fbgemm's fp16 pack of the lm_head (its fp32 weight
+        stays: the tied embedding and prefill read it; Fp16Linear projections report themselves)."""
         head = self.lm_head
         n = 0 if self.lm_fp16 is None else head.weight.numel() * 2 + (0 if head.bias is None else head.bias.numel() * 4)
-        n += sum(p.fp16_bytes() for lay in self.layers for p in lay.projs() if isinstance(p, _Proj))
         return {"cpu_fp16": n}
 
     def status(self) -> dict[str, object]:
@@ -317,7 +306,7 @@ class CpuDecoder:
             x = x + lay.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
         x = _rms(x, model.model.norm)
         if self.lm_fp16 is not None:
-            return torch.ops.quantized.linear_dynamic_fp16(x, self.lm_fp16)[:, None, :]  # bias inside
+            return fp16_linear(x, self.lm_fp16)[:, None, :]  # bias inside
         logits = x @ self.lm_wt
         if self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias
@@ -367,8 +356,9 @@ def unavailable_reason(model: nn.Module) -> str | None:
 
 def install(model: nn.Module, fp16_weights: bool = True) -> CpuDecoder | None:
     """Prepare a CPU Transformer for fast decode steps and set model.decode_fn; None (logged) when
-    `unavailable_reason` names a reason. `fp16_weights=False` keeps the lm_head and unquantized
-    projections on fp32 GEMVs (the tests' exact comparisons)."""
+    `unavailable_reason` names a reason. With `fp16_weights` (default) the lm_head gets an fbgemm fp16
+    copy and unquantized projections become Fp16Linear; False keeps them fp32 (the tests' exact
+    comparisons)."""
     reason = unavailable_reason(model)
     if reason is not None:
         log.info("CPU decode fast path off: %s", reason)

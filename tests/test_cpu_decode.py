@@ -23,7 +23,8 @@ import pytest  # noqa: E402
 
 from cuda_ext.cpu import fuse_cpu, prepare_cpu  # noqa: E402
 from cuda_ext.testing import random_layer  # noqa: E402
-from engine.cpu_decode import fp16_pack, install  # noqa: E402
+from engine.cpu_decode import install  # noqa: E402
+from engine.fp16_linear import Fp16Linear, fp16_pack  # noqa: E402
 from engine.quant_linear import QuantLinear  # noqa: E402
 from models.config import ModelConfig  # noqa: E402
 from models.llama import Transformer  # noqa: E402
@@ -240,13 +241,16 @@ def test_weights_beyond_fp16_stay_fp32():
 @needs_fbgemm
 @pytest.mark.parametrize("bias", [False, True])
 def test_fp32_model_fast_step_with_fp16_weights(bias):
-    """fp16 GEMVs in the step, fp32 weights in the prefill: the module path's greedy tokens, logits
-    within the fp16 rounding of the weights (not equal: that is this path)."""
+    """After install the projections are Fp16Linear (prefill and step) and the head has an fp16 copy:
+    the fp32 module path's greedy tokens, logits within the fp16 rounding of the weights (not equal:
+    that is this path)."""
     model = tiny(bias=bias, tie=not bias)
     mod, mod_ids = decode(model, PROMPTS, 6)
     status = install(model).status()
     assert status["lm_head"] == status["dense_linears"] == "fbgemm-fp16"
-    got, ids = decode(model, PROMPTS, 6)
+    assert not any(type(m) is torch.nn.Linear for m in model.model.layers.modules())  # fp32 weights gone
+    assert all(type(getattr(model.model.layers[0].mlp, n)) is Fp16Linear for n in ("gate_proj", "up_proj", "down_proj"))
+    got, ids = decode(model, PROMPTS, 6)  # its prefill runs the Fp16Linear modules too
     assert ids == mod_ids
     err, scale = float((got - mod).abs().max()), float(mod.abs().max())
     assert 0 < err <= 2e-3 * scale, (err, scale)
@@ -257,8 +261,9 @@ def test_fp32_model_fast_step_with_fp16_weights(bias):
 @needs_fbgemm
 def test_fp16_weights_on_the_real_model_and_text():
     """SmolLM2 (fp32), 64 teacher-forced decode steps over WikiText-2 test after a 128-token prefill:
-    the fast step with fbgemm fp16 GEMVs (lm_head and every projection) against the same step on fp32
-    GEMVs: max |dlogit| <= 0.05 (measured 0.019), KL <= 1e-5 (8e-7), the same argmax >= 99% (100%)."""
+    with fbgemm fp16 (Fp16Linear projections for prefill and step, the lm_head's fp16 copy) against
+    all fp32: max |dlogit| <= 0.1 (measured 0.037), KL <= 1e-5 (2.2e-6), the same argmax >= 99% (100%).
+    (The int4 path's own bf16 noise is 0.24-0.50 on the same kind of check.)"""
     from models.loader import load_model
     from quant.eval import token_windows, wikitext2_text
 
@@ -280,6 +285,6 @@ def test_fp16_weights_on_the_real_model_and_text():
     got = steps()
     logp, logq = ref.log_softmax(-1), got.log_softmax(-1)
     kl = float((logp.exp() * (logp - logq)).sum(-1).mean())
-    assert 0 < float((got - ref).abs().max()) <= 0.05
+    assert 0 < float((got - ref).abs().max()) <= 0.1
     assert kl <= 1e-5
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.99

@@ -102,16 +102,20 @@ def test_cancel_frees_the_slot_within_a_step(engine):
 
 
 def test_weight_bytes_count_the_cpu_decode_copies(engine):
-    """The fp32 model on CPU: the decode step's fbgemm fp16 packs (every projection and the lm_head)
-    are reported as `cpu_fp16`, 2 bytes per weight, beside the fp32 weights (`fp`, 4 bytes each)."""
-    wb = engine.weight_bytes()
-    model = engine.model
+    """The fp32 model on CPU: the decode step turned every projection into an Fp16Linear (fbgemm fp16
+    pack, fp32 weight dropped) and gave the lm_head an fp16 copy: `cpu_fp16` is 2 bytes per projection
+    and head weight, `fp` (4 bytes each) holds only the embedding/head and the norms."""
+    from engine.fp16_linear import Fp16Linear
+
     status = engine.cpu_decode_status()
     if status["lm_head"] != "fbgemm-fp16":
         pytest.skip(f"no fbgemm here: {status}")
-    proj = sum(m.weight.numel() for layer in model.model.layers
-               for m in (*(getattr(layer.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")),
-                         *(getattr(layer.mlp, n) for n in ("gate_proj", "up_proj", "down_proj"))))
+    model = engine.model
+    projs = [m for m in model.model.layers.modules() if isinstance(m, Fp16Linear)]
+    assert len(projs) == 7 * len(model.model.layers) and status["dense_linears"] == "fbgemm-fp16"
+    wb = engine.weight_bytes()
+    proj = sum(m.in_features * m.out_features for m in projs)
     assert wb["cpu_fp16"] == 2 * (proj + model.lm_head.weight.numel())
     assert wb["fp"] == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for name, b in model.named_buffers() if "kv_cache" not in name and "inv_freq" not in name)
+    assert wb["fp"] < 4 * (model.lm_head.weight.numel() + 100_000)  # no fp32 projection weights left
