@@ -288,3 +288,18 @@ def test_fp16_weights_on_the_real_model_and_text():
     assert 0 < float((got - ref).abs().max()) <= 0.1
     assert kl <= 1e-5
     assert float((got.argmax(-1) == ref.argmax(-1)).float().mean()) >= 0.99
+
+
+def test_without_fbgemm_everything_stays_fp32_and_says_why(monkeypatch):
+    """A torch build without fbgemm (ARM: a Jetson's CPU): no fp16 packs, the fp32 weights stay, the
+    step equals the fp32 module path, and the status names the reason."""
+    monkeypatch.setattr(type(torch.backends.quantized), "supported_engines", ["qnnpack"])
+    packed, path = fp16_pack(torch.randn(4, 8), None)
+    assert packed is None and "no fbgemm" in path
+    model = tiny()
+    mod, mod_ids = decode(model, PROMPTS, 4)
+    status = install(model).status()
+    assert "no fbgemm" in status["lm_head"] and "no fbgemm" in status["dense_linears"]
+    assert any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
+    got, ids = decode(model, PROMPTS, 4)
+    assert ids == mod_ids and float((got - mod).abs().max()) <= 1e-4 * float(mod.abs().max())
