@@ -2,7 +2,7 @@
 
 `install(model)` prepares a `Transformer` on the CPU and sets `model.decode_fn`; `Transformer.forward`
 then hands decode steps (tokens (B, 1) with cache positions) to it, everything else (prefill,
-evaluation, no cache) takes the ordinary module path. What it changes, all without extra memory:
+evaluation, no cache) takes the ordinary module path. What it changes (memory: see the fp16 item):
 
   * q/k/v and gate/up of each layer read the same input, so they run as ONE matmul each:
     - QuantLinear (cpu_int4): one torch int4 CPU matmul over the output-concatenated weight
