@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cuda_ext.cpu import fuse_cpu
+from engine.fp16_linear import PATH as FP16_PATH
 from engine.fp16_linear import Fp16Linear, fp16_linear, fp16_pack
 from engine.quant_linear import QuantLinear
 
@@ -186,6 +187,8 @@ def _to_fp16(model: nn.Module) -> set[str]:
             parent = getattr(layer, part)
             for name in names:
                 lin = getattr(parent, name)
+                if type(lin) is Fp16Linear:  # installed before
+                    paths.add(FP16_PATH)
                 if type(lin) is not nn.Linear:
                     continue
                 fast, path = Fp16Linear.from_linear(lin)

@@ -254,6 +254,7 @@ def test_fp32_model_fast_step_with_fp16_weights(bias):
     assert ids == mod_ids
     err, scale = float((got - mod).abs().max()), float(mod.abs().max())
     assert 0 < err <= 2e-3 * scale, (err, scale)
+    assert install(model).status()["dense_linears"] == "fbgemm-fp16"  # installed again: still says so
     qmodel = quantize(tiny())
     assert install(qmodel).status()["dense_linears"] is None  # every projection is QuantLinear
 
