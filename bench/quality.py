@@ -10,7 +10,8 @@ For each (method, bits, rank) it runs `fbserve quantize --model default --method
 `server/cli.py` mounts), then `fbserve eval` on DIR (KL against the embedded fp model), and writes
 OUT/results/<run>.json. Methods without a branch (fp, rtn, gptq) run once per bit width (fp once).
 `--base gptq` puts svd/lqer/qera on GPTQ codes (the strong baselines; fbquant's loop quantizer is GPTQ by
-default) and names those runs e.g. `qera-gptq-w3g128-r32`. Existing checkpoints and results are reused
+default) and names those runs e.g. `qera-gptq-w3g128-r32`; `--base rtn` also puts fbquant on RTN codes
+(`fbquant-rtn-w3g128-r32`; fbquant runs on its GPTQ default carry no tag). Existing checkpoints and results are reused
 unless --force. At the end it writes OUT/quality.md
 (the table) and OUT/quality.png (perplexity vs bits per weight, a line per method and rank) and
 prints the table. On 2 CPU cores a full eval of one model takes hours (bench/RESULTS.md, ## Quality):
@@ -53,12 +54,21 @@ def runs(methods: list[str], bits: list[int], ranks: list[int]) -> list[tuple[st
 
 
 SUB_BRANCH = {"svd", "lqer", "qera"}  # the methods whose base quantizer --base chooses
+FBQUANT_BASE = "gptq"  # fbserve quantize's default base for fbquant: its runs carry no tag
+
+
+def base_tag(method: str, base: str | None) -> str | None:
+    """The base quantizer a run names and passes on: --base for svd/lqer/qera, and for fbquant only when
+    it differs from fbquant's default (so `fbquant-rtn-w3g128-r32`, while GPTQ-based runs stay `fbquant-...`)."""
+    if base and (method in SUB_BRANCH or (method == "fbquant" and base != FBQUANT_BASE)):
+        return base
+    return None
 
 
 def run_name(method: str, bits: int | None, group_size: int, rank: int, base: str | None = None) -> str:
     if method == "fp":
         return "fp"
-    tag = f"{method}-{base}" if base and method in SUB_BRANCH else method
+    tag = f"{method}-{base_tag(method, base)}" if base_tag(method, base) else method
     return f"{tag}-w{bits}g{group_size}" + (f"-r{rank}" if rank else "")
 
 
@@ -73,7 +83,7 @@ def quantize(method: str, bits: int, group_size: int, rank: int, out: Path, extr
     qcli.register(parser.add_subparsers(dest="command", required=True))
     argv = ["quantize", "--model", "default", "--method", method, "--bits", str(bits),
             "--group-size", str(group_size), "--out", str(out)] + (["--rank", str(rank)] if rank else []) \
-        + (["--base", base] if base and method in SUB_BRANCH else []) + extra
+        + (["--base", base_tag(method, base)] if base_tag(method, base) else []) + extra
     args = parser.parse_args(argv)
     rc = args.func(args)
     if rc not in (0, None) or not (out / "quantization.json").is_file():
@@ -93,7 +103,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "quality")
     p.add_argument("--checkpoints", type=Path, default=None, help="checkpoint folder (default OUT/checkpoints)")
     p.add_argument("--base", choices=("rtn", "gptq"), default=None,
-                   help="base quantizer of svd/lqer/qera (default: fbserve quantize's, rtn); named in the run")
+                   help="base quantizer of svd/lqer/qera (default: fbserve quantize's, rtn), and of fbquant "
+                        "when rtn (its default is gptq); named in the run")
     p.add_argument("--force", action="store_true", help="re-quantize and re-evaluate existing runs")
     p.add_argument("--report-only", action="store_true", help="only rebuild the table and plot from OUT/results")
     p.add_argument("--quantize-args", default="--eval-windows 0",
@@ -131,8 +142,8 @@ def main(argv: list[str] | None = None) -> int:
                 model = str(ckpt)
             result = evaluate(model, tasks=args.tasks, limit=args.limit, ctx=args.ctx, max_windows=args.max_windows)
             result["run"] = name
-            if args.base and method in SUB_BRANCH:  # its own line in the table and plot, e.g. "qera-gptq r32"
-                result["method"] = f"{method}-{args.base}"
+            if base_tag(method, args.base):  # its own line in the table and plot, e.g. "qera-gptq r32"
+                result["method"] = f"{method}-{base_tag(method, args.base)}"
             if method != "fp":  # how it was quantized: calibration, base quantizer, FBQuant rounds, time
                 man = json.loads((ckpt / "quantization.json").read_text())
                 result["quantization"] = {k: man.get(k) for k in
