@@ -8,17 +8,27 @@ torch 2.13), so x is rounded to bf16 and the result is returned in x's dtype.
 Exactness: for 2 and 3 bits we store q = code - zero + 8 (|code - zero| <= 7) and zero_point = 0,
 so the only rounding is the scale's fp16 -> bf16; for 4 bits zero_point = (8 - zero) * scale is
 rounded to bf16 too (|error| <= scale / 64). The branch runs in fp32.
+
+Prefill: for many rows (>= `bf16_prefill_rows()`, 256 by default) the int4 op is compute-bound and
+oneDNN's bf16 GEMM (AVX-512 bf16 / AMX) is ~2x faster, so the layer is dequantized to a bf16 W^T from
+the packed planes for that one call (~5 ms for 3072 x 576, freed afterwards) and multiplied in bf16
+with fp32 accumulation. The weight's only rounding is then (code - zero) * scale to bf16 (relative
+error <= 2^-9, the size of the int4 op's own bf16 scale rounding). Off where oneDNN has no native bf16
+(it would be emulated) or with FBSERVE_CPU_BF16_PREFILL_ROWS=0; `bf16_prefill_reason()` says why.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from .packing import PackedWeight, unpack
+from .packing import PackedWeight, codes_k_major, unpack
 
 _CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU op accepts
+BF16_PREFILL_ENV = "FBSERVE_CPU_BF16_PREFILL_ROWS"
+BF16_PREFILL_ROWS = 256  # rows from which dequantize + bf16 GEMM beats the int4 op (bench/RESULTS.md)
 
 
 @dataclass
@@ -112,22 +122,68 @@ def fuse_cpu(ws: list[CpuInt4Weight]) -> tuple[CpuInt4Weight, list[CpuInt4Weight
     return fused, views
 
 
+def _native_bf16() -> bool:
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def bf16_prefill_reason() -> str | None:
+    """Why prefill does not use the dequantize + bf16 GEMM path here, or None when it does."""
+    if os.environ.get(BF16_PREFILL_ENV, "").strip() in ("0", "off"):
+        return f"disabled ({BF16_PREFILL_ENV}=0)"
+    if not _native_bf16():
+        return "this CPU has no native bf16 GEMM (oneDNN would emulate it)"
+    return None
+
+
+def bf16_prefill_rows() -> int | None:
+    """Rows (tokens) from which a CPU matmul dequantizes to bf16; None when that path is off."""
+    if bf16_prefill_reason() is not None:
+        return None
+    env = os.environ.get(BF16_PREFILL_ENV, "").strip()
+    if not env:
+        return BF16_PREFILL_ROWS
+    if not env.isdigit():
+        raise ValueError(f"{BF16_PREFILL_ENV}={env!r}: expected a row count (0 turns the path off)")
+    return int(env)
+
+
+def dequantize_bf16_t(packed: PackedWeight) -> torch.Tensor:
+    """W^T as bf16 (K, N), contiguous: the reference's fp32 (code - zero) * scale, rounded once to bf16."""
+    k, n, g = packed.in_features, packed.out_features, packed.group_size
+    codes = codes_k_major(packed)[:k, :n]
+    s = packed.scales[:, :n].float()  # (G, N)
+    z = packed.zeros[:, :n].float()
+    out = torch.empty(k, n, dtype=torch.bfloat16, device=codes.device)
+    full = k // g
+    if full:  # whole groups: (G, g, N) against one scale row per group
+        out[:full * g].view(full, g, n).copy_((codes[:full * g].view(full, g, n) - z[:full, None]) * s[:full, None])
+    if full * g < k:  # a partial last group
+        out[full * g:].copy_((codes[full * g:] - z[full:full + 1]) * s[full:full + 1])
+    return out
+
+
 def cpu_matmul(x: torch.Tensor, w: CpuInt4Weight, a_t: torch.Tensor | None = None,
-               b_t: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+               b_t: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+               packed: PackedWeight | None = None) -> torch.Tensor:
     """y = x @ W^T (+ (x @ A^T) @ B^T) (+ bias) on CPU.
 
     x: (..., K) fp32/fp16/bf16 CPU.  a_t: fp32 (K, r) = A^T.  b_t: fp32 (r, N) = B^T.
-    bias: fp32 (N,).  Returns (..., N) in x.dtype.
+    bias: fp32 (N,).  packed: the layer's PackedWeight; given, calls of >= bf16_prefill_rows() rows
+    dequantize it to bf16 and use the bf16 GEMM instead of the int4 op.  Returns (..., N) in x.dtype.
     """
     if x.shape[-1] != w.in_features:
         raise ValueError(f"x: last dim {x.shape[-1]} != in_features {w.in_features}")
     x2 = x.reshape(-1, w.in_features)
     xb = x2.to(torch.bfloat16)
-    if w.k_cpu > w.in_features:
-        xb = F.pad(xb, (0, w.k_cpu - w.in_features))
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), w.weight, w.group_size, w.scales_zeros)
-    if w.n16 != w.out_features:
-        y = y[:, :w.out_features]
+    min_rows = bf16_prefill_rows() if packed is not None else None
+    if min_rows is not None and x2.shape[0] >= min_rows:
+        y = xb @ dequantize_bf16_t(packed)
+    else:
+        if w.k_cpu > w.in_features:
+            xb = F.pad(xb, (0, w.k_cpu - w.in_features))
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), w.weight, w.group_size, w.scales_zeros)
+        if w.n16 != w.out_features:
+            y = y[:, :w.out_features]
     if a_t is not None or bias is not None:
         y = y.float()
         if a_t is not None:

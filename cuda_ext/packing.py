@@ -157,14 +157,32 @@ def _to_words(chunked: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.stack(planes, dim=-2)
 
 
-def _from_words(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """(..., bits, R) int64 words -> (..., 32 chunks, R) int64 codes."""
-    codes = torch.zeros(*words.shape[:-2], CHUNKS, words.shape[-1], dtype=torch.int64, device=words.device)
+def _block_codes(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """One block's words (bits, R, n_pad) int32 -> its codes (32 * R, n_pad) int32, k-major (chunk c holds
+    k = c * R + r). int32 shifts sign-extend the top field; the mask removes that."""
+    rows, n_pad = words.shape[1], words.shape[2]
+    codes = torch.empty(CHUNKS, rows, n_pad, dtype=torch.int32, device=words.device)
     for p, (first, count, width, offset) in enumerate(_plane_fields(bits)):
-        shifts = torch.arange(count, device=words.device, dtype=torch.int64) * width
-        fields = (words[..., p:p + 1, :] >> shifts[:, None]) & ((1 << width) - 1)
-        codes[..., first:first + count, :] |= fields << offset
-    return codes
+        shifts = (torch.arange(count, device=words.device, dtype=torch.int32) * width).view(count, 1, 1)
+        fields = (words[p].unsqueeze(0) >> shifts) & ((1 << width) - 1)
+        if offset:
+            codes[first:first + count] |= fields << offset
+        else:
+            codes[first:first + count] = fields
+    return codes.view(CHUNKS * rows, n_pad)
+
+
+def codes_k_major(packed: PackedWeight) -> torch.Tensor:
+    """The codes as int32 (k_pad, n_pad), k-major (the transpose of the (N, K) code matrix, with the
+    layout's padding: codes past K hold their group's zero point or 0, padded columns 0)."""
+    d = packed.dims
+    bits, n_pad, n_full, tail = packed.bits, d["n_pad"], d["n_full"], d["tail_rows"]
+    qw = packed.qweight
+    parts = [_block_codes(qw[b * bits * ROWS:(b + 1) * bits * ROWS].view(bits, ROWS, n_pad), bits)
+             for b in range(n_full)]
+    if tail:
+        parts.append(_block_codes(qw[n_full * bits * ROWS:].view(bits, tail, n_pad), bits))
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
 def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int,
@@ -226,16 +244,6 @@ def pack(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: i
 def unpack(packed: PackedWeight) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Inverse of pack: (codes uint8 (N, K), scales fp16 (N, G), zeros fp16 (N, G))."""
     packed.validate()
-    d = packed.dims
-    n, k, bits = packed.out_features, packed.in_features, packed.bits
-    n_pad, n_full, tail = d["n_pad"], d["n_full"], d["tail_rows"]
-    qw = packed.qweight.to(torch.int64) & 0xFFFFFFFF
-    parts = []
-    if n_full:
-        words = qw[:n_full * bits * ROWS].reshape(n_full, bits, ROWS, n_pad).permute(3, 0, 1, 2)
-        parts.append(_from_words(words, bits).reshape(n_pad, -1))
-    if tail:
-        words = qw[n_full * bits * ROWS:].reshape(bits, tail, n_pad).permute(2, 0, 1)
-        parts.append(_from_words(words, bits).reshape(n_pad, -1))
-    codes = torch.cat(parts, dim=1)[:n, :k].to(torch.uint8)
+    n, k = packed.out_features, packed.in_features
+    codes = codes_k_major(packed)[:k, :n].t().to(torch.uint8)
     return codes, packed.scales[:, :n].t().contiguous(), packed.zeros[:, :n].t().contiguous()

@@ -3,7 +3,9 @@ kernel path from the device and reports it.
 
 Paths:
   triton     CUDA tensors: cuda_ext's Triton kernels (decode m <= 16 fused branch, prefill m > 16)
-  cpu_int4   CPU tensors: torch's int4 CPU matmul + the branch in fp32 (converted once per .to())
+  cpu_int4   CPU tensors: torch's int4 CPU matmul + the branch in fp32 (converted once per .to());
+             calls of many rows (prefill) dequantize to bf16 for oneDNN's GEMM where the CPU has native
+             bf16 (cuda_ext.cpu.bf16_prefill_rows; kernel_paths() rows say which, key "prefill")
   reference  cuda_ext.reference in fp32; only when asked (path="reference" or FBSERVE_KERNEL_PATH)
 The environment variable FBSERVE_KERNEL_PATH (auto|triton|cpu_int4|reference) overrides the
 default "auto".  A Triton failure on CUDA raises; with FBSERVE_KERNEL_FALLBACK=1 it logs an error,
@@ -20,6 +22,7 @@ from torch import nn
 
 from cuda_ext import (PackedWeight, cpu_matmul, interpreting, prepare_cpu, quant_matmul,
                       quant_matmul_ref)
+from cuda_ext.cpu import bf16_prefill_reason, bf16_prefill_rows
 
 log = logging.getLogger("fbserve.kernels")
 PATHS = ("triton", "cpu_int4", "reference")
@@ -108,8 +111,9 @@ class QuantLinear(nn.Module):
         key = (path, self.bits, dev.type)
         level = logging.INFO if key not in _ANNOUNCED else logging.DEBUG
         _ANNOUNCED.add(key)
-        log.log(level, "kernel path %s for %d-bit g%d %dx%d layers on %s (rank %d)", path, self.bits,
-                self.group_size, self.out_features, self.in_features, dev, self.rank)
+        log.log(level, "kernel path %s for %d-bit g%d %dx%d layers on %s (rank %d)%s", path, self.bits,
+                self.group_size, self.out_features, self.in_features, dev, self.rank,
+                f"; prefill: {cpu_prefill_path()}" if path == "cpu_int4" else "")
 
     def share_cpu(self, w, a_t: torch.Tensor | None, b_t: torch.Tensor | None, on_reprepare=None) -> None:
         """Adopt a CpuInt4Weight (and fp32 A^T, B^T) that views a fused weight of several layers
@@ -150,7 +154,7 @@ class QuantLinear(nn.Module):
                           x.device, e)
                 self.path, self.fallback_reason = "reference", f"triton failed: {e!r}"[:300]
         if self.path == "cpu_int4":
-            return cpu_matmul(x, self._cpu, self._a_t, self._b_t, self._bias32)
+            return cpu_matmul(x, self._cpu, self._a_t, self._b_t, self._bias32, packed=self.packed)
         return quant_matmul_ref(x, self.packed, self.A, self.B, self.bias)
 
     def weight_bytes(self) -> dict[str, int]:
@@ -169,10 +173,17 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, rank={self.rank}, path={self.path}")
 
 
+def cpu_prefill_path() -> str:
+    """How cpu_int4 layers run calls of many rows: "bf16-gemm from N rows", or "int4 (<why not bf16>)"."""
+    rows = bf16_prefill_rows()
+    return f"bf16-gemm from {rows} rows" if rows is not None else f"int4 ({bf16_prefill_reason()})"
+
+
 def kernel_paths() -> list[dict]:
     """Live kernel paths, one row per (path, bits, device, fallback): what /health and the gauge
     fbserve_kernel_info{path,bits,device} report.  Row keys: path, bits, device, group_sizes,
-    layers, fallback (None, or why a layer left the Triton path)."""
+    layers, fallback (None, or why a layer left the Triton path); cpu_int4 rows add prefill
+    (`cpu_prefill_path()`)."""
     rows: dict[tuple, dict] = {}
     for m in list(_LIVE):
         dev = str(m.qweight.device)
@@ -180,6 +191,8 @@ def kernel_paths() -> list[dict]:
         row = rows.setdefault(key, {"path": m.path, "bits": m.bits, "device": dev, "group_sizes": [],
                                     "layers": 0, "fallback": m.fallback_reason})
         row["layers"] += 1
+        if m.path == "cpu_int4":
+            row["prefill"] = cpu_prefill_path()
         if m.group_size not in row["group_sizes"]:
             row["group_sizes"].append(m.group_size)
     return sorted(rows.values(), key=lambda r: (r["device"], r["path"], r["bits"]))

@@ -59,3 +59,55 @@ def test_cpu_path_rejects_wrong_width():
     packed, _, _ = random_layer(16, 128, 4, 32)
     with pytest.raises(ValueError, match="in_features 128"):
         cpu_matmul(torch.randn(2, 100), prepare_cpu(packed))
+
+
+# --- prefill: dequantize to bf16 + oneDNN's bf16 GEMM for calls of many rows -----------------------
+
+from cuda_ext import cpu as cpu_mod  # noqa: E402
+from cuda_ext.reference import dequantize_packed  # noqa: E402
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("n,k,group", [(96, 576, 128), (100, 520, 64), (48, 1536, 32), (16, 100, 32)])
+def test_bf16_dequantize_is_the_reference_rounded_once(bits, n, k, group):
+    packed, _, _ = random_layer(n, k, bits, group, seed=bits + k)
+    got = cpu_mod.dequantize_bf16_t(packed)
+    assert got.dtype == torch.bfloat16 and got.shape == (k, n) and got.is_contiguous()
+    assert torch.equal(got, dequantize_packed(packed).t().bfloat16())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_prefill_rows_take_the_bf16_gemm_within_the_cpu_bound(bits, monkeypatch):
+    monkeypatch.setattr(cpu_mod, "_native_bf16", lambda: True)
+    monkeypatch.setenv(cpu_mod.BF16_PREFILL_ENV, "64")
+    packed, a, b = random_layer(100, 576, bits, 128, rank=16, seed=11 + bits)
+    w = prepare_cpu(packed)
+    a_t, b_t = a.float().t().contiguous(), b.float().t().contiguous()
+    x = torch.randn(80, 576)
+    ref = quant_matmul_ref(x, packed, a, b)
+    y = cpu_matmul(x, w, a_t, b_t, packed=packed)  # 80 >= 64 rows: bf16 GEMM
+    int4 = cpu_matmul(x, w, a_t, b_t)  # no packed weight given: the int4 op
+    assert rel_err(y, ref) < CPU_BOUND and rel_err(int4, ref) < CPU_BOUND
+    assert not torch.equal(y, int4)  # a different kernel really ran
+    # bf16 weights and activations, fp32 accumulation: the exact product of the rounded operands
+    exact = x.bfloat16().float() @ dequantize_packed(packed).t().bfloat16().float()
+    exact = exact + (x @ a_t) @ b_t
+    assert rel_err(y, exact) < 5e-3
+    assert torch.equal(cpu_matmul(x[:63], w, a_t, b_t, packed=packed), int4[:63])  # below the threshold
+
+
+def test_prefill_bf16_gemm_can_be_turned_off_and_says_why(monkeypatch):
+    monkeypatch.setenv(cpu_mod.BF16_PREFILL_ENV, "0")
+    assert cpu_mod.bf16_prefill_rows() is None and "=0" in cpu_mod.bf16_prefill_reason()
+    packed, _, _ = random_layer(32, 576, 3, 128, seed=2)
+    w = prepare_cpu(packed)
+    x = torch.randn(300, 576)
+    assert torch.equal(cpu_matmul(x, w, packed=packed), cpu_matmul(x, w))
+    monkeypatch.delenv(cpu_mod.BF16_PREFILL_ENV)
+    monkeypatch.setattr(cpu_mod, "_native_bf16", lambda: False)  # e.g. an AVX2-only laptop CPU
+    assert cpu_mod.bf16_prefill_rows() is None and "native bf16" in cpu_mod.bf16_prefill_reason()
+    assert torch.equal(cpu_matmul(x, w, packed=packed), cpu_matmul(x, w))
+    monkeypatch.setenv(cpu_mod.BF16_PREFILL_ENV, "many")
+    monkeypatch.setattr(cpu_mod, "_native_bf16", lambda: True)
+    with pytest.raises(ValueError, match="row count"):
+        cpu_mod.bf16_prefill_rows()

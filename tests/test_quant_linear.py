@@ -58,6 +58,8 @@ def test_kernel_paths_log_and_weight_bytes(caplog):
     assert any("kernel path cpu_int4 for 2-bit" in r.getMessage() for r in caplog.records)
     rows = [r for r in kernel_paths() if r["bits"] == 2 and r["path"] == "cpu_int4"]
     assert rows and rows[0]["device"] == "cpu" and rows[0]["layers"] >= 1 and rows[0]["fallback"] is None
+    assert rows[0]["prefill"] == ql.cpu_prefill_path()
+    assert rows[0]["prefill"].startswith(("bf16-gemm from ", "int4 ("))
     wb = layer.weight_bytes()
     assert wb["packed"] == 64 * 576 * 2 // 8
     assert wb["scales_zeros"] == 2 * 2 * 5 * 64
@@ -109,3 +111,20 @@ def test_triton_failure_raises_or_falls_back_loudly(monkeypatch, caplog):
 def test_wrong_width_raises():
     with pytest.raises(ValueError, match="layer expects 576"):
         _layer()(torch.randn(1, 512))
+
+
+def test_cpu_prefill_rows_use_the_bf16_gemm_when_asked(monkeypatch):
+    import cuda_ext.cpu as cpu_mod
+
+    layer = _layer()
+    x = torch.randn(40, 576)
+    monkeypatch.setenv(cpu_mod.BF16_PREFILL_ENV, "0")
+    int4 = layer(x)
+    assert ql.cpu_prefill_path().startswith("int4 (disabled")
+    monkeypatch.setenv(cpu_mod.BF16_PREFILL_ENV, "32")
+    monkeypatch.setattr(cpu_mod, "_native_bf16", lambda: True)
+    assert ql.cpu_prefill_path() == "bf16-gemm from 32 rows"
+    bf16 = layer(x)
+    ref = QuantLinear(layer.packed, layer.A, layer.B, layer.bias, path="reference")(x)
+    assert not torch.equal(bf16, int4)
+    assert rel_err(bf16, ref) < 1e-2 and rel_err(int4, ref) < 1e-2
