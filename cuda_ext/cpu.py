@@ -9,7 +9,7 @@ Exactness: for 2 and 3 bits we store q = code - zero + 8 (|code - zero| <= 7) an
 so the only rounding is the scale's fp16 -> bf16; for 4 bits zero_point = (8 - zero) * scale is
 rounded to bf16 too (|error| <= scale / 64). The branch runs in fp32.
 
-Prefill: for many rows (>= `bf16_prefill_rows()`, 256 by default) the int4 op is compute-bound and
+Prefill: for many rows (>= `bf16_prefill_rows()`, 512 by default) the int4 op is compute-bound and
 oneDNN's bf16 GEMM (AVX-512 bf16 / AMX) is ~2x faster, so the layer is dequantized to a bf16 W^T from
 the packed planes for that one call (~5 ms for 3072 x 576, freed afterwards) and multiplied in bf16
 with fp32 accumulation. The weight's only rounding is then (code - zero) * scale to bf16 (relative
@@ -28,7 +28,7 @@ from .packing import PackedWeight, codes_k_major, unpack
 
 _CPU_GROUPS = (256, 128, 64, 32)  # group sizes the CPU op accepts
 BF16_PREFILL_ENV = "FBSERVE_CPU_BF16_PREFILL_ROWS"
-BF16_PREFILL_ROWS = 256  # rows from which dequantize + bf16 GEMM beats the int4 op (bench/RESULTS.md)
+BF16_PREFILL_ROWS = 512  # rows from which dequantize + bf16 GEMM beats the int4 op (bench/RESULTS.md)
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""Prefill (prompt) time of one model on the CPU: each path of the quantized layers and of attention,
+in one process, so the rows compare.
+
+    .venv/bin/python bench/_prefill.py CHECKPOINT|default [--threads 1] [--lengths 256,512,1024,2048]
+
+Rows: "int4 op, masked SDPA" (the path before bf16 prefill and the causal flag: FBSERVE_CPU_BF16_PREFILL_ROWS=0
+and models.llama told that no prompt starts at position 0), "int4 op, causal SDPA", "bf16 GEMM, causal SDPA"
+(the default). Each figure is the median of 3 prefills of WikiText-2 test tokens from an empty cache,
+logits of the last position only (what serving computes), after one warm-up; max |dlogit| of each row
+to the first.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("spec")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--lengths", default="256,512,1024,2048")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.set_grad_enabled(False)
+    import models.llama as llama
+    from cuda_ext.cpu import BF16_PREFILL_ENV
+    from engine.cpu_decode import install
+    from engine.quant_linear import cpu_prefill_path
+    from models.loader import load_model
+    from quant.eval import wikitext2_text
+
+    loaded = load_model(args.spec)
+    model = loaded.model
+    lengths = [int(x) for x in args.lengths.split(",")]
+    model.setup_cache(1, max(lengths) + 8)
+    install(model)
+    ids = torch.tensor(loaded.tokenizer(wikitext2_text()[:100_000])["input_ids"][:max(lengths)])[None]
+
+    def prefill(t: int) -> torch.Tensor:
+        return model(ids[:, :t], positions=torch.arange(t)[None], slots=torch.tensor([0]), last_only=True)
+
+    never_from_start = mock.patch.object(llama.torch, "equal", lambda *a: False)  # the explicit mask
+    rows = [("int4 op, masked SDPA", "0", never_from_start), ("int4 op, causal SDPA", "0", None),
+            ("bf16 GEMM, causal SDPA", None, None)]
+    print(f"{args.spec}: threads {args.threads}, load {os.getloadavg()[0]:.2f}; default prefill path: {cpu_prefill_path()}")
+    print("| path | " + " | ".join(f"{t} tokens ms" for t in lengths) + " | max abs dlogit vs first row |")
+    print("|---|" + "---:|" * len(lengths) + "---:|")
+    first: dict[int, torch.Tensor] = {}
+    for name, env, patch in rows:
+        old = os.environ.pop(BF16_PREFILL_ENV, None)
+        if env is not None:
+            os.environ[BF16_PREFILL_ENV] = env
+        if patch is not None:
+            patch.start()
+        cells, diff = [], 0.0
+        for t in lengths:
+            out = prefill(t)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                out = prefill(t)
+                times.append(time.perf_counter() - t0)
+            cells.append(f"{statistics.median(times) * 1e3:.0f}")
+            diff = max(diff, float((out - first.setdefault(t, out)).abs().max()))
+        if patch is not None:
+            patch.stop()
+        os.environ.pop(BF16_PREFILL_ENV, None)
+        if old is not None:
+            os.environ[BF16_PREFILL_ENV] = old
+        print(f"| {name} | " + " | ".join(cells) + f" | {diff:.3g} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
