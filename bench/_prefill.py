@@ -2,6 +2,8 @@
 in one process, so the rows compare.
 
     .venv/bin/python bench/_prefill.py CHECKPOINT|default [--threads 1] [--lengths 256,512,1024,2048]
+    .venv/bin/python bench/_prefill.py --layers [--lengths 128,256,512,1024,2048]   (one random 3-bit g128
+        layer of each SmolLM2 shape: dequantize time, then int4 op vs dequantize + bf16 GEMM per length)
 
 Rows: "int4 op, masked SDPA" (the path before bf16 prefill and the causal flag: FBSERVE_CPU_BF16_PREFILL_ROWS=0
 and models.llama told that no prompt starts at position 0), "int4 op, causal SDPA", "bf16 GEMM, causal SDPA"
@@ -25,14 +27,52 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
+def _median_ms(fn, repeats: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e3
+
+
+def layers(lengths: list[int]) -> None:
+    from cuda_ext import pack, prepare_cpu
+    from cuda_ext.cpu import dequantize_bf16_t
+
+    print("| layer (N x K) | dequantize ms | " + " | ".join(f"{m} rows int4 / bf16 ms" for m in lengths) + " |")
+    print("|---|---:|" + "---|" * len(lengths))
+    for n, k in ((3072, 576), (576, 1536), (960, 576), (576, 576)):
+        groups = -(-k // 128)
+        packed = pack(torch.randint(0, 8, (n, k), dtype=torch.uint8), (torch.rand(n, groups) * 0.01 + 1e-3).half(),
+                      torch.randint(0, 8, (n, groups)).half(), 3, 128)
+        w = prepare_cpu(packed)
+        cells = []
+        for m in lengths:
+            xb = torch.randn(m, k).bfloat16()
+            int4 = _median_ms(lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w.weight, w.group_size,
+                                                                                 w.scales_zeros))
+            bf16 = _median_ms(lambda: xb @ dequantize_bf16_t(packed))
+            cells.append(f"{int4:.1f} / {bf16:.1f}")
+        print(f"| {n} x {k} | {_median_ms(lambda: dequantize_bf16_t(packed)):.1f} | " + " | ".join(cells) + " |",
+              flush=True)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("spec")
+    p.add_argument("spec", nargs="?")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--lengths", default="256,512,1024,2048")
+    p.add_argument("--lengths", default=None)
+    p.add_argument("--layers", action="store_true", help="per-layer timings instead of a whole model")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
+    if args.layers:
+        layers([int(x) for x in (args.lengths or "128,256,512,1024,2048").split(",")])
+        return
+    if not args.spec:
+        p.error("give a model (CHECKPOINT or default), or --layers")
     import models.llama as llama
     from cuda_ext.cpu import BF16_PREFILL_ENV
     from engine.cpu_decode import install
@@ -42,7 +82,7 @@ def main() -> None:
 
     loaded = load_model(args.spec)
     model = loaded.model
-    lengths = [int(x) for x in args.lengths.split(",")]
+    lengths = [int(x) for x in (args.lengths or "256,512,1024,2048").split(",")]
     model.setup_cache(1, max(lengths) + 8)
     install(model)
     ids = torch.tensor(loaded.tokenizer(wikitext2_text()[:100_000])["input_ids"][:max(lengths)])[None]
