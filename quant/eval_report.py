@@ -27,12 +27,6 @@ def load_results(paths: list[str | Path]) -> list[dict]:
     return [json.loads(f.read_text()) for f in files]
 
 
-def label(result: dict) -> str:
-    """Curve name: the method, with its rank when it has a low-rank branch."""
-    rank = result.get("rank") or 0
-    return f"{result['method']} r{rank}" if rank else result["method"]
-
-
 def _fmt(x: float | None, digits: int = 2) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
 
@@ -66,30 +60,45 @@ def markdown_table(results: list[dict]) -> str:
 
 
 def plot_results(results: list[dict], out: str | Path, text: str = PRIMARY_TEXT) -> Path:
-    """Perplexity on `text` against bits per weight, one line per method (and rank); the fp model dashed."""
+    """Perplexity on `text` against bits per weight, one line per method and rank (colour: method, line
+    style and marker: rank); the fp model dashed. With an fp reference the axis stops at 20x its
+    perplexity and points beyond (a collapsed 2-bit RTN) sit on the top edge with their value."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    curves: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    curves: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
     fp = [r for r in results if r["method"] == "fp" and text in r.get("perplexity", {})]
     for r in results:
         if r["method"] != "fp" and text in r.get("perplexity", {}):
-            curves[label(r)].append((r["bits_per_weight"], r["perplexity"][text]))
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for name in sorted(curves):
-        xs, ys = zip(*sorted(curves[name]))
-        ax.plot(xs, ys, marker="o", label=name)
+            curves[(r["method"], r.get("rank") or 0)].append((r["bits_per_weight"], r["perplexity"][text]))
+    methods = sorted({m for m, _ in curves})
+    palette = plt.get_cmap("tab10" if len(methods) <= 10 else "tab20")
+    styles = {0: ("-", "o"), 16: (":", "s"), 32: ("-", "o"), 64: ("--", "^")}
+    top = 20 * fp[0]["perplexity"][text] if fp else None
+    fig, ax = plt.subplots(figsize=(8.5, 4.8))
+    for method, rank in sorted(curves):
+        xs, ys = zip(*sorted(curves[(method, rank)]))
+        style, marker = styles.get(rank, ("-.", "d"))
+        shown = [min(y, top) if top else y for y in ys]
+        ax.plot(xs, shown, linestyle=style, marker=marker, color=palette(methods.index(method)),
+                label=f"{method} r{rank}" if rank else method)
+        for x, y in zip(xs, ys):
+            if top and y > top:
+                ax.annotate(f"{y:.3g} (off scale)", (x, top), textcoords="offset points", xytext=(7, 0),
+                            fontsize=7, va="center")
     for r in fp[:1]:
         ax.axhline(r["perplexity"][text], color="k", linestyle="--", linewidth=1,
                    label=f"fp ({r['perplexity'][text]:.2f})")
     ax.set_xlabel("bits per weight")
     ax.set_ylabel(f"perplexity ({text}, lower is better)")
     ax.set_yscale("log")
+    if top:
+        ax.set_ylim(top=top * 1.05)
     ax.grid(True, which="both", alpha=0.3)
     if curves or fp:
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
