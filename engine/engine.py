@@ -44,8 +44,21 @@ def openmp_wait_policy() -> str:
     return os.environ.get("OMP_WAIT_POLICY", "").upper()
 
 
+def cpu_threads(threads: int | None = None, decode_threads: int | None = None) -> tuple[int, int]:
+    """Intra-op threads of the CPU engine for (prefill, decode steps). Prefill: `threads`, else torch's
+    count (OMP_NUM_THREADS or the physical cores). Decode: `decode_threads`, else one fewer (at least 1):
+    a decode step is thousands of small ops, and with every core in OpenMP the server's own threads (event
+    loop, HTTP) preempt an OpenMP thread mid-step and the team waits: 2 threads on 2 cores decoded at
+    29 tok/s through the engine, 1 thread at 46 (bench/RESULTS.md, "CPU decode", run 11)."""
+    prefill = threads or torch.get_num_threads()
+    if prefill < 1 or (decode_threads is not None and decode_threads < 1):
+        raise ValueError(f"threads must be >= 1, got {threads} / {decode_threads}")
+    return prefill, decode_threads or max(1, prefill - 1)
+
+
 class Engine:
-    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = None) -> None:
+    def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = None,
+                 threads: int | None = None, decode_threads: int | None = None) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -58,10 +71,14 @@ class Engine:
         self.device = self.model.lm_head.weight.device
         self.model.setup_cache(max_batch, self.max_seq_len)
         self.cpu_decoder = None
+        self.threads: dict[str, int] | None = None  # CPU intra-op threads per phase (None on CUDA)
         if self.device.type == "cpu":  # the decode step's fast path (FBSERVE_CPU_DECODE=0 turns it off)
             from engine.cpu_decode import install
 
             self.cpu_decoder = install(self.model)
+            prefill, decode = cpu_threads(threads, decode_threads)
+            self.threads = {"prefill": prefill, "decode": decode}
+            log.info("CPU threads: %d for prefill, %d for decode steps", prefill, decode)
         eos = set(config.eos_ids())
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
@@ -143,12 +160,17 @@ class Engine:
         }
 
     def cpu_decode_status(self) -> dict[str, object]:
-        """/health's view of the CPU decode fast path (engine.cpu_decode): on or off, and its lm_head path."""
+        """/health's view of the CPU decode fast path (engine.cpu_decode): on or off, its lm_head path,
+        and the intra-op threads of prefill and decode steps (`threads`)."""
         if self.cpu_decoder is not None:
-            return self.cpu_decoder.status()
+            return {**self.cpu_decoder.status(), "threads": self.threads}
         from engine.cpu_decode import unavailable_reason
 
-        return {"enabled": False, "reason": unavailable_reason(self.model) or "not installed"}
+        return {"enabled": False, "reason": unavailable_reason(self.model) or "not installed", "threads": self.threads}
+
+    def _use_threads(self, phase: str) -> None:
+        if self.threads is not None and torch.get_num_threads() != self.threads[phase]:
+            torch.set_num_threads(self.threads[phase])
 
     def weight_bytes(self) -> dict[str, int]:
         """Model weight bytes by kind: `packed` low-bit weights, `scales` (+zeros), `branch` factors, `fp` rest,
@@ -250,6 +272,7 @@ class Engine:
             seq.slot = self._free_slots.pop()
             self._running[seq.slot] = seq
             try:
+                self._use_threads("prefill")
                 self._prefill(seq)
             except Exception as exc:
                 log.exception("prefill of %s failed", seq.request_id)
@@ -288,6 +311,7 @@ class Engine:
         return out
 
     def _decode_step(self) -> None:
+        self._use_threads("decode")
         seqs = sorted(self._running.values(), key=lambda s: s.slot)
         tokens = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
         positions = torch.tensor([[s.position] for s in seqs], device=self.device)

@@ -77,7 +77,8 @@ def serve(args: argparse.Namespace) -> int:
 
         loaded = load_model(args.model, device)
         attach_for_serving(loaded, args)  # QDEC residuals when asked; never raises for bad residual files
-        return Engine(loaded, max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+        return Engine(loaded, max_batch=args.max_batch, max_seq_len=args.max_seq_len, threads=args.threads,
+                      decode_threads=args.decode_threads)
 
     failed: list[BaseException] = []
     config = uvicorn.Config(None, host=args.host, port=args.port, log_config=None,  # our logging config
@@ -126,6 +127,11 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="longer prompts get 400 (default: only the context length bounds them)")
     p.add_argument("--max-n", type=_bounded_int(1, 128), default=8, help="largest `n` (choices) per request")
     p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--threads", type=_bounded_int(1, None), default=None,
+                   help="CPU: intra-op threads for prompts (default: torch's, OMP_NUM_THREADS or the physical cores)")
+    p.add_argument("--decode-threads", type=_bounded_int(1, None), default=None,
+                   help="CPU: intra-op threads for decode steps (default: --threads minus one, at least 1, leaving "
+                        "a core to the server's event loop)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    type=str.lower)
     p.set_defaults(func=serve)

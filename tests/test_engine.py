@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from engine.engine import Engine
 from engine.types import EngineError, GenerationRequest, SamplingParams
@@ -119,3 +120,41 @@ def test_weight_bytes_count_the_cpu_decode_copies(engine):
     assert wb["fp"] == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for name, b in model.named_buffers() if "kv_cache" not in name and "inv_freq" not in name)
     assert wb["fp"] < 4 * (model.lm_head.weight.numel() + 100_000)  # no fp32 projection weights left
+
+
+def test_cpu_threads_leave_decode_one_core_fewer(monkeypatch):
+    from engine.engine import cpu_threads
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 4)
+    assert cpu_threads() == (4, 3)
+    assert cpu_threads(threads=1) == (1, 1)
+    assert cpu_threads(threads=8, decode_threads=2) == (8, 2)
+    with pytest.raises(ValueError, match=">= 1"):
+        cpu_threads(decode_threads=0)
+
+
+def test_engine_switches_threads_between_prefill_and_decode(engine):
+    threads = engine.cpu_decode_status()["threads"]
+    assert threads == engine.threads and threads["decode"] == max(1, threads["prefill"] - 1)
+    seen = []
+    model = engine.model
+    decode_fn = model.decode_fn  # the CPU decode step: record the thread count each step runs with
+
+    def spy(*args):
+        seen.append(torch.get_num_threads())
+        return decode_fn(*args)
+
+    prefilled = []
+
+    def prefill_spy(*args):
+        prefilled.append(torch.get_num_threads())
+        return type(model).hidden_states(model, *args)
+
+    model.decode_fn, model.hidden_states = spy, prefill_spy
+    try:
+        text, _ = run(collect(engine, "threads", chat_ids(engine, "Hi"), max_tokens=4, temperature=0.0))
+    finally:
+        model.decode_fn = decode_fn
+        del model.hidden_states
+    assert prefilled == [threads["prefill"]]
+    assert text and seen and all(n == threads["decode"] for n in seen)

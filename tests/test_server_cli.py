@@ -24,6 +24,9 @@ def test_serve_options():
     assert args.func is cli.serve
     defaults = cli.build_parser().parse_args(["serve"])
     assert (defaults.model, defaults.host, defaults.device) == ("default", "127.0.0.1", "auto")
+    assert (defaults.threads, defaults.decode_threads) == (None, None)
+    threads = cli.build_parser().parse_args(["serve", "--threads", "4", "--decode-threads", "2"])
+    assert (threads.threads, threads.decode_threads) == (4, 2)
 
 
 def test_subcommand_modules(monkeypatch, caplog):

@@ -45,6 +45,7 @@ def test_health_and_models(base_url, client):
     assert health["kernel_paths"]
     fast = health["cpu_decode"]  # engine.cpu_decode on, and which lm_head it runs
     assert fast["enabled"], fast
+    assert fast["threads"]["decode"] == max(1, fast["threads"]["prefill"] - 1), fast  # a core left to the server
     x86 = "fbgemm" in torch.backends.quantized.supported_engines
     assert fast["lm_head"] == "fbgemm-fp16" if x86 else fast["lm_head"].startswith("fp32"), fast
     assert [m.id for m in client.models.list().data] == [health["model"]]
