@@ -18,6 +18,7 @@ error <= 2^-9, the size of the int4 op's own bf16 scale rounding). Off where one
 """
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -122,6 +123,7 @@ def fuse_cpu(ws: list[CpuInt4Weight]) -> tuple[CpuInt4Weight, list[CpuInt4Weight
     return fused, views
 
 
+@functools.cache
 def _native_bf16() -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
