@@ -50,10 +50,10 @@ def cpu_threads(threads: int | None = None, decode_threads: int | None = None) -
     a decode step is thousands of small ops, and with every core in OpenMP the server's own threads (event
     loop, HTTP) preempt an OpenMP thread mid-step and the team waits: 2 threads on 2 cores decoded at
     29 tok/s through the engine, 1 thread at 46 (bench/RESULTS.md, "CPU decode", run 11)."""
-    prefill = threads or torch.get_num_threads()
-    if prefill < 1 or (decode_threads is not None and decode_threads < 1):
+    if (threads is not None and threads < 1) or (decode_threads is not None and decode_threads < 1):
         raise ValueError(f"threads must be >= 1, got {threads} / {decode_threads}")
-    return prefill, decode_threads or max(1, prefill - 1)
+    prefill = threads if threads is not None else torch.get_num_threads()
+    return prefill, decode_threads if decode_threads is not None else max(1, prefill - 1)
 
 
 class Engine:

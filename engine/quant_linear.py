@@ -185,6 +185,7 @@ def kernel_paths() -> list[dict]:
     layers, fallback (None, or why a layer left the Triton path); cpu_int4 rows add prefill
     (`cpu_prefill_path()`)."""
     rows: dict[tuple, dict] = {}
+    prefill = cpu_prefill_path()  # one answer for every cpu_int4 row
     for m in list(_LIVE):
         dev = str(m.qweight.device)
         key = (m.path, m.bits, dev, m.fallback_reason)
@@ -192,7 +193,7 @@ def kernel_paths() -> list[dict]:
                                     "layers": 0, "fallback": m.fallback_reason})
         row["layers"] += 1
         if m.path == "cpu_int4":
-            row["prefill"] = cpu_prefill_path()
+            row["prefill"] = prefill
         if m.group_size not in row["group_sizes"]:
             row["group_sizes"].append(m.group_size)
     return sorted(rows.values(), key=lambda r: (r["device"], r["path"], r["bits"]))

@@ -131,6 +131,8 @@ def test_cpu_threads_leave_decode_one_core_fewer(monkeypatch):
     assert cpu_threads(threads=8, decode_threads=2) == (8, 2)
     with pytest.raises(ValueError, match=">= 1"):
         cpu_threads(decode_threads=0)
+    with pytest.raises(ValueError, match=">= 1"):
+        cpu_threads(threads=0)
 
 
 def test_engine_switches_threads_between_prefill_and_decode(engine):
