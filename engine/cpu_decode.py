@@ -5,7 +5,9 @@ then hands decode steps (tokens (B, 1) with cache positions) to it, everything e
 evaluation, no cache) takes the ordinary module path. What it changes (memory: see the fp16 item):
 
   * q/k/v and gate/up of each layer read the same input, so they run as ONE matmul each:
-    - QuantLinear (cpu_int4): one torch int4 CPU matmul over the output-concatenated weight
+    - QuantLinear on fbserve's CPU kernel (cuda_ext/cpu_native.c, where the CPU has AVX-512 BF16):
+      one kernel call over the layers' own weights (branch and bias inside), outputs side by side.
+    - QuantLinear on torch's int4 op: one torch int4 CPU matmul over the output-concatenated weight
       (cuda_ext.cpu.fuse_cpu); each QuantLinear's own CPU weight becomes a view of it, so the
       module path (prefill, QDEC hooks, eval) still works and costs no second copy. The low-rank
       branches share one x @ [A_q; A_k; A_v]^T, then one addmm per part into its columns.
@@ -46,6 +48,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cuda_ext.cpu import fuse_cpu
+from cuda_ext.cpu_native import NativeGroup
 from engine.fp16_linear import PATH as FP16_PATH
 from engine.fp16_linear import Fp16Linear, fp16_linear, fp16_pack
 from engine.quant_linear import QuantLinear
@@ -151,6 +154,19 @@ class _Proj:
         return y
 
 
+class _NativeProj:
+    """QuantLinear layers on the CPU kernel that read the same input, as one call of it (their own
+    weights: nothing is copied): __call__(x (M, K) fp32) -> (M, N_total) fp32."""
+
+    def __init__(self, mods: list[QuantLinear], on_stale=None) -> None:
+        self.mods = mods
+        self.group = NativeGroup([m.native_weight(on_stale) for m in mods])
+        self.widths, self.offsets = [m.out_features for m in mods], self.group.offsets
+
+    def __call__(self, x: Tensor) -> Tensor:
+        return self.group(x)
+
+
 class _Each:
     """Module calls, concatenated: Fp16Linear groups (fbgemm packs are per module), and groups mixing
     QuantLinear and nn.Linear (partly quantized models)."""
@@ -163,7 +179,9 @@ class _Each:
         return ys[0] if len(ys) == 1 else torch.cat(ys, dim=-1)
 
 
-def _proj(mods: list[nn.Module], on_stale=None) -> _Proj | _Each:
+def _proj(mods: list[nn.Module], on_stale=None) -> _Proj | _NativeProj | _Each:
+    if all(isinstance(m, QuantLinear) and m.native_weight() is not None for m in mods):
+        return _NativeProj(mods, on_stale)
     if all(isinstance(m, QuantLinear) for m in mods):
         ws = [m._cpu for m in mods]
         if (len({(w.in_features, w.group_size, w.k_cpu) for w in ws}) == 1

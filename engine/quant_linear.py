@@ -3,9 +3,11 @@ kernel path from the device and reports it.
 
 Paths:
   triton     CUDA tensors: cuda_ext's Triton kernels (decode m <= 16 fused branch, prefill m > 16)
-  cpu_int4   CPU tensors: torch's int4 CPU matmul + the branch in fp32 (converted once per .to());
-             calls of many rows (prefill) dequantize to bf16 for oneDNN's GEMM where the CPU has native
-             bf16 (cuda_ext.cpu.bf16_prefill_rows; kernel_paths() rows say which, key "prefill")
+  cpu_int4   CPU tensors (converted once per .to()): fbserve's own kernel (cuda_ext/cpu_native.c: the
+             codes at their own width, the branch in the same call) where the CPU has AVX-512 BF16 and a
+             C compiler is present, else torch's int4 CPU matmul + the branch in fp32 (kernel_paths()
+             rows say which, key "decode", and why); calls of many rows (prefill) dequantize to bf16 for
+             oneDNN's GEMM where the CPU has native bf16 (cuda_ext.cpu.bf16_prefill_rows; key "prefill")
   reference  cuda_ext.reference in fp32; only when asked (path="reference" or FBSERVE_KERNEL_PATH)
 The environment variable FBSERVE_KERNEL_PATH (auto|triton|cpu_int4|reference) overrides the
 default "auto".  A Triton failure on CUDA raises; with FBSERVE_KERNEL_FALLBACK=1 it logs an error,
@@ -23,6 +25,7 @@ from torch import nn
 from cuda_ext import (PackedWeight, cpu_matmul, interpreting, prepare_cpu, quant_matmul,
                       quant_matmul_ref)
 from cuda_ext.cpu import bf16_prefill_reason, bf16_prefill_rows
+from cuda_ext.cpu_native import KERNEL_NAME, NativeGroup, NativeWeight, native_matmul, native_reason, prepare_native
 
 log = logging.getLogger("fbserve.kernels")
 PATHS = ("triton", "cpu_int4", "reference")
@@ -66,7 +69,7 @@ class QuantLinear(nn.Module):
             raise ValueError(f"kernel path {self.requested_path!r} unknown; choose auto or one of {PATHS}")
         self.path = ""
         self.fallback_reason: str | None = None
-        self._cpu = None
+        self._cpu = self._native = None
         self._select_path()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._select_path())
         _LIVE.add(self)
@@ -96,11 +99,14 @@ class QuantLinear(nn.Module):
             raise ValueError(f"path 'triton' needs CUDA tensors (or TRITON_INTERPRET=1); layer is on {dev}")
         if path == "cpu_int4" and dev.type != "cpu":
             raise ValueError(f"path 'cpu_int4' needs CPU tensors; layer is on {dev}")
-        self._cpu = self._a_t = self._b_t = self._bias32 = None
+        self._cpu = self._a_t = self._b_t = self._bias32 = self._native = self._native_call = None
         owner, self._cpu_owner = getattr(self, "_cpu_owner", None), None
         if owner is not None:
             owner()  # whoever shared our CPU weight (engine.cpu_decode) learns that its copy is stale
-        if path == "cpu_int4":
+        if path == "cpu_int4" and native_reason() is None:
+            self._native = prepare_native(self.packed, self.A, self.B, self.bias)
+            self._native_call = NativeGroup([self._native])
+        elif path == "cpu_int4":
             self._cpu = prepare_cpu(self.packed)
             if self.A is not None:
                 self._a_t = self.A.float().t().contiguous()  # (K, r)
@@ -113,7 +119,14 @@ class QuantLinear(nn.Module):
         _ANNOUNCED.add(key)
         log.log(level, "kernel path %s for %d-bit g%d %dx%d layers on %s (rank %d)%s", path, self.bits,
                 self.group_size, self.out_features, self.in_features, dev, self.rank,
-                f"; prefill: {cpu_prefill_path()}" if path == "cpu_int4" else "")
+                f"; decode: {cpu_decode_kernel()}; prefill: {cpu_prefill_path()}" if path == "cpu_int4" else "")
+
+    def native_weight(self, on_reprepare=None) -> NativeWeight | None:
+        """The layer's CPU-kernel weight (None when torch's int4 op serves it), for engine.cpu_decode to
+        run several layers in one call; `on_reprepare()` is called when the layer re-prepares its path."""
+        if self._native is not None:
+            self._cpu_owner = on_reprepare
+        return self._native
 
     def share_cpu(self, w, a_t: torch.Tensor | None, b_t: torch.Tensor | None, on_reprepare=None) -> None:
         """Adopt a CpuInt4Weight (and fp32 A^T, B^T) that views a fused weight of several layers
@@ -153,17 +166,22 @@ class QuantLinear(nn.Module):
                 log.error("Triton kernel failed on %s: %r; this layer falls back to the reference path",
                           x.device, e)
                 self.path, self.fallback_reason = "reference", f"triton failed: {e!r}"[:300]
+        if self._native_call is not None:
+            return native_matmul(x, self._native_call, self.packed, self.A, self.B, self.bias)
         if self.path == "cpu_int4":
             return cpu_matmul(x, self._cpu, self._a_t, self._b_t, self._bias32, packed=self.packed)
         return quant_matmul_ref(x, self.packed, self.A, self.B, self.bias)
 
     def weight_bytes(self) -> dict[str, int]:
         """Resident bytes by kind: packed (qweight), scales_zeros, branch (fp16 A, B), bias, and
-        cpu_int4 (the CPU path's own copies: torch's int4 pack and fp32 A^T, B^T; 0 elsewhere)."""
+        cpu_int4 (the CPU path's own copies: the CPU kernel's tiles, fp32 scales and fp16 B^T, or torch's
+        int4 pack and fp32 A^T, B^T; 0 elsewhere)."""
         out = self.packed.nbytes()
         out["branch"] = 0 if self.A is None else (self.A.numel() + self.B.numel()) * 2
         out["bias"] = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         out["cpu_int4"] = 0 if self._cpu is None else self._cpu.nbytes()
+        if self._native is not None:
+            out["cpu_int4"] = self._native.nbytes()
         if self._a_t is not None:
             out["cpu_int4"] += (self._a_t.numel() + self._b_t.numel()) * 4
         return out
@@ -173,19 +191,28 @@ class QuantLinear(nn.Module):
                 f"group_size={self.group_size}, rank={self.rank}, path={self.path}")
 
 
+def cpu_decode_kernel() -> str:
+    """What cpu_int4 layers run calls of few rows with: fbserve's CPU kernel, or "torch-int4 (<why not>)"."""
+    why = native_reason()
+    return KERNEL_NAME if why is None else f"torch-int4 ({why})"
+
+
 def cpu_prefill_path() -> str:
-    """How cpu_int4 layers run calls of many rows: "bf16-gemm from N rows", or "int4 (<why not bf16>)"."""
+    """How cpu_int4 layers run calls of many rows: "bf16-gemm from N rows", or the small-call kernel
+    with why not bf16: "fbserve-avx512bf16 (<why>)" / "int4 (<why>)" (torch's op)."""
     rows = bf16_prefill_rows()
-    return f"bf16-gemm from {rows} rows" if rows is not None else f"int4 ({bf16_prefill_reason()})"
+    if rows is not None:
+        return f"bf16-gemm from {rows} rows"
+    return f"{KERNEL_NAME if native_reason() is None else 'int4'} ({bf16_prefill_reason()})"
 
 
 def kernel_paths() -> list[dict]:
     """Live kernel paths, one row per (path, bits, device, fallback): what /health and the gauge
     fbserve_kernel_info{path,bits,device} report.  Row keys: path, bits, device, group_sizes,
-    layers, fallback (None, or why a layer left the Triton path); cpu_int4 rows add prefill
-    (`cpu_prefill_path()`)."""
+    layers, fallback (None, or why a layer left the Triton path); cpu_int4 rows add decode
+    (`cpu_decode_kernel()`) and prefill (`cpu_prefill_path()`)."""
     rows: dict[tuple, dict] = {}
-    prefill = cpu_prefill_path()  # one answer for every cpu_int4 row
+    decode, prefill = cpu_decode_kernel(), cpu_prefill_path()  # one answer for every cpu_int4 row
     for m in list(_LIVE):
         dev = str(m.qweight.device)
         key = (m.path, m.bits, dev, m.fallback_reason)
@@ -193,7 +220,7 @@ def kernel_paths() -> list[dict]:
                                     "layers": 0, "fallback": m.fallback_reason})
         row["layers"] += 1
         if m.path == "cpu_int4":
-            row["prefill"] = prefill
+            row["decode"], row["prefill"] = decode, prefill
         if m.group_size not in row["group_sizes"]:
             row["group_sizes"].append(m.group_size)
     return sorted(rows.values(), key=lambda r: (r["device"], r["path"], r["bits"]))

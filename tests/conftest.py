@@ -149,3 +149,47 @@ def client(fake_engine):
 
     with TestClient(create_app(fake_engine, metrics=Metrics()), raise_server_exceptions=False) as c:
         yield c
+
+
+def _cpu_kernel(monkeypatch, kind: str) -> None:
+    from cuda_ext import cpu_native
+
+    if kind == "torch-int4":
+        monkeypatch.setenv(cpu_native.ENV, "0")
+    else:
+        monkeypatch.delenv(cpu_native.ENV, raising=False)
+    cpu_native._load.cache_clear()
+    why = cpu_native.native_reason()
+    if kind == "native" and why is not None:
+        pytest.skip(f"fbserve's CPU kernel is unavailable here: {why}")
+
+
+@pytest.fixture(params=["native", "torch-int4"])
+def cpu_kernel(request, monkeypatch):
+    """Run the test once per CPU kernel of the cpu_int4 path: fbserve's (cuda_ext/cpu_native.c; skipped,
+    with the reason, where the CPU or compiler cannot run it) and torch's int4 op."""
+    _cpu_kernel(monkeypatch, request.param)
+    yield request.param
+    from cuda_ext import cpu_native
+
+    cpu_native._load.cache_clear()
+
+
+@pytest.fixture
+def native_kernel(monkeypatch):
+    """fbserve's CPU kernel (skipped, with the reason, where unavailable)."""
+    _cpu_kernel(monkeypatch, "native")
+    yield
+    from cuda_ext import cpu_native
+
+    cpu_native._load.cache_clear()
+
+
+@pytest.fixture
+def torch_int4(monkeypatch):
+    """The cpu_int4 path on torch's int4 op (tests of that op's own pack and fusion)."""
+    _cpu_kernel(monkeypatch, "torch-int4")
+    yield
+    from cuda_ext import cpu_native
+
+    cpu_native._load.cache_clear()

@@ -112,23 +112,23 @@ def test_fp32_model_fast_step_matches_module_path(bias):
 
 
 @pytest.mark.parametrize("bits,group", [(3, 64), (4, 128), (2, 32)])
-def test_quantized_fast_step_matches_module_path(bits, group):
+def test_quantized_fast_step_matches_module_path(bits, group, cpu_kernel):
     check_same(quantize(tiny(), bits, group), exact=quantize(tiny(), bits, group, path="reference"))
 
 
-def test_quantized_batch_at_different_positions_and_single_row():
+def test_quantized_batch_at_different_positions_and_single_row(cpu_kernel):
     # three rows at three positions: the per-row mask
     check_same(quantize(tiny(bias=True), rank=4), exact=quantize(tiny(bias=True), rank=4, path="reference"))
     check_same(quantize(tiny(bias=True), rank=4), prompts=[PROMPTS[2]], steps=4,
                exact=quantize(tiny(bias=True), rank=4, path="reference"))
 
 
-def test_mixed_group_falls_back_to_module_calls():
+def test_mixed_group_falls_back_to_module_calls(cpu_kernel):
     # q/v quantized, k plain nn.Linear: no fused q/k/v
     check_same(quantize(tiny(), skip="k_proj"), exact=quantize(tiny(), skip="k_proj", path="reference"))
 
 
-def test_fast_step_agrees_with_module_path_after_install():
+def test_fast_step_agrees_with_module_path_after_install(cpu_kernel):
     """The module path (prefill, evaluation) reads the shared views: same logits after install."""
     model = tiny()
     quantize(model)
@@ -138,7 +138,7 @@ def test_fast_step_agrees_with_module_path_after_install():
     assert torch.allclose(model(toks), before, rtol=1e-5, atol=1e-5)
 
 
-def test_layers_share_the_fused_int4_weight():
+def test_layers_share_the_fused_int4_weight(torch_int4):
     model = tiny()
     quantize(model)
     dec = install(model)
@@ -149,7 +149,20 @@ def test_layers_share_the_fused_int4_weight():
     assert sum(m.weight_bytes()["cpu_int4"] for m in (att.q_proj, att.k_proj, att.v_proj)) > 0
 
 
-def test_fuse_cpu_equals_separate_layers():
+def test_native_groups_call_the_layers_own_weights(native_kernel):
+    """On fbserve's CPU kernel q/k/v run as one call over the layers' own tile weights (nothing copied)."""
+    from engine.cpu_decode import _NativeProj
+
+    model = quantize(tiny())
+    dec = install(model)
+    att = model.model.layers[0].self_attn
+    assert isinstance(dec.layers[0].qkv, _NativeProj)
+    assert [w.words.data_ptr() for w in dec.layers[0].qkv.group.weights] == [
+        m._native.words.data_ptr() for m in (att.q_proj, att.k_proj, att.v_proj)]
+    assert att.q_proj._cpu is None  # no torch int4 pack beside it
+
+
+def test_fuse_cpu_equals_separate_layers(torch_int4):
     parts = [random_layer(n, 192, 3, 64, seed=n)[0] for n in (64, 128, 40)]  # 40: padded to 48 rows
     ws = [prepare_cpu(p) for p in parts]
     fused, views = fuse_cpu(ws)
@@ -167,7 +180,7 @@ def test_fuse_cpu_equals_separate_layers():
         fuse_cpu([ws[2], ws[0]])
 
 
-def test_unaligned_groups_are_not_fused():
+def test_unaligned_groups_are_not_fused(torch_int4):
     """tiny()'s k/v have 64 rows, q 128: fused. A q of 48 rows would not be (see fuse_cpu)."""
     from engine.cpu_decode import _Each, _proj
 
@@ -175,7 +188,7 @@ def test_unaligned_groups_are_not_fused():
     assert isinstance(_proj(small), _Each)
 
 
-def test_hooks_send_steps_to_the_module_path():
+def test_hooks_send_steps_to_the_module_path(cpu_kernel):
     model = tiny()
     quantize(model)
     dec = install(model)
@@ -193,7 +206,7 @@ def test_disabled_by_env(monkeypatch):
 
 
 
-def test_reprepared_layer_turns_the_fast_path_off():
+def test_reprepared_layer_turns_the_fast_path_off(cpu_kernel):
     model = quantize(tiny())
     dec = install(model)
     assert dec.usable()

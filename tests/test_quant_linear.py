@@ -23,7 +23,7 @@ def _layer(path=None, rank=8, bias=True, n=64, k=576, bits=3):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_cpu_dispatch_and_dtypes(dtype):
+def test_cpu_dispatch_and_dtypes(dtype, cpu_kernel):
     layer = _layer()
     assert layer.path == "cpu_int4"
     x = torch.randn(2, 3, 576).to(dtype)
@@ -51,7 +51,7 @@ def test_triton_path_in_interpreter_matches_cpu_path():
     assert rel_err(tri(x), cpu(x)) < 2e-2
 
 
-def test_kernel_paths_log_and_weight_bytes(caplog):
+def test_kernel_paths_log_and_weight_bytes(caplog, cpu_kernel):
     ql._ANNOUNCED.clear()
     with caplog.at_level(logging.INFO, logger="fbserve.kernels"):
         layer = _layer(bits=2)
@@ -59,12 +59,17 @@ def test_kernel_paths_log_and_weight_bytes(caplog):
     rows = [r for r in kernel_paths() if r["bits"] == 2 and r["path"] == "cpu_int4"]
     assert rows and rows[0]["device"] == "cpu" and rows[0]["layers"] >= 1 and rows[0]["fallback"] is None
     assert rows[0]["prefill"] == ql.cpu_prefill_path()
-    assert rows[0]["prefill"].startswith(("bf16-gemm from ", "int4 ("))
+    assert rows[0]["prefill"].startswith(("bf16-gemm from ", "int4 (", "fbserve-avx512bf16 ("))
+    assert rows[0]["decode"] == ql.cpu_decode_kernel()
+    assert rows[0]["decode"] == ("fbserve-avx512bf16" if cpu_kernel == "native" else "torch-int4 (disabled (FBSERVE_CPU_NATIVE=0))")
     wb = layer.weight_bytes()
     assert wb["packed"] == 64 * 576 * 2 // 8
     assert wb["scales_zeros"] == 2 * 2 * 5 * 64
     assert wb["branch"] == (8 * 576 + 64 * 8) * 2
-    assert wb["cpu_int4"] > (8 * 576 + 64 * 8) * 4  # torch's int4 pack + the fp32 branch copies
+    if cpu_kernel == "native":  # 2-bit tiles + fp32 sa/sb per group + fp16 B^T + fp32 bias
+        assert wb["cpu_int4"] == 64 * 576 * 2 // 8 + 2 * 4 * 5 * 64 + 8 * 64 * 2 + 64 * 4
+    else:
+        assert wb["cpu_int4"] > (8 * 576 + 64 * 8) * 4  # torch's int4 pack + the fp32 branch copies
     model = torch.nn.Sequential(layer, torch.nn.ReLU(), _layer(bits=2))
     assert weight_bytes(model)["packed"] == 2 * wb["packed"]
 
@@ -113,14 +118,14 @@ def test_wrong_width_raises():
         _layer()(torch.randn(1, 512))
 
 
-def test_cpu_prefill_rows_use_the_bf16_gemm_when_asked(monkeypatch):
+def test_cpu_prefill_rows_use_the_bf16_gemm_when_asked(monkeypatch, cpu_kernel):
     import cuda_ext.cpu as cpu_mod
 
     layer = _layer()
     x = torch.randn(40, 576)
     monkeypatch.setenv(cpu_mod.BF16_PREFILL_ENV, "0")
     int4 = layer(x)
-    assert ql.cpu_prefill_path().startswith("int4 (disabled")
+    assert ql.cpu_prefill_path().startswith(("int4 (disabled", "fbserve-avx512bf16 (disabled"))
     monkeypatch.setenv(cpu_mod.BF16_PREFILL_ENV, "32")
     monkeypatch.setattr(cpu_mod, "_native_bf16", lambda: True)
     assert ql.cpu_prefill_path() == "bf16-gemm from 32 rows"

@@ -1,0 +1,289 @@
+"""fbserve's own CPU kernel (cpu_native.c): quantized matmul + low-rank branch + bias in one pass.
+
+Where the CPU has AVX-512 BF16 and a C compiler is present, the kernel is compiled once (~1 s) into
+$FBSERVE_HOME/native/<source hash>/ and loaded with ctypes; `native_reason()` says why not otherwise,
+and the CPU path then stays on torch's int4 op (cuda_ext.cpu), reported as such (no silent switch).
+
+Against torch's int4 op + the fp32 branch it reads the codes at their own width (3 bits per 3-bit
+weight, not a 4-bit container), the scales in fp32 (exact) and the fp16 branch factors as stored, and
+does the branch inside the same call: 1.3-2.2x faster per SmolLM2 layer at batch 1 (bench/RESULTS.md).
+
+Layout: `tile_words` re-lays the fbq1 codes per 16 output columns and per group (cpu_native.c's
+header); `NativeWeight` holds one layer, `NativeGroup` runs one or several layers that read the same
+input (q/k/v) as ONE call writing their outputs side by side.
+
+FBSERVE_CPU_NATIVE=0 turns the kernel off (torch's int4 op is used).
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .cpu import bf16_prefill_rows, dequantize_bf16_t
+from .packing import PackedWeight, codes_k_major
+
+log = logging.getLogger("fbserve.kernels")
+ENV = "FBSERVE_CPU_NATIVE"
+SOURCE = Path(__file__).with_name("cpu_native.c")
+CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
+          "-mavx512bf16", "-mf16c", "-mfma"]
+CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma")
+KERNEL_NAME = "fbserve-avx512bf16"
+
+
+class _Part(ctypes.Structure):
+    _fields_ = [("words", ctypes.c_void_p), ("sa", ctypes.c_void_p), ("sb", ctypes.c_void_p),
+                ("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("bias", ctypes.c_void_p)] + [
+        (name, ctypes.c_int32) for name in ("n", "n_pad", "bits", "group", "rank", "y_off", "words_per_tile", "pad_")]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _build_dir() -> Path:
+    home = Path(os.environ.get("FBSERVE_HOME", Path.home() / ".cache" / "fbserve")).expanduser()
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    return home / "native" / digest
+
+
+def _compile(cc: str, out: Path) -> None:
+    """Compile to a temporary file beside `out`, then rename: concurrent builders never see half a file."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:400]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
+    """(library, None) or (None, why it is unavailable); built at most once per source version."""
+    if os.environ.get(ENV, "1").strip().lower() in ("0", "off", ""):
+        return None, f"disabled ({ENV}=0)"
+    if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() != "Linux":
+        return None, f"needs Linux x86-64 with AVX-512 BF16 ({platform.system()} {platform.machine()})"
+    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
+    if missing:
+        return None, f"this CPU lacks {', '.join(missing)}"
+    out = _build_dir() / "libfbq_cpu.so"
+    if not out.exists():
+        cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            return None, "no C compiler (cc) to build cuda_ext/cpu_native.c"
+        try:
+            _compile(cc, out)
+        except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
+            return None, f"build failed: {e}"[:500]
+        log.info("built the CPU kernel %s", out)
+    try:
+        lib = ctypes.CDLL(str(out))
+    except OSError as e:
+        return None, f"cannot load {out}: {e}"[:500]
+    fn = lib.fbq_cpu_matmul
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                   ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    return lib, None
+
+
+def native_reason() -> str | None:
+    """Why the CPU kernel is not used here (disabled, CPU, compiler, build), or None when it is."""
+    return _load()[1]
+
+
+def tile_words(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
+    """Codes (N, K) integer -> int32 words (ceil(N/16), words_per_tile, 16), cpu_native.c's tile layout.
+    K is padded to a multiple of 32 with code 0 (x is zero there, so the padding adds nothing)."""
+    n, k = codes.shape
+    n_pad, k_pad = -(-n // 16) * 16, -(-k // 32) * 32
+    c = torch.zeros(n_pad, k_pad, dtype=torch.int64)
+    c[:n, :k] = codes.to(torch.int64).cpu()
+
+    def words(vals: torch.Tensor, pairs: int, width: int) -> torch.Tensor:  # (n_pad, rows)
+        v = (vals & ((1 << width) - 1)).view(n_pad, -1, pairs, 2)
+        shift = torch.arange(pairs) * width
+        return (v[..., 0] << shift).sum(-1) | (v[..., 1] << (shift + 16)).sum(-1)
+
+    lo, lo_k = (words(c, 4, 4), 8) if bits == 4 else (words(c, 8, 2), 16)
+    hi = words(c >> 2, 16, 1) if bits == 3 else None
+    parts = []
+    for g0 in range(0, k, group_size):
+        g1 = min(g0 + group_size, k_pad)
+        parts.append(lo[:, g0 // lo_k:g1 // lo_k])
+        if hi is not None:
+            parts.append(hi[:, g0 // 32:g1 // 32])
+    w = torch.cat(parts, dim=1)
+    w = torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
+    return w.view(n_pad // 16, 16, -1).transpose(1, 2).contiguous()
+
+
+def tile_codes(words: torch.Tensor, bits: int, group_size: int, in_features: int, out_features: int) -> torch.Tensor:
+    """Inverse of `tile_words`: int64 codes (out_features, in_features)."""
+    n_pad, k_pad = words.shape[0] * 16, -(-in_features // 32) * 32
+    w = words.transpose(1, 2).reshape(n_pad, -1).to(torch.int64) & 0xFFFFFFFF
+    lo_k = 8 if bits == 4 else 16
+    codes = torch.zeros(n_pad, k_pad, dtype=torch.int64)
+    col = 0
+    for g0 in range(0, in_features, group_size):
+        g1 = min(g0 + group_size, k_pad)
+        for rows, width, per, shift in ((g1 - g0) // lo_k, 4 if bits == 4 else 2, lo_k // 2, 0), \
+                                       (((g1 - g0) // 32, 1, 16, 2) if bits == 3 else (0, 0, 0, 0)):
+            if not rows:
+                continue
+            blk = w[:, col:col + rows]  # (n_pad, rows)
+            i = torch.arange(per) * width
+            even = (blk[..., None] >> i) & ((1 << width) - 1)
+            odd = (blk[..., None] >> (i + 16)) & ((1 << width) - 1)
+            vals = torch.stack((even, odd), dim=-1).reshape(n_pad, rows * per * 2)
+            codes[:, g0:g0 + rows * per * 2] |= vals << shift
+            col += rows
+    return codes[:out_features, :in_features]
+
+
+@dataclass
+class NativeWeight:
+    """One layer for the CPU kernel, everything a 16-column tile reads contiguous: words int32
+    (n_pad/16, words_per_tile, 16); sa, sb fp32 (n_pad/16, G, 16) (header of cpu_native.c); the branch
+    a fp16 (r, K) and bt = B^T fp16 (n_pad/16, r, 16), or None; bias fp32 (n_pad) or None."""
+
+    words: torch.Tensor
+    sa: torch.Tensor
+    sb: torch.Tensor
+    a: torch.Tensor | None
+    bt: torch.Tensor | None
+    bias: torch.Tensor | None
+    bits: int
+    group_size: int
+    in_features: int
+    out_features: int
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.a is None else int(self.a.shape[0])
+
+    def nbytes(self) -> int:
+        ts = (self.words, self.sa, self.sb, self.bt, self.bias)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
+
+    def part(self, y_off: int) -> _Part:
+        ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
+        return _Part(self.words.data_ptr(), self.sa.data_ptr(), self.sb.data_ptr(), ptr(self.a), ptr(self.bt),
+                     ptr(self.bias), self.out_features, self.words.shape[0] * 16, self.bits, self.group_size,
+                     self.rank, y_off, self.words.shape[1], 0)
+
+
+def _per_tile(t: torch.Tensor) -> torch.Tensor:
+    """(rows, n_pad) -> (n_pad / 16, rows, 16) contiguous: one 16-column tile's values together."""
+    return t.reshape(t.shape[0], -1, 16).transpose(0, 1).contiguous()
+
+
+def prepare_native(packed: PackedWeight, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                   bias: torch.Tensor | None = None) -> NativeWeight:
+    """Convert a packed layer (+ fp16 branch A (r, K), B (N, r), bias) for the CPU kernel, once."""
+    k, n, bits, g = packed.in_features, packed.out_features, packed.bits, packed.group_size
+    codes = codes_k_major(packed.to("cpu"))[:k, :n].t()
+    n_pad = -(-n // 16) * 16
+    scales = torch.zeros(packed.groups, n_pad)
+    zeros = torch.zeros(packed.groups, n_pad)
+    scales[:, :n] = packed.scales[:, :n].float().cpu()
+    zeros[:, :n] = packed.zeros[:, :n].float().cpu()
+    lane = 16 if bits == 4 else 8  # a code's bf16 pair value is 1 + code / lane
+    terms = 2 if bits == 3 else 1  # 3-bit adds the lo and the hi word: each contributes sum(x)
+    bt = None
+    if a is not None and a.shape[0] == 0:  # rank 0: no branch
+        a = None
+    if a is not None:
+        bt = torch.zeros(n_pad, a.shape[0], dtype=torch.float16)
+        bt[:n] = b.to(torch.float16).cpu()
+        bt = _per_tile(bt.t())
+        a = a.to(torch.float16).cpu().contiguous()
+    bias32 = None
+    if bias is not None:
+        bias32 = torch.zeros(n_pad)
+        bias32[:n] = bias.float().cpu()
+    return NativeWeight(tile_words(codes, bits, g), _per_tile(scales * lane),
+                        _per_tile(scales * (lane * terms + zeros)), a, bt, bias32, bits, g, k, n)
+
+
+class NativeGroup:
+    """Layers that read the same x, as one kernel call: __call__(x (M, K) fp32) -> (M, sum N) fp32, layer
+    i in columns offsets[i] : offsets[i] + out_features."""
+
+    def __init__(self, weights: list[NativeWeight]) -> None:
+        lib, why = _load()
+        if lib is None:
+            raise RuntimeError(f"the CPU kernel is unavailable: {why}")
+        if len({w.in_features for w in weights}) != 1:
+            raise ValueError(f"one call needs one input width: {[w.in_features for w in weights]}")
+        self.weights = weights  # keeps the tensors the parts point at alive
+        self.in_features = weights[0].in_features
+        self.offsets, off = [], 0
+        for w in weights:
+            self.offsets.append(off)
+            off += w.out_features
+        self.out_features = off
+        self._parts = (_Part * len(weights))(*[w.part(o) for w, o in zip(weights, self.offsets)])
+        self._fn = lib.fbq_cpu_matmul
+        k_pad = -(-self.in_features // 32) * 32
+        self._scratch_per_row = k_pad * 2 + k_pad // 32 * 4 + sum(w.rank for w in weights) * 4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.in_features:
+            raise ValueError(f"x: expected (M, {self.in_features}), got {tuple(x.shape)}")
+        if x.dtype != torch.float32 or not x.is_contiguous():
+            x = x.float().contiguous()
+        m = x.shape[0]
+        y = torch.empty(m, self.out_features)
+        if m == 0:
+            return y
+        scratch = torch.empty(m * self._scratch_per_row, dtype=torch.uint8)  # per call: thread-safe
+        self._fn(m, self.in_features, x.data_ptr(), self.in_features, y.data_ptr(), self.out_features,
+                 len(self.weights), ctypes.addressof(self._parts), torch.get_num_threads(), scratch.data_ptr())
+        return y
+
+
+def native_matmul(x: torch.Tensor, group: NativeGroup, packed: PackedWeight | None = None,
+                  a: torch.Tensor | None = None, b: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ (x @ A^T) @ B^T) (+ bias) through `group` (one layer); x (..., K) any float dtype,
+    returns (..., N) in x.dtype. Given `packed` (and the layer's fp16 A, B, its bias), calls of >=
+    cuda_ext.cpu.bf16_prefill_rows() rows take the dequantize + bf16 GEMM path instead (prefill)."""
+    k = group.in_features
+    if x.shape[-1] != k:
+        raise ValueError(f"x: last dim {x.shape[-1]} != in_features {k}")
+    x2 = x.reshape(-1, k)
+    min_rows = bf16_prefill_rows() if packed is not None else None
+    if min_rows is not None and x2.shape[0] >= min_rows:
+        y = (x2.to(torch.bfloat16) @ dequantize_bf16_t(packed)).float()
+        if a is not None:
+            y = torch.addmm(y, x2.float() @ a.float().t(), b.float().t())
+        if bias is not None:
+            y = y + bias.float()
+    else:
+        y = group(x2)
+    return y.to(x.dtype).reshape(*x.shape[:-1], group.out_features)
