@@ -19,6 +19,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 typedef struct {
@@ -210,5 +211,141 @@ void fbq_cpu_matmul(int M, int K, const float *x, int ldx, float *y, int ldy, in
     int i = 0, tile = ti, r0 = 0;
     while (tile >= parts[i].n_pad / 16) { tile -= parts[i].n_pad / 16; r0 += parts[i].rank; i++; }
     tile_all_rows(parts + i, tile, M, K, k_pad, xb, xs32, t + r0, r_total, y, ldy);
+  }
+}
+
+/* ---- whole decoder layers for decode steps (one new token per row) ------------------------------------
+ * Llama layers whose seven projections all run on the kernel above, in one call per step: RMSNorm,
+ * q/k/v, RoPE (cos/sin given per row), KV-cache write, attention of each row over its own cached
+ * positions 0..pos (GQA: kv head j serves query heads j*G .. j*G+G-1), o, RMSNorm, gate/up, SiLU * up,
+ * down, residual adds. All fp32 except the projections' bf16 x (above). */
+
+typedef struct {
+  const float *ln1, *ln2;        /* RMSNorm weights (C) */
+  const fbq_part *qkv, *o, *gu, *down;
+  float *k_cache, *v_cache;      /* (slots, Hkv, max_len, D) fp32 contiguous */
+  float eps1, eps2;
+  int32_t n_qkv, n_gu, pad_[2];
+} fbq_layer;
+
+typedef struct {
+  int32_t C, H, Hkv, D, I, max_len, n_layers, pad_;
+} fbq_dims;
+
+static inline __m512 exp512(__m512 x) {  /* e^x, Cephes expf polynomial; ~1 ulp on [-87, 88] */
+  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+static void rms_norm(const float *x, const float *w, float eps, int C, float *out) {
+  __m512 acc = _mm512_setzero_ps();
+  int c = 0;
+  for (; c + 16 <= C; c += 16) { const __m512 v = _mm512_loadu_ps(x + c); acc = _mm512_fmadd_ps(v, v, acc); }
+  float ss = _mm512_reduce_add_ps(acc);
+  for (; c < C; c++) ss += x[c] * x[c];
+  const float inv = 1.0f / sqrtf(ss / (float)C + eps);
+  for (c = 0; c < C; c++) out[c] = w[c] * (x[c] * inv);
+}
+
+/* one row's attention for kv head j: G query heads q (G, D) over keys/values (L, D) -> out (G, D) */
+static void attend(const float *q, const float *keys, const float *values, int L, int G, int D, float *scores,
+                   float *out) {
+  const float scale = 1.0f / sqrtf((float)D);
+  for (int g = 0; g < G; g++) {
+    const float *qg = q + (size_t)g * D;
+    float *s = scores + (size_t)g * L;
+    for (int l = 0; l < L; l++) {
+      const float *kl = keys + (size_t)l * D;
+      __m512 acc = _mm512_setzero_ps();
+      for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), _mm512_loadu_ps(kl + d), acc);
+      s[l] = _mm512_reduce_add_ps(acc) * scale;
+    }
+    float mx = s[0];
+    for (int l = 1; l < L; l++) mx = s[l] > mx ? s[l] : mx;
+    __m512 sum = _mm512_setzero_ps();
+    int l = 0;
+    for (; l + 16 <= L; l += 16) {
+      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + l), _mm512_set1_ps(mx)));
+      _mm512_storeu_ps(s + l, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    if (l < L) {
+      const __mmask16 m = (__mmask16)((1u << (L - l)) - 1u);
+      const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), _mm512_set1_ps(mx))));
+      _mm512_mask_storeu_ps(s + l, m, e);
+      sum = _mm512_add_ps(sum, e);
+    }
+    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
+    float *og = out + (size_t)g * D;
+    for (int d = 0; d < D; d += 16) {
+      __m512 acc = _mm512_setzero_ps();
+      for (int k = 0; k < L; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), _mm512_loadu_ps(values + (size_t)k * D + d), acc);
+      _mm512_storeu_ps(og + d, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
+    }
+  }
+}
+
+/* scratch floats: B * (C + Nqkv + H*D + 3*I + C) + H * B * max_len, then bytes for the matmuls */
+void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, float *x, const int32_t *slots,
+                           const int32_t *pos, const float *cos, const float *sin_signed, int n_threads,
+                           float *scratch, void *mm_scratch) {
+  const int C = dm->C, H = dm->H, Hkv = dm->Hkv, D = dm->D, I = dm->I, G = H / Hkv, half = D / 2;
+  const int Nq = H * D, Nkv = Hkv * D, Nqkv = Nq + 2 * Nkv;
+  float *h = scratch, *qkv = h + (size_t)B * C, *att = qkv + (size_t)B * Nqkv, *gu = att + (size_t)B * Nq;
+  float *act = gu + (size_t)B * 2 * I, *tmp = act + (size_t)B * I, *scores = tmp + (size_t)B * C;
+  for (int li = 0; li < dm->n_layers; li++) {
+    const fbq_layer *L = layers + li;
+    for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * C, L->ln1, L->eps1, C, h + (size_t)b * C);
+    fbq_cpu_matmul(B, C, h, C, qkv, Nqkv, L->n_qkv, L->qkv, n_threads, mm_scratch);
+    for (int b = 0; b < B; b++) {  /* RoPE on q and k, then the KV write */
+      float *row = qkv + (size_t)b * Nqkv;
+      const float *cb = cos + (size_t)b * D, *sb = sin_signed + (size_t)b * D;
+      for (int hh = 0; hh < H + Hkv; hh++) {
+        float *v = row + (size_t)hh * D, rot[512];
+        for (int d = 0; d < D; d++) rot[d] = v[d] * cb[d] + v[d < half ? d + half : d - half] * sb[d];
+        memcpy(v, rot, sizeof(float) * D);
+      }
+      const size_t base = (size_t)slots[b] * Hkv * dm->max_len;
+      for (int j = 0; j < Hkv; j++) {
+        const size_t at = (base + (size_t)j * dm->max_len + pos[b]) * D;
+        memcpy(L->k_cache + at, row + Nq + (size_t)j * D, sizeof(float) * D);
+        memcpy(L->v_cache + at, row + Nq + Nkv + (size_t)j * D, sizeof(float) * D);
+      }
+    }
+#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
+    for (int bj = 0; bj < B * Hkv; bj++) {
+      const int b = bj / Hkv, j = bj % Hkv;
+      const size_t at = ((size_t)slots[b] * Hkv + j) * dm->max_len * D;
+      attend(qkv + (size_t)b * Nqkv + (size_t)j * G * D, L->k_cache + at, L->v_cache + at, pos[b] + 1, G, D,
+             scores + (size_t)bj * G * dm->max_len, att + (size_t)b * Nq + (size_t)j * G * D);
+    }
+    fbq_cpu_matmul(B, Nq, att, Nq, tmp, C, 1, L->o, n_threads, mm_scratch);
+    for (size_t i = 0; i < (size_t)B * C; i++) x[i] += tmp[i];
+    for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * C, L->ln2, L->eps2, C, h + (size_t)b * C);
+    fbq_cpu_matmul(B, C, h, C, gu, 2 * I, L->n_gu, L->gu, n_threads, mm_scratch);
+    for (int b = 0; b < B; b++) {  /* SiLU(gate) * up */
+      const float *gr = gu + (size_t)b * 2 * I, *ur = gr + I;
+      float *ar = act + (size_t)b * I;
+      int i = 0;
+      for (; i + 16 <= I; i += 16) {
+        const __m512 g = _mm512_loadu_ps(gr + i);
+        const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+        _mm512_storeu_ps(ar + i, _mm512_mul_ps(sg, _mm512_loadu_ps(ur + i)));
+      }
+      for (; i < I; i++) ar[i] = gr[i] / (1.0f + expf(-gr[i])) * ur[i];
+    }
+    fbq_cpu_matmul(B, I, act, I, tmp, C, 1, L->down, n_threads, mm_scratch);
+    for (size_t i = 0; i < (size_t)B * C; i++) x[i] += tmp[i];
   }
 }

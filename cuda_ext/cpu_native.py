@@ -48,6 +48,17 @@ class _Part(ctypes.Structure):
         (name, ctypes.c_int32) for name in ("n", "n_pad", "bits", "group", "rank", "y_off", "words_per_tile", "pad_")]
 
 
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1", ctypes.c_void_p), ("ln2", ctypes.c_void_p), ("qkv", ctypes.c_void_p), ("o", ctypes.c_void_p),
+                ("gu", ctypes.c_void_p), ("down", ctypes.c_void_p), ("k_cache", ctypes.c_void_p),
+                ("v_cache", ctypes.c_void_p), ("eps1", ctypes.c_float), ("eps2", ctypes.c_float),
+                ("n_qkv", ctypes.c_int32), ("n_gu", ctypes.c_int32), ("pad_", ctypes.c_int32 * 2)]
+
+
+class _Dims(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int32) for name in ("C", "H", "Hkv", "D", "I", "max_len", "n_layers", "pad_")]
+
+
 def _cpu_flags() -> set[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
@@ -71,7 +82,8 @@ def _compile(cc: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+                              timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:400]}")
         os.replace(tmp, out)
@@ -108,6 +120,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     fn.restype = None
     fn.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
                    ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    fn = lib.fbq_cpu_decode_layers
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
     return lib, None
 
 
@@ -287,3 +303,85 @@ def native_matmul(x: torch.Tensor, group: NativeGroup, packed: PackedWeight | No
     else:
         y = group(x2)
     return y.to(x.dtype).reshape(*x.shape[:-1], group.out_features)
+
+
+@dataclass
+class LayerWeights:
+    """What one Llama decoder layer's decode step reads: RMSNorm weights (fp32 (C,)) and eps, the four
+    projection groups (q/k/v, o, gate/up, down) on the kernel, and the layer's KV cache (`kv_cache`: an
+    object with .k and .v fp32 (slots, Hkv, max_len, D), read at every call: the engine may replace it)."""
+
+    ln1: torch.Tensor
+    eps1: float
+    ln2: torch.Tensor
+    eps2: float
+    qkv: NativeGroup
+    o: NativeGroup
+    gate_up: NativeGroup
+    down: NativeGroup
+    attn: object  # has .kv_cache
+
+
+class NativeLayers:
+    """Whole decoder layers in ONE kernel call per decode step (cpu_native.c `fbq_cpu_decode_layers`):
+    __call__(x (B, C) fp32, updated in place; slots, positions (B,) int; cos, sin_signed (B, D) fp32, the
+    RoPE factors with rotate_half(x) * sin == roll(x, D/2) * sin_signed). Numerics: the projections as in
+    NativeGroup, everything else fp32 (RMSNorm, RoPE, softmax with a ~1-ulp exp, SiLU)."""
+
+    def __init__(self, layers: list[LayerWeights], heads: int, kv_heads: int, head_dim: int, inter: int) -> None:
+        lib, why = _load()
+        if lib is None:
+            raise RuntimeError(f"the CPU kernel is unavailable: {why}")
+        if head_dim % 16 or head_dim > 512 or heads % kv_heads:
+            raise ValueError(f"unsupported attention shape: heads {heads}, kv heads {kv_heads}, head_dim {head_dim}")
+        self.layers, self._fn = layers, lib.fbq_cpu_decode_layers
+        c = layers[0].ln1.numel()
+        want = {"qkv": (c, (heads + 2 * kv_heads) * head_dim), "o": (heads * head_dim, c),
+                "gate_up": (c, 2 * inter), "down": (inter, c)}
+        for lw in layers:
+            for name, (k, n) in want.items():
+                g = getattr(lw, name)
+                if (g.in_features, g.out_features) != (k, n):
+                    raise ValueError(f"{name}: ({g.in_features} -> {g.out_features}), expected ({k} -> {n})")
+        self.c, self.h, self.hkv, self.d, self.inter = c, heads, kv_heads, head_dim, inter
+        self._structs = (_Layer * len(layers))()
+        for s, lw in zip(self._structs, layers):
+            s.ln1, s.ln2 = lw.ln1.data_ptr(), lw.ln2.data_ptr()
+            s.eps1, s.eps2 = lw.eps1, lw.eps2
+            s.qkv, s.o = ctypes.addressof(lw.qkv._parts), ctypes.addressof(lw.o._parts)
+            s.gu, s.down = ctypes.addressof(lw.gate_up._parts), ctypes.addressof(lw.down._parts)
+            s.n_qkv, s.n_gu = len(lw.qkv.weights), len(lw.gate_up.weights)
+        self._caches: list[int] = []
+        groups = [g for lw in layers for g in (lw.qkv, lw.o, lw.gate_up, lw.down)]
+        self._mm_per_row = max(g._scratch_per_row for g in groups)
+
+    def _bind_caches(self) -> int:
+        """Point the structs at the current KV caches (re-done only when the engine replaced them); max_len."""
+        tensors = [(lw.attn.kv_cache.k, lw.attn.kv_cache.v) for lw in self.layers]
+        ptrs = [k.data_ptr() for k, _ in tensors]
+        if ptrs != self._caches:
+            for s, (k, v) in zip(self._structs, tensors):
+                if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
+                    raise ValueError("the KV cache must be contiguous fp32 for the CPU layer kernel")
+                s.k_cache, s.v_cache = k.data_ptr(), v.data_ptr()
+            self._caches = ptrs
+        return int(tensors[0][0].shape[2])
+
+    def __call__(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+                 sin_signed: torch.Tensor) -> None:
+        if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 2 or x.shape[1] != self.c:
+            raise ValueError(f"x: expected contiguous fp32 (B, {self.c}), got {x.dtype} {tuple(x.shape)}")
+        b = x.shape[0]
+        max_len = self._bind_caches()
+        if int(positions.max()) >= max_len:
+            raise ValueError(f"position {int(positions.max())} is beyond the KV cache ({max_len} tokens)")
+        dims = _Dims(self.c, self.h, self.hkv, self.d, self.inter, max_len, len(self.layers), 0)
+        nqkv = (self.h + 2 * self.hkv) * self.d
+        floats = b * (self.c + nqkv + self.h * self.d + 3 * self.inter + self.c) + self.h * b * max_len
+        scratch = torch.empty(floats)
+        mm = torch.empty(b * self._mm_per_row, dtype=torch.uint8)
+        slots32, pos32 = slots.to(torch.int32).contiguous(), positions.to(torch.int32).contiguous()
+        cos, sin_signed = cos.float().contiguous(), sin_signed.float().contiguous()
+        self._fn(b, ctypes.addressof(dims), ctypes.addressof(self._structs), x.data_ptr(), slots32.data_ptr(),
+                 pos32.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), torch.get_num_threads(), scratch.data_ptr(),
+                 mm.data_ptr())

@@ -48,13 +48,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cuda_ext.cpu import fuse_cpu
-from cuda_ext.cpu_native import NativeGroup
+from cuda_ext.cpu_native import LayerWeights, NativeGroup, NativeLayers
 from engine.fp16_linear import PATH as FP16_PATH
 from engine.fp16_linear import Fp16Linear, fp16_linear, fp16_pack
 from engine.quant_linear import QuantLinear
 
 log = logging.getLogger("fbserve.engine")
 ENV = "FBSERVE_CPU_DECODE"
+LAYERS_ENV = "FBSERVE_CPU_NATIVE_LAYERS"
 
 
 def _column_major(lin: nn.Linear) -> None:
@@ -249,6 +250,7 @@ class CpuDecoder:
             dense = set()  # every projection is a QuantLinear
         self.dense_path = " / ".join(sorted(dense)) if dense else None  # unquantized projections, if any
         self.layers = [_Layer(layer, self._invalidate) for layer in model.model.layers]
+        self.native_layers, self.layers_path = _native_layers(model, self.layers)
         self.quant_modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
         _column_major(model.lm_head)  # tied: the embedding's weight becomes the same column-major view
         self.lm_head = model.lm_head
@@ -266,8 +268,8 @@ class CpuDecoder:
     def status(self) -> dict[str, object]:
         """What /health shows: the fast step is installed, the paths of its lm_head and of unquantized
         projections (None when all are QuantLinear), and why it last declined a step."""
-        return {"enabled": True, "lm_head": self.lm_head_path, "dense_linears": self.dense_path,
-                "declined": self.declined}
+        return {"enabled": True, "layers": self.layers_path, "lm_head": self.lm_head_path,
+                "dense_linears": self.dense_path, "declined": self.declined}
 
     def _invalidate(self) -> None:
         self.stale = True
@@ -308,6 +310,9 @@ class CpuDecoder:
         mask = None
         if min(pos) != length - 1:  # rows at different positions: hide each row's keys beyond its own
             mask = (torch.arange(length) <= positions)[:, None, None, :]  # (B, 1, 1, L)
+        if self.native_layers is not None:  # every layer in one kernel call (per-row positions, no mask)
+            self.native_layers(x, slots, positions[:, 0], cos[:, 0], sin[:, 0])
+            return self._logits(x)
         half = d // 2
         nqk = self.nq + self.nkv
         for lay in self.layers:
@@ -325,13 +330,36 @@ class CpuDecoder:
             x = x + lay.o(y.reshape(b, h * d))
             gu = lay.gate_up(_rms(x, lay.ln2))
             x = x + lay.down(F.silu(gu[:, :self.inter]) * gu[:, self.inter:])
-        x = _rms(x, model.model.norm)
+        return self._logits(x)
+
+    def _logits(self, x: Tensor) -> Tensor:
+        """Final norm and lm_head of the step's hidden states (B, C) -> (B, 1, V)."""
+        x = _rms(x, self.model.model.norm)
         if self.lm_fp16 is not None:
             return fp16_linear(x, self.lm_fp16)[:, None, :]  # bias inside
         logits = x @ self.lm_wt
         if self.lm_head.bias is not None:
             logits = logits + self.lm_head.bias
         return logits[:, None, :]
+
+
+def _native_layers(model: nn.Module, layers: list[_Layer]) -> tuple[NativeLayers | None, str]:
+    """Whole layers in one kernel call per step where every projection is on fbserve's CPU kernel:
+    (NativeLayers, "fbserve-avx512bf16"), else (None, "python (<why>)") and the per-layer loop runs."""
+    if os.environ.get(LAYERS_ENV, "1").strip().lower() in ("0", "off", ""):
+        return None, f"python (disabled: {LAYERS_ENV}=0)"
+    if not all(isinstance(p, _NativeProj) for lay in layers for p in (lay.qkv, lay.o, lay.gate_up, lay.down)):
+        return None, "python (not every projection is on fbserve's CPU kernel)"
+    cfg = model.config
+    weights = [LayerWeights(lay.ln1.weight.detach().float().contiguous(), float(lay.ln1.eps),
+                            lay.ln2.weight.detach().float().contiguous(), float(lay.ln2.eps), lay.qkv.group,
+                            lay.o.group, lay.gate_up.group, lay.down.group, lay.attn) for lay in layers]
+    try:
+        stack = NativeLayers(weights, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim,
+                             cfg.intermediate_size)
+    except ValueError as e:
+        return None, f"python ({e})"
+    return stack, "fbserve-avx512bf16"
 
 
 def _own_parameters(model: nn.Module) -> None:

@@ -162,6 +162,51 @@ def test_native_groups_call_the_layers_own_weights(native_kernel):
     assert att.q_proj._cpu is None  # no torch int4 pack beside it
 
 
+def test_native_layers_run_the_whole_step_and_rebind_new_caches(native_kernel):
+    """Every projection on the kernel: the step is one call for all layers (status "layers"); a cache
+    re-made by setup_cache (decode() makes one per run) is picked up, not written through stale pointers."""
+    model = quantize(tiny(bias=True), rank=4)
+    exact = quantize(tiny(bias=True), rank=4, path="reference")
+    check_same(model, exact=exact)
+    dec = model.decode_fn
+    assert dec.status()["layers"] == "fbserve-avx512bf16" and dec.native_layers is not None
+    first, ids = decode(model, PROMPTS, 6)
+    again, ids_again = decode(model, PROMPTS, 6)  # new KV cache tensors
+    assert ids_again == ids and torch.equal(first, again)
+
+
+def test_native_layers_serve_rows_in_any_slot_order(native_kernel, monkeypatch):
+    """Rows in slots 2, 0, 1 at different positions: the one-call step against the per-layer Python step
+    on the same kernel; both within the quantized bound of the exact reference."""
+    def run(native: bool) -> torch.Tensor:
+        monkeypatch.setenv("FBSERVE_CPU_NATIVE_LAYERS", "1" if native else "0")
+        model = quantize(tiny(), rank=4)
+        dec = install(model, fp16_weights=False)
+        assert (dec.native_layers is not None) == native
+        model.setup_cache(3, 64)
+        slots = [2, 0, 1]
+        for s, p in zip(slots, PROMPTS):
+            model.hidden_states(torch.tensor([p]), torch.arange(len(p))[None], torch.tensor([s]))
+        with torch.inference_mode():
+            return model(torch.tensor([[4], [5], [6]]), torch.tensor([[len(p)] for p in PROMPTS]),
+                         torch.tensor(slots), last_only=True)[:, 0]
+
+    one_call, per_layer = run(True), run(False)
+    assert float((one_call - per_layer).abs().max()) <= 2e-2 * float(per_layer.abs().max())
+
+
+def test_native_layers_refuse_shapes_they_cannot_run(native_kernel):
+    from cuda_ext.cpu_native import NativeLayers
+
+    model = quantize(tiny(), rank=4)
+    dec = install(model)
+    weights = dec.native_layers.layers
+    with pytest.raises(ValueError, match="unsupported attention shape"):
+        NativeLayers(weights, 4, 2, 24, 192)
+    with pytest.raises(ValueError, match="gate_up"):
+        NativeLayers(weights, 4, 2, 32, 100)
+
+
 def test_fuse_cpu_equals_separate_layers(torch_int4):
     parts = [random_layer(n, 192, 3, 64, seed=n)[0] for n in (64, 128, 40)]  # 40: padded to 48 rows
     ws = [prepare_cpu(p) for p in parts]
@@ -247,8 +292,9 @@ def test_weights_beyond_fp16_stay_fp32():
     status = install(model).status()
     assert status["lm_head"] == "fp32: weights overflow fp16"
     assert status["dense_linears"] == ("fbgemm-fp16" if FBGEMM else status["dense_linears"])
-    assert install(tiny(), fp16_weights=False).status() == {"enabled": True, "lm_head": "fp32: asked",
-                                                            "dense_linears": "fp32: asked", "declined": None}
+    assert install(tiny(), fp16_weights=False).status() == {
+        "enabled": True, "layers": "python (not every projection is on fbserve's CPU kernel)",
+        "lm_head": "fp32: asked", "dense_linears": "fp32: asked", "declined": None}
 
 
 @needs_fbgemm
