@@ -127,7 +127,8 @@ def run_ours(job: dict) -> dict:
         rtn_proxy(loaded.model, **job["proxy"])
     load_s = time.perf_counter() - t0
     prompt_ids, tokens = job["prompt_ids"], job["tokens"]
-    engine = Engine(loaded, max_batch=1, max_seq_len=len(prompt_ids) + tokens + 8)
+    engine = Engine(loaded, max_batch=1, max_seq_len=len(prompt_ids) + tokens + 8,
+                    decode_threads=job.get("decode_threads"))
     engine.start()
     try:
         asyncio.run(_engine_run(engine, "warmup", prompt_ids, min(WARMUP_TOKENS, tokens)))
@@ -136,6 +137,7 @@ def run_ours(job: dict) -> dict:
     finally:
         engine.shutdown()
     out = {**_summary(runs), "load_s": load_s, "linear_impl": _linear_impl(loaded.model),
+           "engine_threads": engine.threads,
            "weight_bytes": weights, **_memory(),
            # the manifest's scalar fields (method, bits, group_size, rank, bits_per_weight...), not its tables
            "quantization": {k: v for k, v in (loaded.quantization or {}).items() if not isinstance(v, (dict, list))}}

@@ -1,6 +1,6 @@
 """Decode speed on CPU: our engine (fp32 and quantized checkpoints) vs transformers vs llama.cpp.
 
-    .venv/bin/python bench/decode.py [--tokens 128] [--threads 2] [--only ours,transformers,llamacpp]
+    .venv/bin/python bench/decode.py [--tokens 128] [--threads 2] [--decode-threads N] [--only ours,transformers,llamacpp]
         [--checkpoint DIR ...] [--quantize] [--proxy 4,3] [--repeats 3] [--profile] [--json OUT] [--markdown OUT]
 
 Every row greedy-decodes the default model (SmolLM2-135M-Instruct) for `--tokens` tokens (EOS ignored)
@@ -193,7 +193,8 @@ def quant_rows(args, base: dict) -> list[Row]:
 
 
 def run_all(args, ids: list[int]) -> list[Row]:
-    base = {"prompt_ids": ids, "tokens": args.tokens, "threads": args.threads, "repeats": args.repeats,
+    base = {"prompt_ids": ids, "tokens": args.tokens, "threads": args.threads, "decode_threads": args.decode_threads,
+            "repeats": args.repeats,
             "profile": args.profile, "profile_rows": args.profile_rows}
     rows = []
     if "transformers" in args.only:
@@ -257,9 +258,17 @@ def table(rows: list[Row]) -> str:
             f"| {_fmt(r.tok_s / hf.tok_s if hf else None, '.2f', 'x')} "
             f"| {_fmt(r.tok_s / lcpp.tok_s if lcpp else None, '.2f', 'x')} "
             f"| {_fmt(res.get('peak_rss_mb'), '.0f')} | {_fmt(res.get('rss_end_mb'), '.0f')} "
-            f"| {res.get('torch_threads', res.get('threads', '—'))} "
+            f"| {_threads(res)} "
             f"| {_agreement(r, hf)} | {_agreement(r, twin)} |")
     return "\n".join(lines)
+
+
+def _threads(res: dict) -> str:
+    """Threads of a row: ours "prefill/decode" (the engine switches per phase), others one count."""
+    eng = res.get("engine_threads")
+    if eng:
+        return f"{eng['prefill']}/{eng['decode']}"
+    return str(res.get("torch_threads", res.get("threads", "—")))
 
 
 def targets(rows: list[Row]) -> list[str]:
@@ -326,6 +335,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--prompt-tokens", type=int, default=128, help="prompt length in tokens (default 128)")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="threads of every engine: torch intra-op threads, llama.cpp n_threads (default: all CPUs)")
+    p.add_argument("--decode-threads", type=int, default=None,
+                   help="our engine's decode-step threads (default: the engine's rule, threads - 1, at least 1)")
     p.add_argument("--only", default=",".join(ENGINES), help=f"comma-separated subset of {','.join(ENGINES)}")
     p.add_argument("--checkpoint", action="append", default=[], metavar="DIR",
                    help="quantized checkpoint to run through our engine (repeatable; default: the bench's "

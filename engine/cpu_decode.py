@@ -4,6 +4,10 @@
 then hands decode steps (tokens (B, 1) with cache positions) to it, everything else (prefill,
 evaluation, no cache) takes the ordinary module path. What it changes (memory: see the fp16 item):
 
+  * where every projection runs on fbserve's CPU kernel (cuda_ext/cpu_native.c), the whole step below
+    the embedding is ONE kernel call for all layers (cuda_ext.cpu_native.NativeLayers: RMSNorm, q/k/v,
+    RoPE, KV write, attention, o, SiLU * up, down, residual adds; fp32 but the projections' bf16 x);
+    status()["layers"] says so, or why not; FBSERVE_CPU_NATIVE_LAYERS=0 keeps the Python loop below.
   * q/k/v and gate/up of each layer read the same input, so they run as ONE matmul each:
     - QuantLinear on fbserve's CPU kernel (cuda_ext/cpu_native.c, where the CPU has AVX-512 BF16):
       one kernel call over the layers' own weights (branch and bias inside), outputs side by side.
