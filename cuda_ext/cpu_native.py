@@ -132,6 +132,15 @@ def native_reason() -> str | None:
     return _load()[1]
 
 
+def _planes(bits: int) -> list[tuple[int, int, int]]:
+    """The words of one group, in order: (k values per word, field width, bit offset in the code)."""
+    if bits == 4:
+        return [(8, 4, 0)]
+    if bits == 2:
+        return [(16, 2, 0)]
+    return [(16, 2, 0), (32, 1, 2)]  # 3-bit: the low 2 bits, then the high bit
+
+
 def tile_words(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """Codes (N, K) integer -> int32 words (ceil(N/16), words_per_tile, 16), cpu_native.c's tile layout.
     K is padded to a multiple of 32 with code 0 (x is zero there, so the padding adds nothing)."""
@@ -139,20 +148,13 @@ def tile_words(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     n_pad, k_pad = -(-n // 16) * 16, -(-k // 32) * 32
     c = torch.zeros(n_pad, k_pad, dtype=torch.int64)
     c[:n, :k] = codes.to(torch.int64).cpu()
-
-    def words(vals: torch.Tensor, pairs: int, width: int) -> torch.Tensor:  # (n_pad, rows)
-        v = (vals & ((1 << width) - 1)).view(n_pad, -1, pairs, 2)
-        shift = torch.arange(pairs) * width
-        return (v[..., 0] << shift).sum(-1) | (v[..., 1] << (shift + 16)).sum(-1)
-
-    lo, lo_k = (words(c, 4, 4), 8) if bits == 4 else (words(c, 8, 2), 16)
-    hi = words(c >> 2, 16, 1) if bits == 3 else None
-    parts = []
-    for g0 in range(0, k, group_size):
-        g1 = min(g0 + group_size, k_pad)
-        parts.append(lo[:, g0 // lo_k:g1 // lo_k])
-        if hi is not None:
-            parts.append(hi[:, g0 // 32:g1 // 32])
+    planes = []
+    for per_word, width, offset in _planes(bits):  # word: field i of k pair i in each 16-bit half
+        v = ((c >> offset) & ((1 << width) - 1)).view(n_pad, k_pad // per_word, per_word // 2, 2)
+        shift = torch.arange(per_word // 2) * width
+        planes.append(((v[..., 0] << shift).sum(-1) | (v[..., 1] << (shift + 16)).sum(-1), per_word))
+    parts = [w[:, g0 // per_word:min(g0 + group_size, k_pad) // per_word]
+             for g0 in range(0, k, group_size) for w, per_word in planes]
     w = torch.cat(parts, dim=1)
     w = torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
     return w.view(n_pad // 16, 16, -1).transpose(1, 2).contiguous()
@@ -162,21 +164,16 @@ def tile_codes(words: torch.Tensor, bits: int, group_size: int, in_features: int
     """Inverse of `tile_words`: int64 codes (out_features, in_features)."""
     n_pad, k_pad = words.shape[0] * 16, -(-in_features // 32) * 32
     w = words.transpose(1, 2).reshape(n_pad, -1).to(torch.int64) & 0xFFFFFFFF
-    lo_k = 8 if bits == 4 else 16
     codes = torch.zeros(n_pad, k_pad, dtype=torch.int64)
     col = 0
     for g0 in range(0, in_features, group_size):
         g1 = min(g0 + group_size, k_pad)
-        for rows, width, per, shift in ((g1 - g0) // lo_k, 4 if bits == 4 else 2, lo_k // 2, 0), \
-                                       (((g1 - g0) // 32, 1, 16, 2) if bits == 3 else (0, 0, 0, 0)):
-            if not rows:
-                continue
-            blk = w[:, col:col + rows]  # (n_pad, rows)
-            i = torch.arange(per) * width
-            even = (blk[..., None] >> i) & ((1 << width) - 1)
-            odd = (blk[..., None] >> (i + 16)) & ((1 << width) - 1)
-            vals = torch.stack((even, odd), dim=-1).reshape(n_pad, rows * per * 2)
-            codes[:, g0:g0 + rows * per * 2] |= vals << shift
+        for per_word, width, offset in _planes(bits):
+            rows = (g1 - g0) // per_word
+            blk = w[:, col:col + rows, None]  # (n_pad, rows, 1)
+            shift = torch.arange(per_word // 2) * width
+            pairs = torch.stack((blk >> shift, blk >> (shift + 16)), dim=-1) & ((1 << width) - 1)
+            codes[:, g0:g1] |= pairs.reshape(n_pad, g1 - g0) << offset
             col += rows
     return codes[:out_features, :in_features]
 
