@@ -1,20 +1,19 @@
 /* fbserve's CPU kernel for quantized linears: y = x @ dequant(Wq)^T + (x @ A^T) @ B^T + bias, for a few
- * rows of x (decode), reading 2/3/4-bit codes as stored (3 bits per weight for 3-bit, not a 4-bit
+ * rows of x (decode), reading 2/3/4-bit codes at 2/3.25/4 bits per weight (3-bit g128; not a 4-bit
  * container) and the fp16 low-rank branch in the same pass. x86-64 with AVX-512 BF16 only; built and
  * loaded by cuda_ext/cpu_native.py, which also defines the tile layout below (`tile_words`).
  *
- * Tile layout (per 16 output columns, per quantization group, contiguous):
- *   lo words:  2/3-bit: g/16 rows; word (row q, column n) holds code[k0 + 2i] & 3 at bit 2i and
- *              code[k0 + 2i + 1] & 3 at bit 16 + 2i, i < 8, k0 = group start + 16 q.
- *              4-bit: g/8 rows; code[k0 + 2i] at bit 4i and code[k0 + 2i + 1] at bit 16 + 4i, i < 4.
- *   hi words:  3-bit only, g/32 rows; bit i = code[k0 + 2i] >> 2, bit 16 + i = code[k0 + 2i + 1] >> 2.
- * So one rotate and one ternary-logic op turn a word into 16 bf16 pairs (1 + code / L) for the
- * consecutive k pairs (k, k + 1), which vdpbf16ps multiplies with the bf16 pair (x[k], x[k + 1]).
+ * Tile layout (per 16 output columns, per quantization group, contiguous): the group's k values in pairs
+ * (k, k + 1); word q holds pairs j = S q + s, s < S, with code[k] at bit b s and code[k + 1] at bit
+ * 16 + b s (b = bits; S = 8 for 2-bit, 5 for 3-bit with 2 bits unused, 4 for 4-bit; a group's last word
+ * may be partly empty: 128 values at 3 bits are 13 words, 3.25 bits per weight).
+ * So one rotate and one ternary-logic op turn a word into 16 bf16 pairs (1 + code / L) for one k pair,
+ * which vdpbf16ps multiplies with the bf16 pair (x[k], x[k + 1]) and adds to fp32.
  *
  * Arithmetic: x is rounded to bf16 (as torch's int4 CPU op does); the codes are exact in bf16; products
- * and sums are fp32.  Per group: acc = nt * X + sum(x * code) / L, X = sum(x) over the group (nt = 2
- * for 3-bit: the lo and hi terms each add X), so sum(x * (code - zero)) * scale = sa * acc - sb * X with
- * sa = L * scale and sb = scale * (L * nt + zero), both exact in fp32 (prepared in Python).  The branch:
+ * and sums are fp32.  Per group: acc = X + sum(x * code) / L, X = sum(x) over the group, so
+ * sum(x * (code - zero)) * scale = sa * acc - sb * X with sa = L * scale and sb = scale * (L + zero),
+ * both exact in fp32 (prepared in Python).  The branch:
  * t = A x in fp32 from the fp16 A, then y += B t from the fp16 B^T.
  */
 #include <immintrin.h>
@@ -67,7 +66,7 @@ INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, con
   const int G = (K + g - 1) / g;
   const __m512i one = _mm512_set1_epi32(0x3F803F80);
   const __m512i m2 = _mm512_set1_epi32(0x00300030), m4 = _mm512_set1_epi32(0x00780078);
-  const __m512i m1 = _mm512_set1_epi32(0x00400040);
+  const __m512i m3 = _mm512_set1_epi32(0x00700070);
   const int32_t *w = p->words + (size_t)tile * p->words_per_tile * 16;
   if (m0 == 0 && tile + PREFETCH_TILES < n_pad / 16) prefetch_tile(p, tile + PREFETCH_TILES, G);
   __m512 yacc[MAX_ROWS];
@@ -76,44 +75,29 @@ INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, con
     const int kg = gi * g, ke = kg + g < k_pad ? kg + g : k_pad;
     __m512 a0[MAX_ROWS], a1[MAX_ROWS], a2[MAX_ROWS], a3[MAX_ROWS];  /* 4 chains: vdpbf16ps latency */
     for (int mi = 0; mi < ROWS; mi++) a0[mi] = a1[mi] = a2[mi] = a3[mi] = _mm512_setzero_ps();
-    if (bits == 3) {
-      const int nhi = (ke - kg) / 32;
-      const int32_t *hw = w + (size_t)((ke - kg) / 16) * 16;
-      for (int q = 0; q < nhi; q++) {
-        const __m512i lo0 = _mm512_loadu_si512(w + 32 * q), lo1 = _mm512_loadu_si512(w + 32 * q + 16);
-        const __m512i hi = _mm512_loadu_si512(hw + 16 * q);
-        const int k0 = kg + 32 * q;
-#define STEP3(i, A, B) { const __m512i cl = DECODE((i) < 8 ? lo0 : lo1, (2 * ((i) & 7) - 4) & 31, m2); \
-        const __m512i ch = DECODE(hi, ((i) - 6) & 31, m1); \
-        for (int mi = 0; mi < ROWS; mi++) { const __m512bh xv = XPAIR(mi, k0 + 2 * (i)); \
-          A[mi] = _mm512_dpbf16_ps(A[mi], (__m512bh)cl, xv); B[mi] = _mm512_dpbf16_ps(B[mi], (__m512bh)ch, xv); } }
-        STEP3(0, a0, a1) STEP3(1, a2, a3) STEP3(2, a0, a1) STEP3(3, a2, a3)
-        STEP3(4, a0, a1) STEP3(5, a2, a3) STEP3(6, a0, a1) STEP3(7, a2, a3)
-        STEP3(8, a0, a1) STEP3(9, a2, a3) STEP3(10, a0, a1) STEP3(11, a2, a3)
-        STEP3(12, a0, a1) STEP3(13, a2, a3) STEP3(14, a0, a1) STEP3(15, a2, a3)
-      }
-      w += (size_t)((ke - kg) / 16 + nhi) * 16;
-    } else if (bits == 2) {
-      const int nlo = (ke - kg) / 16;
-      for (int q = 0; q < nlo; q++) {
-        const __m512i lo = _mm512_loadu_si512(w + 16 * q);
-        const int k0 = kg + 16 * q;
-#define STEP2(i, A) { const __m512i cl = DECODE(lo, (2 * (i) - 4) & 31, m2); \
-        for (int mi = 0; mi < ROWS; mi++) A[mi] = _mm512_dpbf16_ps(A[mi], (__m512bh)cl, XPAIR(mi, k0 + 2 * (i))); }
-        STEP2(0, a0) STEP2(1, a1) STEP2(2, a2) STEP2(3, a3) STEP2(4, a0) STEP2(5, a1) STEP2(6, a2) STEP2(7, a3)
-      }
-      w += (size_t)nlo * 16;
-    } else {
-      const int nlo = (ke - kg) / 8;
-      for (int q = 0; q < nlo; q++) {
-        const __m512i lo = _mm512_loadu_si512(w + 16 * q);
-        const int k0 = kg + 8 * q;
-#define STEP4(i, A) { const __m512i cl = DECODE(lo, (4 * (i) - 3) & 31, m4); \
-        for (int mi = 0; mi < ROWS; mi++) A[mi] = _mm512_dpbf16_ps(A[mi], (__m512bh)cl, XPAIR(mi, k0 + 2 * (i))); }
-        STEP4(0, a0) STEP4(1, a1) STEP4(2, a2) STEP4(3, a3)
-      }
-      w += (size_t)nlo * 16;
+    /* k pairs of this group, S per word: rotate pair s's fields to mantissa bit `pos`, mask, OR 1.0 */
+    const int S = bits == 2 ? 8 : bits == 3 ? 5 : 4, pos = bits == 4 ? 3 : 4;
+    const __m512i fmask = bits == 2 ? m2 : bits == 3 ? m3 : m4;
+    const int pairs = (ke - kg) / 2, full = pairs / S, rest = pairs % S;
+#define STEP(s, A) { const __m512i cv = DECODE(wv, (bits * (s) - pos) & 31, fmask); \
+      for (int mi = 0; mi < ROWS; mi++) A[mi] = _mm512_dpbf16_ps(A[mi], (__m512bh)cv, XPAIR(mi, k0 + 2 * (s))); }
+    for (int q = 0; q < full; q++) {
+      const __m512i wv = _mm512_loadu_si512(w + 16 * q);
+      const int k0 = kg + 2 * S * q;
+      if (bits == 2) { STEP(0, a0) STEP(1, a1) STEP(2, a2) STEP(3, a3) STEP(4, a0) STEP(5, a1) STEP(6, a2) STEP(7, a3) }
+      else if (bits == 3) { STEP(0, a0) STEP(1, a1) STEP(2, a2) STEP(3, a3) STEP(4, a0) }
+      else { STEP(0, a0) STEP(1, a1) STEP(2, a2) STEP(3, a3) }
     }
+    if (rest) {  /* a partly filled last word */
+      const __m512i wv = _mm512_loadu_si512(w + 16 * full);
+      const int k0 = kg + 2 * S * full;
+      for (int s2 = 0; s2 < rest; s2++) {
+        const __m512i cv = _mm512_ternarylogic_epi32(
+            _mm512_rorv_epi32(wv, _mm512_set1_epi32((bits * s2 - pos) & 31)), fmask, one, 0xEA);
+        for (int mi = 0; mi < ROWS; mi++) a1[mi] = _mm512_dpbf16_ps(a1[mi], (__m512bh)cv, XPAIR(mi, k0 + 2 * s2));
+      }
+    }
+    w += (size_t)(full + (rest ? 1 : 0)) * 16;
     const __m512 sa = _mm512_loadu_ps(p->sa + ((size_t)tile * G + gi) * 16);
     const __m512 sb = _mm512_loadu_ps(p->sb + ((size_t)tile * G + gi) * 16);
     for (int mi = 0; mi < ROWS; mi++) {

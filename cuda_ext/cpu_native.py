@@ -4,8 +4,8 @@ Where the CPU has AVX-512 BF16 and a C compiler is present, the kernel is compil
 $FBSERVE_HOME/native/<source hash>/ and loaded with ctypes; `native_reason()` says why not otherwise,
 and the CPU path then stays on torch's int4 op (cuda_ext.cpu), reported as such (no silent switch).
 
-Against torch's int4 op + the fp32 branch it reads the codes at their own width (3 bits per 3-bit
-weight, not a 4-bit container), the scales in fp32 (exact) and the fp16 branch factors as stored, and
+Against torch's int4 op + the fp32 branch it reads the codes nearly at their own width (3-bit g128:
+3.25 bits per weight, not a 4-bit container), the scales in fp32 (exact) and the fp16 branch factors as stored, and
 does the branch inside the same call: 1.3-2.2x faster per SmolLM2 layer at batch 1 (bench/RESULTS.md).
 
 Layout: `tile_words` re-lays the fbq1 codes per 16 output columns and per group (cpu_native.c's
@@ -132,29 +132,27 @@ def native_reason() -> str | None:
     return _load()[1]
 
 
-def _planes(bits: int) -> list[tuple[int, int, int]]:
-    """The words of one group, in order: (k values per word, field width, bit offset in the code)."""
-    if bits == 4:
-        return [(8, 4, 0)]
-    if bits == 2:
-        return [(16, 2, 0)]
-    return [(16, 2, 0), (32, 1, 2)]  # 3-bit: the low 2 bits, then the high bit
+SLOTS = {2: 8, 3: 5, 4: 4}  # k pairs per 32-bit word: 8 x 2-bit, 5 x 3-bit (2 bits unused), 4 x 4-bit
 
 
 def tile_words(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
-    """Codes (N, K) integer -> int32 words (ceil(N/16), words_per_tile, 16), cpu_native.c's tile layout.
-    K is padded to a multiple of 32 with code 0 (x is zero there, so the padding adds nothing)."""
+    """Codes (N, K) integer -> int32 words (ceil(N/16), words_per_tile, 16), cpu_native.c's tile layout:
+    per group, word q holds pair j = SLOTS*q + s (k = group start + 2j, 2j + 1) at bits bits*s (k even)
+    and 16 + bits*s (k odd). K is padded to a multiple of 32 with code 0 (x is zero there)."""
     n, k = codes.shape
-    n_pad, k_pad = -(-n // 16) * 16, -(-k // 32) * 32
+    n_pad, k_pad, slots = -(-n // 16) * 16, -(-k // 32) * 32, SLOTS[bits]
     c = torch.zeros(n_pad, k_pad, dtype=torch.int64)
     c[:n, :k] = codes.to(torch.int64).cpu()
-    planes = []
-    for per_word, width, offset in _planes(bits):  # word: field i of k pair i in each 16-bit half
-        v = ((c >> offset) & ((1 << width) - 1)).view(n_pad, k_pad // per_word, per_word // 2, 2)
-        shift = torch.arange(per_word // 2) * width
-        planes.append(((v[..., 0] << shift).sum(-1) | (v[..., 1] << (shift + 16)).sum(-1), per_word))
-    parts = [w[:, g0 // per_word:min(g0 + group_size, k_pad) // per_word]
-             for g0 in range(0, k, group_size) for w, per_word in planes]
+    shift = torch.arange(slots) * bits
+    parts = []
+    for g0 in range(0, k, group_size):
+        g1 = min(g0 + group_size, k_pad)
+        pairs = (g1 - g0) // 2
+        words = -(-pairs // slots)
+        v = torch.zeros(n_pad, words * slots, 2, dtype=torch.int64)
+        v[:, :pairs] = c[:, g0:g1].view(n_pad, pairs, 2)
+        v = v.view(n_pad, words, slots, 2)
+        parts.append((v[..., 0] << shift).sum(-1) | (v[..., 1] << (shift + 16)).sum(-1))
     w = torch.cat(parts, dim=1)
     w = torch.where(w >= 2 ** 31, w - 2 ** 32, w).to(torch.int32)
     return w.view(n_pad // 16, 16, -1).transpose(1, 2).contiguous()
@@ -162,19 +160,19 @@ def tile_words(codes: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
 
 def tile_codes(words: torch.Tensor, bits: int, group_size: int, in_features: int, out_features: int) -> torch.Tensor:
     """Inverse of `tile_words`: int64 codes (out_features, in_features)."""
-    n_pad, k_pad = words.shape[0] * 16, -(-in_features // 32) * 32
+    n_pad, k_pad, slots = words.shape[0] * 16, -(-in_features // 32) * 32, SLOTS[bits]
     w = words.transpose(1, 2).reshape(n_pad, -1).to(torch.int64) & 0xFFFFFFFF
+    shift = torch.arange(slots) * bits
     codes = torch.zeros(n_pad, k_pad, dtype=torch.int64)
     col = 0
     for g0 in range(0, in_features, group_size):
         g1 = min(g0 + group_size, k_pad)
-        for per_word, width, offset in _planes(bits):
-            rows = (g1 - g0) // per_word
-            blk = w[:, col:col + rows, None]  # (n_pad, rows, 1)
-            shift = torch.arange(per_word // 2) * width
-            pairs = torch.stack((blk >> shift, blk >> (shift + 16)), dim=-1) & ((1 << width) - 1)
-            codes[:, g0:g1] |= pairs.reshape(n_pad, g1 - g0) << offset
-            col += rows
+        pairs = (g1 - g0) // 2
+        rows = -(-pairs // slots)
+        blk = w[:, col:col + rows, None]  # (n_pad, rows, 1)
+        v = torch.stack((blk >> shift, blk >> (shift + 16)), dim=-1) & ((1 << bits) - 1)  # (n_pad, rows, slots, 2)
+        codes[:, g0:g1] = v.reshape(n_pad, rows * slots, 2)[:, :pairs].reshape(n_pad, g1 - g0)
+        col += rows
     return codes[:out_features, :in_features]
 
 
@@ -225,8 +223,7 @@ def prepare_native(packed: PackedWeight, a: torch.Tensor | None = None, b: torch
     zeros = torch.zeros(packed.groups, n_pad)
     scales[:, :n] = packed.scales[:, :n].float().cpu()
     zeros[:, :n] = packed.zeros[:, :n].float().cpu()
-    lane = 16 if bits == 4 else 8  # a code's bf16 pair value is 1 + code / lane
-    terms = 2 if bits == 3 else 1  # 3-bit adds the lo and the hi word: each contributes sum(x)
+    lane = 16 if bits == 4 else 8  # a code's bf16 value is 1 + code / lane
     bt = None
     if a is not None and a.shape[0] == 0:  # rank 0: no branch
         a = None
@@ -240,7 +237,7 @@ def prepare_native(packed: PackedWeight, a: torch.Tensor | None = None, b: torch
         bias32 = torch.zeros(n_pad)
         bias32[:n] = bias.float().cpu()
     return NativeWeight(tile_words(codes, bits, g), _per_tile(scales * lane),
-                        _per_tile(scales * (lane * terms + zeros)), a, bt, bias32, bits, g, k, n)
+                        _per_tile(scales * (lane + zeros)), a, bt, bias32, bits, g, k, n)
 
 
 class NativeGroup:

@@ -31,21 +31,27 @@ def test_tile_layout_round_trips(bits, group, n, k):
     codes, _, _ = random_codes(n, k, bits, group, seed=n + k)
     words = tile_words(codes, bits, group)
     assert words.dtype == torch.int32 and words.shape[0] == -(-n // 16) and words.shape[2] == 16
-    per_weight = words.numel() * 32 / (-(-n // 16) * 16 * (-(-k // 32) * 32))
-    assert per_weight == bits  # real 3-bit storage, no container
+    k_pad, slots = -(-k // 32) * 32, cpu_native.SLOTS[bits]
+    want = sum(-(-(min(g0 + group, k_pad) - g0) // 2 // slots) for g0 in range(0, k, group))
+    assert words.shape[1] == want  # per group ceil(pairs / slots) words: 3-bit g128 is 3.25 bits per weight
     assert torch.equal(tile_codes(words, bits, group, k, n), codes.long())
 
 
+def test_three_bit_tiles_cost_three_and_a_quarter_bits_at_g128():
+    words = tile_words(random_codes(16, 512, 3, 128)[0], 3, 128)
+    assert words.numel() * 32 / (16 * 512) == 3.25  # 13 words of 5 pairs per 128 values
+
+
 def test_tile_word_bits_follow_the_header():
-    """Column 0, first group: lo word q=0 holds code[2i] & 3 at bit 2i, code[2i+1] & 3 at bit 16+2i;
-    the hi word holds code[2i] >> 2 at bit i, code[2i+1] >> 2 at bit 16+i (cpu_native.c)."""
+    """Column 0, one group of 32 at 3 bits: word q holds pair j = 5q + s with code[2j] at bit 3s and
+    code[2j+1] at bit 16 + 3s; 16 pairs make 4 words, the last holding one pair (cpu_native.c)."""
     codes = torch.zeros(16, 32, dtype=torch.uint8)
     codes[0] = torch.arange(32) % 8
-    w = tile_words(codes, 3, 32)[0, :, 0].long() & 0xFFFFFFFF  # rows of column 0: lo0, lo1, hi
+    w = tile_words(codes, 3, 32)[0, :, 0].long() & 0xFFFFFFFF
     c = codes[0].long()
-    lo0 = sum(int(c[2 * i] & 3) << 2 * i | int(c[2 * i + 1] & 3) << (16 + 2 * i) for i in range(8))
-    hi = sum(int(c[2 * i] >> 2) << i | int(c[2 * i + 1] >> 2) << (16 + i) for i in range(16))
-    assert int(w[0]) == lo0 and int(w[2]) == hi
+    want = [sum(int(c[2 * j]) << 3 * (j - 5 * q) | int(c[2 * j + 1]) << (16 + 3 * (j - 5 * q))
+                for j in range(5 * q, min(5 * q + 5, 16))) for q in range(4)]
+    assert w.tolist() == want
 
 
 def _bound(x: torch.Tensor, packed) -> torch.Tensor:
