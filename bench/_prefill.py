@@ -5,8 +5,9 @@ in one process, so the rows compare.
     .venv/bin/python bench/_prefill.py --layers [--lengths 128,256,512,1024,2048]   (one random 3-bit g128
         layer of each SmolLM2 shape: dequantize time, then int4 op vs dequantize + bf16 GEMM per length)
 
-Rows: "int4 op, masked SDPA" (the path before bf16 prefill and the causal flag: FBSERVE_CPU_BF16_PREFILL_ROWS=0
-and models.llama told that no prompt starts at position 0), "int4 op, causal SDPA", "bf16 GEMM, causal SDPA"
+Rows: "<kernel>, masked SDPA" (the path before bf16 prefill and the causal flag: FBSERVE_CPU_BF16_PREFILL_ROWS=0
+and models.llama told that no prompt starts at position 0; <kernel> is what runs calls of few rows,
+fbserve-avx512bf16 or torch-int4, see kernel_paths()), "<kernel>, causal SDPA", "bf16 GEMM, causal SDPA"
 (the default). Each figure is the median of 3 prefills of WikiText-2 test tokens from an empty cache,
 logits of the last position only (what serving computes), after one warm-up; max |dlogit| of each row
 to the first.
@@ -76,7 +77,7 @@ def main() -> None:
     import models.llama as llama
     from cuda_ext.cpu import BF16_PREFILL_ENV
     from engine.cpu_decode import install
-    from engine.quant_linear import cpu_prefill_path
+    from engine.quant_linear import cpu_decode_kernel, cpu_prefill_path
     from models.loader import load_model
     from quant.eval import wikitext2_text
 
@@ -91,7 +92,8 @@ def main() -> None:
         return model(ids[:, :t], positions=torch.arange(t)[None], slots=torch.tensor([0]), last_only=True)
 
     never_from_start = mock.patch.object(llama.torch, "equal", lambda *a: False)  # the explicit mask
-    rows = [("int4 op, masked SDPA", "0", never_from_start), ("int4 op, causal SDPA", "0", None),
+    small = cpu_decode_kernel().split(" ")[0]  # the per-call kernel: fbserve-avx512bf16 or torch-int4
+    rows = [(f"{small}, masked SDPA", "0", never_from_start), (f"{small}, causal SDPA", "0", None),
             ("bf16 GEMM, causal SDPA", None, None)]
     print(f"{args.spec}: threads {args.threads}, load {os.getloadavg()[0]:.2f}; default prefill path: {cpu_prefill_path()}")
     print("| path | " + " | ".join(f"{t} tokens ms" for t in lengths) + " | max abs dlogit vs first row |")
