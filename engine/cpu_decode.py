@@ -311,12 +311,13 @@ class CpuDecoder:
         cos = torch.cat((freqs, freqs), dim=-1).cos()[:, None, :]  # (B, 1, D)
         sin = freqs.sin()
         sin = torch.cat((-sin, sin), dim=-1)[:, None, :]  # rotate_half(x) * sin == roll(x, D/2) * [-sin, sin]
+        if self.native_layers is not None:  # every layer in one kernel call (per-row positions, no mask)
+            x = x.contiguous()  # updated in place
+            self.native_layers(x, slots, positions[:, 0], cos[:, 0], sin[:, 0])
+            return self._logits(x)
         mask = None
         if min(pos) != length - 1:  # rows at different positions: hide each row's keys beyond its own
             mask = (torch.arange(length) <= positions)[:, None, None, :]  # (B, 1, 1, L)
-        if self.native_layers is not None:  # every layer in one kernel call (per-row positions, no mask)
-            self.native_layers(x, slots, positions[:, 0], cos[:, 0], sin[:, 0])
-            return self._logits(x)
         half = d // 2
         nqk = self.nq + self.nkv
         for lay in self.layers:

@@ -124,7 +124,7 @@ class QuantLinear(nn.Module):
     def native_weight(self, on_reprepare=None) -> NativeWeight | None:
         """The layer's CPU-kernel weight (None when torch's int4 op serves it), for engine.cpu_decode to
         run several layers in one call; `on_reprepare()` is called when the layer re-prepares its path."""
-        if self._native is not None:
+        if self._native is not None and on_reprepare is not None:
             self._cpu_owner = on_reprepare
         return self._native
 
