@@ -4,6 +4,7 @@ Public API:
   pack, unpack, PackedWeight          the fbq1 packed layout (packing.py)
   quant_matmul                        Triton decode/prefill kernels, fused low-rank branch (launch.py)
   prepare_cpu, cpu_matmul             torch int4 CPU path (cpu.py)
+  cpu_native.NativeGroup / NativeLayers   fbserve's AVX-512 BF16 CPU kernel (cpu_native.c; built on first use)
   dequantize, dequantize_packed, quant_matmul_ref, branch_down_ref   references (reference.py)
 """
 from .cpu import CpuInt4Weight, cpu_matmul, prepare_cpu
