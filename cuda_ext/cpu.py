@@ -164,6 +164,11 @@ def dequantize_bf16_t(packed: PackedWeight) -> torch.Tensor:
     return out
 
 
+def bf16_prefill_matmul(x2: torch.Tensor, packed: PackedWeight) -> torch.Tensor:
+    """x2 (M, K) @ W^T through the dequantize + bf16 GEMM path (prefill): fp32 (M, N)."""
+    return (x2.to(torch.bfloat16) @ dequantize_bf16_t(packed)).float()
+
+
 def cpu_matmul(x: torch.Tensor, w: CpuInt4Weight, a_t: torch.Tensor | None = None,
                b_t: torch.Tensor | None = None, bias: torch.Tensor | None = None,
                packed: PackedWeight | None = None) -> torch.Tensor:
@@ -176,11 +181,11 @@ def cpu_matmul(x: torch.Tensor, w: CpuInt4Weight, a_t: torch.Tensor | None = Non
     if x.shape[-1] != w.in_features:
         raise ValueError(f"x: last dim {x.shape[-1]} != in_features {w.in_features}")
     x2 = x.reshape(-1, w.in_features)
-    xb = x2.to(torch.bfloat16)
     min_rows = bf16_prefill_rows() if packed is not None else None
     if min_rows is not None and x2.shape[0] >= min_rows:
-        y = xb @ dequantize_bf16_t(packed)
+        y = bf16_prefill_matmul(x2, packed)
     else:
+        xb = x2.to(torch.bfloat16)
         if w.k_cpu > w.in_features:
             xb = F.pad(xb, (0, w.k_cpu - w.in_features))
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(xb.contiguous(), w.weight, w.group_size, w.scales_zeros)

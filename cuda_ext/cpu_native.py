@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .cpu import bf16_prefill_rows, dequantize_bf16_t
+from .cpu import bf16_prefill_matmul, bf16_prefill_rows
 from .packing import PackedWeight, codes_k_major
 
 log = logging.getLogger("fbserve.kernels")
@@ -289,7 +289,7 @@ def native_matmul(x: torch.Tensor, group: NativeGroup, packed: PackedWeight | No
     x2 = x.reshape(-1, k)
     min_rows = bf16_prefill_rows() if packed is not None else None
     if min_rows is not None and x2.shape[0] >= min_rows:
-        y = (x2.to(torch.bfloat16) @ dequantize_bf16_t(packed)).float()
+        y = bf16_prefill_matmul(x2, packed)
         if a is not None:
             y = torch.addmm(y, x2.float() @ a.float().t(), b.float().t())
         if bias is not None:

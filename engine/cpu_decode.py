@@ -166,7 +166,6 @@ class _NativeProj:
     def __init__(self, mods: list[QuantLinear], on_stale=None) -> None:
         self.mods = mods
         self.group = NativeGroup([m.native_weight(on_stale) for m in mods])
-        self.widths, self.offsets = [m.out_features for m in mods], self.group.offsets
 
     def __call__(self, x: Tensor) -> Tensor:
         return self.group(x)
