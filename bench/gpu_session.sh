@@ -12,7 +12,9 @@
 #   tests    pytest, compiled (TRITON_INTERPRET=0): tests/test_gpu_kernels.py, tests/test_gpu_qdec.py and the
 #            kernel tests that also run on CUDA (test_cuda_ext_kernels, test_qdec_kernel, test_quant_linear);
 #            pytest-xdist spreads the Triton compiles over the CPUs when it is installed
-#   kernels  bench/kernels.py, all rows (m 1 4 16, 11 variants), Llama-2-7B; then qdec; then Llama-3-8B
+#   kernels  bench/kernels.py, all rows (m 1 4 16, 13 variants), Llama-2-7B; then autotune; then qdec;
+#            then Llama-3-8B
+#   autotune python -m cuda_ext.autotune --decode-m 1 4 (gemv_kernel tiles timed; prints, writes nothing)
 #   qdec     bench/qdec.py (zero-copy gather table, slowdown vs k_chunk)
 #   engine   bench/gpu_engine.py (random-weights SmolLM2-shaped model through QuantLinear + Engine)
 #   summary  bench/gpu_summary.py -> summary.md (markdown for bench/RESULTS.md)
@@ -136,6 +138,10 @@ main() {
   step tests 180 bash -c run_tests
   local kjson=("$WORK/kernels-Llama-2-7B.json" "$WORK/kernels-Llama-3-8B.json")
   kernels Llama-2-7B
+  # decode tiles of gemv_kernel (m 1 and 4) on this GPU: every candidate's time, winners printed (no --write)
+  if [[ $DRY == 0 ]]; then
+    step autotune 150 "$PYTHON" -m cuda_ext.autotune --model Llama-2-7B --bits 3 --decode-m 1 4
+  fi
   # bench/qdec.py exits 2 without CUDA (expected in the dry run)
   step qdec 120 "$PYTHON" bench/qdec.py --model llama2-7b --bits 3 --json "$OUT/qdec.json"
   kernels Llama-3-8B  # second model after QDEC: issue 5's only GPU numbers come first

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from cuda_ext import cpu_matmul, prepare_cpu, quant_matmul  # noqa: E402
+from cuda_ext.configs import GemmConfig  # noqa: E402
 from cuda_ext.roofline import MODELS, ideal_parts  # noqa: E402
 from cuda_ext.testing import cuda_median_ms, random_layer, random_packed  # noqa: E402
 
@@ -81,7 +82,12 @@ def torch_int4_stack(shapes: list[tuple[int, int]]) -> list[Callable]:
     return ops
 
 
-def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int) -> list[Callable]:
+# qgemm_kernel (tensor cores) forced at m <= 16: the decode path before gemv_kernel, for comparison
+TENSOR_CORE_DECODE = GemmConfig(block_m=16, block_n=128, num_warps=4, num_stages=1, waves=2, max_split_k=16)
+
+
+def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int, config: GemmConfig | None = None
+               ) -> list[Callable]:
     ops = []
     for _ in range(LAYERS):
         for n, k in shapes:
@@ -90,7 +96,7 @@ def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int) -> list[Call
             if rank:
                 a = (torch.randn(rank, k, device="cuda") * 0.05).half()
                 b = (torch.randn(n, rank, device="cuda") * 0.05).half()
-            ops.append(lambda x, p=p, a=a, b=b: quant_matmul(x, p, a, b))
+            ops.append(lambda x, p=p, a=a, b=b: quant_matmul(x, p, a, b, config=config))
     return ops
 
 
@@ -167,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             ("torch int4 g128", lambda: torch_int4_stack(shapes), torch.bfloat16, 4, 0)]
         variants += [(f"ours {b}-bit g128 r{r}", lambda b=b, r=r: ours_stack(shapes, b, r), torch.float16, b, r)
                      for b in (4, 3, 2) for r in (0, 32, 64)]
+        variants += [(f"ours 3-bit g128 r{r} tensor-core decode", lambda r=r: ours_stack(shapes, 3, r, TENSOR_CORE_DECODE),
+                      torch.float16, 3, r) for r in (0, 64)]
         base: dict[tuple[str, int], float] = {}
         for name, build, dtype, bits, rank in variants:
             try:
@@ -175,6 +183,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model} {name}: unavailable ({type(e).__name__}: {e})")
                 continue
             for m in args.m:
+                if "tensor-core" in name and m > 16:
+                    continue
                 ms = run_stack(ops, shapes, m, dtype, args.reps)
                 ideal = stack_ideal_bytes(shapes, m, bits, rank)
                 base[(name, m)] = ms

@@ -19,7 +19,13 @@ from .roofline import MODELS
 from .testing import cuda_median_ms, random_layer
 
 
-def gemm_candidates(decode: bool) -> list[GemmConfig]:
+def gemm_candidates(decode: bool, m: int = 16) -> list[GemmConfig]:
+    """Candidate configs: gemv_kernel tiles for m <= 4 (block_m = the smallest GEMV_ROWS >= m),
+    qgemm_kernel decode tiles for other m <= 16, prefill tiles above."""
+    if decode and m <= max(configs.GEMV_ROWS):
+        mr = min(r for r in configs.GEMV_ROWS if r >= m)
+        grid = itertools.product([32, 64, 128], [2, 4, 8], [2, 4])
+        return [GemmConfig(mr, n, w, 1, wv, 16) for n, w, wv in grid if n * 16 // (32 * w) >= 4]
     if decode:
         grid = itertools.product([64, 128, 256], [4, 8], [1, 2], [1, 2, 4], [8, 16])
         return [GemmConfig(16, n, w, s, wv, sk) for n, w, s, wv, sk in grid if not (n == 256 and w == 4)]
@@ -32,12 +38,13 @@ def tune_gemm(shapes: list[tuple[int, int]], m: int, bits: int, group: int = 128
     layers = [random_layer(n, k, bits, group, seed=i, device="cuda")[0] for i, (n, k) in enumerate(shapes)]
     xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _, k in shapes]
     best: tuple[GemmConfig, float] | None = None
-    for cfg in gemm_candidates(m <= configs.DECODE_M_MAX):
+    for cfg in gemm_candidates(m <= configs.DECODE_M_MAX, m):
         try:
             ms = sum(cuda_median_ms(lambda p=p, x=x: quant_matmul(x, p, config=cfg)) for p, x in zip(layers, xs))
         except Exception as e:  # noqa: BLE001 - a config that fails to compile/launch is skipped, loudly
             print(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
             continue
+        print(f"  {cfg}: {ms:.3f} ms", file=sys.stderr)
         if best is None or ms < best[1]:
             best = (cfg, ms)
     if best is None:
@@ -71,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", default="Llama-2-7B", choices=sorted(MODELS))
     ap.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
     ap.add_argument("--write", action="store_true", help="write the winners into this arch's JSON table")
+    ap.add_argument("--decode-m", type=int, nargs="+", metavar="M",
+                    help="tune only the decode rules for these row counts (e.g. 1 4), nothing else")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("autotune needs a CUDA GPU; none found (the shipped tables stay as they are)", file=sys.stderr)
@@ -78,11 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     arch = target_for(torch.device("cuda")).arch
     shapes = MODELS[args.model]
     rules: list[tuple[str, dict]] = []
-    for kind, m, m_max in (("decode", 1, 1), ("decode", 16, 16), ("prefill", 64, 64), ("prefill", 512, None)):
+    plan = (("decode", 1, 1), ("decode", 2, 2), ("decode", 4, 4), ("decode", 16, 16), ("prefill", 64, 64),
+            ("prefill", 512, None))
+    if args.decode_m:
+        plan = tuple(("decode", m, m) for m in args.decode_m)
+    for kind, m, m_max in plan:
         cfg, ms = tune_gemm(shapes, m, args.bits)
         print(f"{arch} {kind} m={m}: {cfg} {ms:.3f} ms per layer stack")
         rules.append((kind, configs.as_rule(cfg, m_max=m_max)))
-    for m, m_max in ((1, 16), (512, None)):
+    for m, m_max in ((1, 16), (512, None)) if not args.decode_m else ():
         bcfg, ms = tune_branch(shapes, m)
         print(f"{arch} branch_down m={m}: {bcfg} {ms:.3f} ms")
         rules.append(("branch_down", configs.as_rule(bcfg, m_max=m_max)))

@@ -32,6 +32,7 @@ RANK_P = 128  # the largest branch tile: the worst case for registers
 DEFAULT_VARIANTS = [(3, "bf16"), (4, "fp16")]  # the most planes / the fp32 dequant: worst registers
 FULL_VARIANTS = [(b, d) for b in (2, 3, 4) for d in ("fp16", "bf16")]
 MIN_WEIGHT_LOAD = 16
+GEMV_TAIL_ROWS = 8  # gemv_kernel is specialised on its tail block; 8 rows = Llama-2's K = 11008
 
 
 @dataclass
@@ -60,7 +61,7 @@ def _kernel_source(job: Job):
     """(ASTSource, index of the weight pointer parameter) for a job."""
     from triton.compiler import ASTSource
 
-    from .kernels import branch_down_kernel, qgemm_kernel
+    from .kernels import branch_down_kernel, gemv_kernel, qgemm_kernel
     dt, r = job.dtype, job.rule
     if job.kind == "branch_down":
         fn = branch_down_kernel
@@ -70,12 +71,17 @@ def _kernel_source(job: Job):
         div16 = list(ptrs) + ["K", "rank", "stride_xm"]
         weight = "a_ptr"
     else:
-        fn = qgemm_kernel
         ptrs = {"x_ptr": f"*{dt}", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": f"*{dt}",
                 "ws_ptr": "*fp32", "cnt_ptr": "*i32", "t_ptr": "*fp32", "b_ptr": "*fp16", "bias_ptr": f"*{dt}"}
-        consts = dict(BITS=job.bits, GROUP=GROUP, BLOCK_M=r["block_m"], BLOCK_N=r["block_n"], RANK_P=RANK_P,
-                      USE_WS=r.get("max_split_k", 1) > 1, HAS_BRANCH=True, HAS_BIAS=True, INTERP_BF16=False,
-                      BRANCH_TF32=ARCH_CC[job.arch] >= 80, FP32_DOT=ARCH_CC[job.arch] < 80)
+        common = dict(BITS=job.bits, GROUP=GROUP, BLOCK_N=r["block_n"], RANK_P=RANK_P,
+                      USE_WS=r.get("max_split_k", 1) > 1, HAS_BRANCH=True, HAS_BIAS=True, INTERP_BF16=False)
+        if r["block_m"] < 16:  # CUDA-core decode kernel; a tail block of 8 rows (K = 11008) compiled in
+            fn = gemv_kernel
+            consts = dict(common, MR=r["block_m"], TAIL_ROWS=GEMV_TAIL_ROWS)
+        else:
+            fn = qgemm_kernel
+            consts = dict(common, BLOCK_M=r["block_m"], BRANCH_TF32=ARCH_CC[job.arch] >= 80,
+                          FP32_DOT=ARCH_CC[job.arch] < 80)
         # what the JIT specializes for LLM shapes (multiples of 16): enables the 16-byte loads
         div16 = list(ptrs) + ["N", "Np", "K", "rank", "stride_xm", "stride_ym"]
         weight = "qw_ptr"

@@ -2,7 +2,8 @@
 
 A table holds, per kernel kind, an ordered list of rules; the first rule whose `m_max` (rows of x,
 null = any) and optional `bits` list match is used.  Kinds:
-  decode       qgemm_kernel for m <= 16 (block_m is 16), split-K over K blocks
+  decode       m <= 16, split-K over K blocks: qgemm_kernel (tensor cores) where block_m is 16,
+               gemv_kernel (CUDA cores, m <= block_m) where block_m is 1, 2 or 4
   prefill      qgemm_kernel for m > 16
   branch_down  branch_down_kernel (t = x @ A^T)
 Rule fields: block_m, block_n, num_warps, num_stages, waves (target programs per SM; split-K is
@@ -23,6 +24,7 @@ ARCHS = ("sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_120")
 INTERPRETER = "interpreter"  # table used under TRITON_INTERPRET=1 (small tiles, forced splits)
 KINDS = ("decode", "prefill", "branch_down")
 DECODE_M_MAX = 16
+GEMV_ROWS = (1, 2, 4)  # decode rules with block_m < 16 run gemv_kernel (CUDA cores) for m <= block_m
 
 log = logging.getLogger("fbserve.kernels")
 
@@ -96,8 +98,11 @@ def gemm_config(arch: str, m: int, bits: int) -> tuple[str, GemmConfig]:
     """('decode' or 'prefill', config) for x with m rows on `arch`."""
     kind = "decode" if m <= DECODE_M_MAX else "prefill"
     cfg = GemmConfig(**_fields(GemmConfig, _match(load_table(arch)[kind], m, bits)))
-    if kind == "decode" and cfg.block_m != 16:
-        raise ValueError(f"{arch}: decode rules must use block_m=16, got {cfg.block_m}")
+    if kind == "decode" and cfg.block_m not in GEMV_ROWS + (16,):
+        raise ValueError(f"{arch}: decode rules use block_m=16 (tensor cores) or {GEMV_ROWS} (CUDA cores), "
+                         f"got {cfg.block_m}")
+    if kind == "decode" and m > cfg.block_m:
+        raise ValueError(f"{arch}: decode rule block_m={cfg.block_m} matched m={m} > block_m")
     return kind, cfg
 
 

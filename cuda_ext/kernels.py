@@ -249,3 +249,173 @@ def branch_down_kernel(x_ptr, a_ptr, t_ptr, ws_ptr, cnt_ptr, M, K, rank, stride_
             tl.store(tp, total, mask=mmask & rmask)
     else:
         tl.store(tp, acc, mask=mmask & rmask)
+
+
+@triton.jit
+def _field_value(word, BIT: tl.constexpr, WIDTH: tl.constexpr):
+    """fp32 (2**E + code) of the WIDTH-bit field at bit BIT of `word` (E = 23 - BIT, so the field
+    lands on the units of the mantissa): one AND-OR, no shift and no int->float conversion.
+    Needs BIT + WIDTH <= 23 (callers pre-shift the word for higher fields)."""
+    magic: tl.constexpr = (150 - BIT) << 23  # exponent 127 + 23 - BIT, mantissa 0
+    return ((word & (((1 << WIDTH) - 1) << BIT)) | magic).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_x(x_ptr, row, kv, kmask, M, stride_xm):
+    """x[row, kv] as fp32 (zeros for rows >= M or masked k)."""
+    return tl.load(x_ptr + row * stride_xm + kv, mask=kmask & ((kv * 0 + row) < M), other=0.0,
+                   eviction_policy="evict_last").to(tl.float32)
+
+
+@triton.jit
+def _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, M, K, Np, G, stride_xm,
+                BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, RR: tl.constexpr):
+    """acc_i (16, BLOCK_N) fp32 += x[i, k] * dequant(W)[k, n] over one K block of RR-row chunks
+    (rows i < MR of x), on CUDA cores (no tl.dot): the decode path for a few rows of x, where
+    tensor cores would idle and the layout change into their operands costs more than the math.
+
+    Per weight: one AND-OR (_field_value) and one subtraction of (2**E + zero) give
+    (code - zero) exactly (3 bits: a second AND-OR and an FMA add 4 * high bit), then one FMA per
+    row of x.  A group's partial sums are scaled once per group, not once per weight.  Every
+    tensor has the weight tile's shape and layout (scales and zeros are loaded broadcast to it),
+    so nothing moves between threads inside the loop."""
+    FB: tl.constexpr = 4 if BITS == 4 else 2  # field width of the planes walked chunk by chunk
+    F: tl.constexpr = 32 // FB  # chunks per word of such a plane
+    CPG: tl.constexpr = GROUP // RR  # chunks per quantization group (RR divides GROUP)
+    r = tl.arange(0, 16)
+    rmask = r < RR
+    nmask = offs_n < Np
+    wmask = rmask[:, None] & nmask[None, :]
+    wp = qw_ptr + (rb + r)[:, None] * Np + offs_n[None, :]
+    cols = offs_n[None, :] + 0 * r[:, None]  # (16, BLOCK_N): scale/zero addresses in the tile's layout
+    h_lo = tl.zeros_like(cols)
+    h_hi = h_lo
+    if BITS == 3:  # high-bit plane: bit c of a word is chunk c's third bit; shifted so bits sit at 4..19
+        w2 = tl.load(wp + 2 * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
+        h_lo = w2 << 4
+        h_hi = w2 >> 12
+    g0 = tl.zeros_like(acc0)
+    g1 = g0
+    g2 = g0
+    g3 = g0
+    s = g0
+    z = g0
+    for p in tl.static_range(32 // F):
+        w = tl.load(wp + p * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
+        # fields must sit at bits <= 22 (the mantissa): the others are read from a shifted copy
+        w_lo = w << 4 if BITS == 3 else w
+        w_hi = w >> 12 if BITS == 3 else w >> 16
+        for f in tl.static_range(F):
+            c = p * F + f
+            if (c % CPG) == 0:  # a group starts: its scales and zeros for the tile's columns
+                grp = (kb + c * RR) // GROUP
+                gmask = (cols < Np) & ((cols * 0 + grp) < G)
+                s = tl.load(s_ptr + grp * Np + cols, mask=gmask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + grp * Np + cols, mask=gmask, other=0.0).to(tl.float32)
+            if BITS == 3:
+                BIT = 2 * f + 4 if f < 9 else 2 * f - 12
+                HBIT = (c % 16) + 4
+                lo = _field_value(w_lo if f < 9 else w_hi, BIT, 2)  # 2**(23-BIT) + low 2 bits
+                hi = _field_value(h_lo if c < 16 else h_hi, HBIT, 1)  # 2**(23-HBIT) + high bit
+                # every term is an integer < 2**22, so this is exactly low - zero + 4 * high
+                wq = hi * 4.0 + (lo - (z + ((1 << (23 - BIT)) + (1 << (25 - HBIT)))))
+            else:
+                BIT = FB * f if FB * f + FB <= 23 else FB * f - 16
+                wq = _field_value(w if FB * f + FB <= 23 else w_hi, BIT, FB) - (z + (1 << (23 - BIT)))
+            kv = (kb + c * RR + r)[:, None]
+            kmask = rmask[:, None] & (kv < K)
+            g0 += _gemv_x(x_ptr, 0, kv, kmask, M, stride_xm) * wq
+            if MR > 1:
+                g1 += _gemv_x(x_ptr, 1, kv, kmask, M, stride_xm) * wq
+            if MR > 2:
+                g2 += _gemv_x(x_ptr, 2, kv, kmask, M, stride_xm) * wq
+                g3 += _gemv_x(x_ptr, 3, kv, kmask, M, stride_xm) * wq
+            if (c % CPG) == CPG - 1 or c == 31:  # the group ends: scale its partial sums once
+                acc0 += g0 * s
+                g0 = tl.zeros_like(acc0)
+                if MR > 1:
+                    acc1 += g1 * s
+                    g1 = tl.zeros_like(acc0)
+                if MR > 2:
+                    acc2 += g2 * s
+                    acc3 += g3 * s
+                    g2 = tl.zeros_like(acc0)
+                    g3 = tl.zeros_like(acc0)
+    return acc0, acc1, acc2, acc3
+
+
+@triton.jit
+def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
+                M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym,
+                BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr,
+                TAIL_ROWS: tl.constexpr, RANK_P: tl.constexpr, USE_WS: tl.constexpr,
+                HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """y (M, N) = x (M, K) @ dequant(qweight)^T (+ t @ B^T) (+ bias) for M <= MR rows on CUDA cores.
+
+    Same arguments and split-K protocol as qgemm_kernel (grid (cdiv(N, BLOCK_N), 1, split_k));
+    the tail block's row count is a compile-time constant here (TAIL_ROWS, 0 = none), so every
+    field position, group start and shift is resolved at compile time."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(2)
+    n_split = tl.num_programs(2)
+    offs_m = tl.arange(0, MR)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    per = tl.cdiv(n_blocks, n_split)
+    b0 = pid_k * per
+    b1 = tl.minimum(b0 + per, n_blocks)
+    acc0 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+    acc1 = acc0
+    acc2 = acc0
+    acc3 = acc0
+    for b in range(b0, tl.minimum(b1, n_full)):
+        acc0, acc1, acc2, acc3 = _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, b * 512,
+                                             b * (BITS * 16), M, K, Np, G, stride_xm, BITS, GROUP, MR, 16)
+    if TAIL_ROWS > 0:
+        if b1 > n_full:
+            acc0, acc1, acc2, acc3 = _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n,
+                                                 n_full * 512, n_full * (BITS * 16), M, K, Np, G, stride_xm,
+                                                 BITS, GROUP, MR, TAIL_ROWS)
+    # (MR, BLOCK_N): row i of x is row i of the partial result
+    sel = offs_m[:, None]
+    part = tl.where(sel == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
+    if MR > 1:
+        part += tl.where(sel == 1, tl.sum(acc1, axis=0)[None, :], 0.0)
+    if MR > 2:
+        part += tl.where(sel == 2, tl.sum(acc2, axis=0)[None, :], 0.0)
+        part += tl.where(sel == 3, tl.sum(acc3, axis=0)[None, :], 0.0)
+    if USE_WS:
+        is_last, total = _last_of_split(part, ws_ptr, cnt_ptr, pid_n, pid_k, n_split, offs_m, offs_n, M,
+                                        MR, tl.num_programs(0) * BLOCK_N)
+        if is_last:
+            _gemv_epilogue(total, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+                           RANK_P, HAS_BRANCH, HAS_BIAS, INTERP_BF16)
+    else:
+        _gemv_epilogue(part, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+                       RANK_P, HAS_BRANCH, HAS_BIAS, INTERP_BF16)
+
+
+@triton.jit
+def _gemv_epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+                   RANK_P: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                   INTERP_BF16: tl.constexpr):
+    """y tile = acc (+ t @ B^T) (+ bias) for a few rows, the branch on CUDA cores in fp32."""
+    mmask = offs_m < M
+    nmask = offs_n < N
+    if HAS_BRANCH:
+        RC: tl.constexpr = 16 if RANK_P > 16 else RANK_P
+        for r0 in tl.static_range(0, RANK_P, RC):
+            rr = r0 + tl.arange(0, RC)
+            rmask = rr < rank
+            t = tl.load(t_ptr + offs_m[:, None] * rank + rr[None, :], mask=mmask[:, None] & rmask[None, :],
+                        other=0.0)  # (MR, RC)
+            bt = tl.load(b_ptr + offs_n[None, :] * rank + rr[:, None], mask=rmask[:, None] & nmask[None, :],
+                         other=0.0).to(tl.float32)  # (RC, BLOCK_N)
+            acc += tl.sum(t[:, :, None] * bt[None, :, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
+    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    if INTERP_BF16:
+        out = _bf16_rne(acc)
+    else:
+        out = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y, out, mask=mmask[:, None] & nmask[None, :])

@@ -56,7 +56,8 @@ def test_roofline_counts_x_rereads_and_padding():
     t = call_traffic(4096, 4096, 1, 4, 128, 0, "sm_90")
     ideal = ideal_parts(4096, 4096, 1, 4, 128, 0)
     assert t.parts["weights"] == ideal["weights"] and t.parts["scales_zeros"] == ideal["scales_zeros"]
-    assert t.parts["x"] == (4096 // 128) * ideal["x"]  # x is re-read by each of the 32 column tiles
+    block_n = configs.gemm_config("sm_90", 1, 4)[1].block_n
+    assert t.parts["x"] == (4096 // block_n) * ideal["x"]  # x is re-read by each column tile
     assert 1.0 < t.ratio < 1.1 and t.dram_ratio == pytest.approx(1.0, abs=1e-3)
 
 
