@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--m", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--json", type=Path, help="also write the rows as JSON")
+    ap.add_argument("--variants", nargs="+", metavar="TEXT",
+                    help="only the variants whose name contains one of these (e.g. 'fp16' 'ours 3-bit')")
     ap.add_argument("--cpu", action="store_true", help="time the CPU serving path instead")
     args = ap.parse_args(argv)
     if args.cpu:
@@ -175,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
                      for b in (4, 3, 2) for r in (0, 32, 64)]
         variants += [(f"ours 3-bit g128 r{r} tensor-core decode", lambda r=r: ours_stack(shapes, 3, r, TENSOR_CORE_DECODE),
                       torch.float16, 3, r) for r in (0, 64)]
+        if args.variants:
+            variants = [v for v in variants if any(t in v[0] for t in args.variants)]
         base: dict[tuple[str, int], float] = {}
         for name, build, dtype, bits, rank in variants:
             try:
@@ -192,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
                              "vs_fp16": base.get(("fp16 cuBLAS", m), float("nan")) / ms,
                              "vs_int4": base.get(("torch int4 g128", m), float("nan")) / ms,
                              "roofline": ideal / (ms * 1e-3) / bw})
+                print(f"  measured: {model} {name} m={m}: {ms:.3f} ms", flush=True)  # survives a timeout
             del ops
             torch.cuda.empty_cache()
     print("| model | variant | m | ms/token | x fp16 | x torch int4 | of read roofline |")
