@@ -92,3 +92,22 @@ def test_kernels_check_decode_on_sm90():
     """`fbserve kernels check` on one arch and kernel: compiles, no spill, 16-byte weight loads."""
     from cuda_ext.check import main
     assert main(["--arch", "sm_90", "--kind", "decode", "--jobs", "2"]) == 0
+
+
+@pytest.mark.parametrize("arch", configs.ARCHS)
+def test_one_row_decodes_on_cuda_cores_and_more_rows_on_tensor_cores(arch):
+    """m = 1 runs gemv_kernel (block_m 1; measured faster on an H100), m = 2..16 the tensor-core
+    qgemm_kernel (block_m 16; gemv tied at m = 2 and lost at m = 4 there)."""
+    assert configs.gemm_config(arch, 1, 3)[1].block_m == 1
+    for m in (2, 4, 16):
+        kind, cfg = configs.gemm_config(arch, m, 3)
+        assert kind == "decode" and cfg.block_m == 16
+
+
+def test_decode_rule_with_too_few_rows_is_refused(tmp_path, monkeypatch):
+    table = configs.load_table("sm_90")
+    bad = dict(table, decode=[{"m_max": 4, "block_m": 2, "block_n": 64, "num_warps": 4, "num_stages": 1}]
+               + table["decode"])
+    monkeypatch.setattr(configs, "load_table", lambda arch: bad)
+    with pytest.raises(ValueError, match="block_m=2 matched m=3"):
+        configs.gemm_config("sm_90", 3, 3)

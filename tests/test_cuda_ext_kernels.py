@@ -114,3 +114,39 @@ def test_unsupported_shapes_raise_with_names():
 def test_k_smaller_than_one_block(n, k, bits, group, dtype):
     """Only a tail block (K=96: one partial group, 32 padded values)."""
     _check(3, n, k, bits, group, dtype, rank=8, seed=k)
+
+
+# gemv_kernel (CUDA cores, m <= block_m in 1/2/4): every bits x group, tails, split-K, branch, bias
+GEMV_CASES = [  # (block_m, m, N, K, bits, group, rank, bias, split)
+    (1, 1, 64, 576, 3, 128, 0, False, 1),
+    (1, 1, 80, 1024, 4, 32, 8, True, 2),
+    (1, 1, 48, 520, 2, 64, 32, False, 3),
+    (2, 2, 64, 1536, 3, 32, 16, True, 3),
+    (2, 1, 80, 576, 4, 128, 0, False, 1),
+    (4, 3, 48, 1024, 2, 128, 8, False, 2),
+    (4, 4, 64, 520, 3, 64, 64, True, 1),
+    (1, 1, 64, 2560, 3, 128, 0, False, 5),  # 5 full blocks, one per split
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GEMV_CASES, ids=lambda c: f"mr{c[0]}-m{c[1]}-{c[2]}x{c[3]}-{c[4]}b-g{c[5]}-r{c[6]}")
+def test_gemv_matches_reference(case, dtype):
+    block_m, m, n, k, bits, group, rank, bias, split = case
+    cfg = GemmConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=1, waves=64, max_split_k=split)
+    _check(m, n, k, bits, group, dtype, rank, seed=sum(case[:6]), bias=bias, config=cfg)
+
+
+def test_gemv_split_k_is_deterministic():
+    packed, a, b = random_layer(64, 1536, 3, 64, rank=16, seed=5, device=DEV)
+    x = torch.randn(1, 1536, device=DEV).half()
+    cfg = GemmConfig(block_m=1, block_n=32, num_warps=4, num_stages=1, waves=64, max_split_k=3)
+    y = quant_matmul(x, packed, a, b, config=cfg)
+    assert torch.equal(y, quant_matmul(x, packed, a, b, config=cfg))
+
+
+def test_gemv_refuses_more_rows_than_its_tile():
+    packed, _, _ = random_layer(64, 576, 4, 128, device=DEV)
+    cfg = GemmConfig(block_m=2, block_n=32, num_warps=4, num_stages=1)
+    with pytest.raises(ValueError, match="block_m=2 cannot take m=3"):
+        quant_matmul(torch.randn(3, 576, device=DEV).half(), packed, config=cfg)
