@@ -4,7 +4,8 @@ GPU arch (no GPU needed) and read the cost off the binary.
 One row per kernel x config x arch: registers, spilled bytes (cuobjdump --dump-resource-usage:
 STACK + LOCAL), shared memory (Triton's launch requirement, checked against the arch's limit) and
 the narrowest/widest global load of the weights, found by following the weight pointer parameter
-through the PTX (ld.global.v4.b32 = 16 bytes).  Exit status 1 on a compile error, a spill, shared
+through the PTX (ld.global.v4.b32 = 16 bytes), and for gemv_kernel the SASS instructions of its K-block
+loop per weight (the math column's "N/w": it is bound by instruction issue, so this is its cost).  Exit status 1 on a compile error, a spill, shared
 memory over the limit, or a weight load narrower than 16 bytes.  Then the static roofline: bytes
 one call moves / ideal bytes (cuda_ext/roofline.py).
 
@@ -54,6 +55,7 @@ class Result:
     smem: int = 0
     loads: list[int] = field(default_factory=list)
     math: str = ""  # wgmma / mma (tensor cores) or fma
+    loop_per_weight: float = 0.0  # gemv_kernel: SASS instructions in its K-block loop per weight
     seconds: float = 0.0
 
 
@@ -77,7 +79,7 @@ def _kernel_source(job: Job):
                       USE_WS=r.get("max_split_k", 1) > 1, HAS_BRANCH=True, HAS_BIAS=True, INTERP_BF16=False)
         if r["block_m"] < 16:  # CUDA-core decode kernel; a tail block of 8 rows (K = 11008) compiled in
             fn = gemv_kernel
-            consts = dict(common, MR=r["block_m"], TAIL_ROWS=GEMV_TAIL_ROWS)
+            consts = dict(common, MR=r["block_m"], TAIL_ROWS=int(os.environ.get("FBSERVE_CHECK_TAIL_ROWS", GEMV_TAIL_ROWS)))
         else:
             fn = qgemm_kernel
             consts = dict(common, BLOCK_M=r["block_m"], BRANCH_TF32=ARCH_CC[job.arch] >= 80,
@@ -166,6 +168,32 @@ def _resource_usage(cubin: bytes) -> tuple[int, int]:
     return regs, spill
 
 
+def _sass(cubin: bytes) -> str:
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        return subprocess.run([_nvidia_tool("cuobjdump"), "--dump-sass", f.name],
+                              capture_output=True, text=True, check=True).stdout
+
+
+_SASS_INS = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_.]*)([^;]*);")
+
+
+def loop_body(sass: str) -> list[str]:
+    """Opcodes of the largest loop of a SASS listing (the span from a backward branch's target to
+    the branch): for gemv_kernel, its loop over K blocks."""
+    ins = [(int(a, 16), op, rest) for a, op, rest in _SASS_INS.findall(sass)]
+    loops = []
+    for addr, op, rest in ins:
+        target = re.search(r"0x([0-9a-f]+)", rest) if op.startswith("BRA") else None
+        if target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    if not loops:
+        return []
+    lo, hi = max(loops, key=lambda span: span[1] - span[0])
+    return [op.split(".")[0] for addr, op, _ in ins if lo <= addr <= hi]
+
+
 def compile_job(job: Job) -> Result:
     """Compile one job for its arch and measure it; errors are returned, not raised."""
     import triton
@@ -181,6 +209,9 @@ def compile_job(job: Job) -> Result:
         res.loads = weight_load_widths(k.asm["ptx"], weight_idx)
         ptx = k.asm["ptx"]
         res.math = "wgmma" if "wgmma." in ptx else "mma" if "mma.sync" in ptx else "fma"
+        if job.kind == "decode" and job.rule["block_m"] < 16:
+            weights = 512 * job.rule["block_n"] // (32 * job.rule["num_warps"])  # per thread per K block
+            res.loop_per_weight = len(loop_body(_sass(k.asm["cubin"]))) / weights
     except Exception as e:  # noqa: BLE001 - reported in the table, exit status 1
         res.error = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
     res.seconds = time.time() - t0
@@ -247,7 +278,7 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
         groups.setdefault((r.job.kind, r.job.rule_no, r.job.arch), []).append(r)
     head = ["kernel", "config", "arch", "variants", "math", "regs", "spill B", "smem B", "weight load B", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if markdown else [
-        f"{head[0]:<12} {head[1]:<40} {head[2]:<7} {head[3]:<14} {head[4]:<5} {head[5]:>4} {head[6]:>7} "
+        f"{head[0]:<12} {head[1]:<40} {head[2]:<7} {head[3]:<14} {head[4]:<10} {head[5]:>4} {head[6]:>7} "
         f"{head[7]:>7} {head[8]:>13}  {head[9]}"]
     ok_all = True
     for (kind, no, arch), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], ARCH_CC[kv[0][2]])):
@@ -268,9 +299,12 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
         status = "ok" if not problems else "FAIL: " + "; ".join(problems)
         cfg = _config_label(kind, rs[0].job.rule)
         math = "/".join(sorted({r.math for r in rs if r.math})) or "-"
+        per_weight = [r.loop_per_weight for r in rs if r.loop_per_weight]
+        if per_weight:  # gemv_kernel: the loop's instructions per weight, worst variant
+            math += f" {max(per_weight):.1f}/w"
         cells = [kind, cfg, arch, variants, math, str(regs), str(spill), str(smem), width, status]
         lines.append("| " + " | ".join(cells) + " |" if markdown else
-                     f"{kind:<12} {cfg:<40} {arch:<7} {variants:<14} {math:<5} {regs:>4} {spill:>7} {smem:>7} "
+                     f"{kind:<12} {cfg:<40} {arch:<7} {variants:<14} {math:<10} {regs:>4} {spill:>7} {smem:>7} "
                      f"{width:>13}  {status}")
     return lines, ok_all
 

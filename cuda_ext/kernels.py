@@ -251,44 +251,103 @@ def branch_down_kernel(x_ptr, a_ptr, t_ptr, ws_ptr, cnt_ptr, M, K, rank, stride_
         tl.store(tp, acc, mask=mmask & rmask)
 
 
+def gemv_magic(bits: int) -> int:
+    """gemv_kernel's `magic` argument: the fp32 bits of 2**(23 - B0), B0 = 4 at 3 bits, else 0.
+    A run-time argument, not a constant, so the compiler keeps it in one register and each field's
+    AND-OR takes its mask as the immediate (a constant OR would cost a move per field)."""
+    return (150 - gemv_b0(bits)) << 23
+
+
+def gemv_b0(bits: int) -> int:
+    """Lowest bit position of a field once gemv_kernel has shifted the words (3 bits: 4, else 0)."""
+    return 4 * (bits % 2)
+
+
 @triton.jit
-def _field_value(word, BIT: tl.constexpr, WIDTH: tl.constexpr):
-    """fp32 (2**E + code) of the WIDTH-bit field at bit BIT of `word` (E = 23 - BIT, so the field
-    lands on the units of the mantissa): one AND-OR, no shift and no int->float conversion.
-    Needs BIT + WIDTH <= 23 (callers pre-shift the word for higher fields)."""
-    magic: tl.constexpr = (150 - BIT) << 23  # exponent 127 + 23 - BIT, mantissa 0
+def _field_value(word, magic, BIT: tl.constexpr, WIDTH: tl.constexpr):
+    """fp32 2**(23-B0) + code * 2**(BIT-B0) for the WIDTH-bit field at bit BIT >= B0 of `word`
+    (`magic` = the bits of 2**(23-B0), see gemv_magic): the field masked onto the mantissa by one
+    AND-OR; no shift, no int->float conversion.  Needs BIT + WIDTH <= 23 (callers pre-shift the word
+    for higher fields)."""
     return ((word & (((1 << WIDTH) - 1) << BIT)) | magic).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _gemv_x(x_ptr, row, kv, kmask, M, stride_xm):
-    """x[row, kv] as fp32 (zeros for rows >= M or masked k)."""
-    return tl.load(x_ptr + row * stride_xm + kv, mask=kmask & ((kv * 0 + row) < M), other=0.0,
-                   eviction_policy="evict_last").to(tl.float32)
+def _gemv_x(x_ptr, row, kv, kmask, M, stride_xm, MASKED: tl.constexpr):
+    """x[row, kv] as fp32 (zeros for rows >= M or masked k).  Unmasked (MASKED False) where every k
+    of the block is < K and row 0 always exists: no predicate, no zeroing per load."""
+    if MASKED:
+        return tl.load(x_ptr + row * stride_xm + kv, mask=kmask & ((kv * 0 + row) < M), other=0.0,
+                       eviction_policy="evict_last").to(tl.float32)
+    return tl.load(x_ptr + row * stride_xm + kv, eviction_policy="evict_last").to(tl.float32)
 
 
 @triton.jit
-def _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, M, K, Np, G, stride_xm,
+def _gemv_field(g0, g1, g2, g3, w_lo, w_hi, h_lo, h_hi, z, magic, x_ptr, k, rmask, M, K, stride_xm,
+                BITS: tl.constexpr, MR: tl.constexpr, C: tl.constexpr, FI: tl.constexpr, B0: tl.constexpr,
+                TAIL: tl.constexpr):
+    """g_i += (code - zero) * x[i, k] for chunk C (field FI of its plane word), see _gemv_block.
+    w_lo/w_hi: the plane word as read for low/high fields (3 bits: << 4 / >> 12; else w / w >> 16);
+    h_lo/h_hi: the 3-bit high-bit plane (<< 4 / >> 12); z: (1, BLOCK_N) zeros; k: the chunk's k (16,);
+    TAIL: the block is the tail block (k may pass K, rows past its row count are masked)."""
+    E0: tl.constexpr = 1 << (23 - B0)  # the value of the shared magic constant
+    if BITS == 3:
+        BIT: tl.constexpr = 2 * FI + 4 - 16 * (FI // 9)  # fields 0..8 from w << 4, 9..15 from w >> 12
+        HBIT: tl.constexpr = (C % 16) + 4
+        P: tl.constexpr = 2.0 ** (BIT + 2 - HBIT)  # moves the high bit to weight 4 at the low field's scale
+        if FI < 9:
+            lo = _field_value(w_lo, magic, BIT, 2)
+        else:
+            lo = _field_value(w_hi, magic, BIT, 2)
+        if C < 16:
+            hi = _field_value(h_lo, magic, HBIT, 1)
+        else:
+            hi = _field_value(h_hi, magic, HBIT, 1)
+        # all terms are integers times 2**(BIT-B0) below 2**24 of that unit: exact
+        wq = hi * P + (lo - (z * (2.0 ** (BIT - B0)) + E0 * (1.0 + P)))
+    else:
+        FB: tl.constexpr = 2 + 2 * (BITS // 4)
+        BIT: tl.constexpr = FB * FI - 16 * ((FB * FI + FB) // 24)  # fields reaching bit 23 from w >> 16
+        if FB * FI + FB <= 23:
+            v = _field_value(w_lo, magic, BIT, FB)
+        else:
+            v = _field_value(w_hi, magic, BIT, FB)
+        wq = v - (z * (2.0 ** (BIT - B0)) + E0)
+    kv = k[:, None]
+    kmask = rmask[:, None] & (kv < K)
+    XS: tl.constexpr = 2.0 ** (B0 - BIT)  # exact: undoes the field's 2**(BIT-B0)
+    g0 += (_gemv_x(x_ptr, 0, kv, kmask, M, stride_xm, TAIL) * XS) * wq
+    if MR > 1:
+        g1 += (_gemv_x(x_ptr, 1, kv, kmask, M, stride_xm, True) * XS) * wq
+    if MR > 2:
+        g2 += (_gemv_x(x_ptr, 2, kv, kmask, M, stride_xm, True) * XS) * wq
+        g3 += (_gemv_x(x_ptr, 3, kv, kmask, M, stride_xm, True) * XS) * wq
+    return g0, g1, g2, g3
+
+
+@triton.jit
+def _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, M, K, Np, G, stride_xm, magic,
                 BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, RR: tl.constexpr):
     """acc_i (16, BLOCK_N) fp32 += x[i, k] * dequant(W)[k, n] over one K block of RR-row chunks
-    (rows i < MR of x), on CUDA cores (no tl.dot): the decode path for a few rows of x, where
-    tensor cores would idle and the layout change into their operands costs more than the math.
+    (rows i < MR of x), on CUDA cores (no tl.dot): the decode path for one row of x, where tensor
+    cores would idle and the layout change into their operands costs more than the math.
 
-    Per weight: one AND-OR (_field_value) and one subtraction of (2**E + zero) give
-    (code - zero) exactly (3 bits: a second AND-OR and an FMA add 4 * high bit), then one FMA per
-    row of x.  A group's partial sums are scaled once per group, not once per weight.  Every
-    tensor has the weight tile's shape and layout (scales and zeros are loaded broadcast to it),
-    so nothing moves between threads inside the loop."""
-    FB: tl.constexpr = 4 if BITS == 4 else 2  # field width of the planes walked chunk by chunk
+    A field at bit BIT becomes (code - zero) * 2**(BIT-B0) exactly: one AND-OR (_field_value) and
+    one subtraction of zero * 2**(BIT-B0) + 2**(23-B0), computed once per column and field; x is
+    scaled by 2**(B0-BIT) (exact) once per row and chunk, so the FMA adds (code - zero) * x.  3 bits:
+    a second AND-OR gives the high bit, and an FMA adds it times 4.  A group's partial sums are scaled
+    once per group.  Scales and zeros are (1, BLOCK_N) rows broadcast over the tile's 16 rows, x a
+    (16, 1) column broadcast over its columns: no per-element work for either."""
+    FB: tl.constexpr = 2 + 2 * (BITS // 4)  # field width of the planes walked chunk by chunk
     F: tl.constexpr = 32 // FB  # chunks per word of such a plane
     CPG: tl.constexpr = GROUP // RR  # chunks per quantization group (RR divides GROUP)
+    B0: tl.constexpr = 4 * (BITS % 2)  # lowest field bit after the shifts below (3 bits: 4, else 0)
     r = tl.arange(0, 16)
     rmask = r < RR
     nmask = offs_n < Np
     wmask = rmask[:, None] & nmask[None, :]
     wp = qw_ptr + (rb + r)[:, None] * Np + offs_n[None, :]
-    cols = offs_n[None, :] + 0 * r[:, None]  # (16, BLOCK_N): scale/zero addresses in the tile's layout
-    h_lo = tl.zeros_like(cols)
+    h_lo = tl.zeros((16, acc0.shape[1]), dtype=tl.int32)
     h_hi = h_lo
     if BITS == 3:  # high-bit plane: bit c of a word is chunk c's third bit; shifted so bits sit at 4..19
         w2 = tl.load(wp + 2 * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
@@ -298,39 +357,25 @@ def _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb,
     g1 = g0
     g2 = g0
     g3 = g0
-    s = g0
-    z = g0
+    s = tl.zeros((1, acc0.shape[1]), dtype=tl.float32)
+    z = s
+    # chunk c = p * F + f is spelled out, never assigned: Triton turns a local assigned in a loop into a
+    # run-time value, and every field position, group start and shift must be a compile-time constant
     for p in tl.static_range(32 // F):
         w = tl.load(wp + p * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
         # fields must sit at bits <= 22 (the mantissa): the others are read from a shifted copy
         w_lo = w << 4 if BITS == 3 else w
         w_hi = w >> 12 if BITS == 3 else w >> 16
         for f in tl.static_range(F):
-            c = p * F + f
-            if (c % CPG) == 0:  # a group starts: its scales and zeros for the tile's columns
-                grp = (kb + c * RR) // GROUP
-                gmask = (cols < Np) & ((cols * 0 + grp) < G)
-                s = tl.load(s_ptr + grp * Np + cols, mask=gmask, other=0.0).to(tl.float32)
-                z = tl.load(z_ptr + grp * Np + cols, mask=gmask, other=0.0).to(tl.float32)
-            if BITS == 3:
-                BIT = 2 * f + 4 if f < 9 else 2 * f - 12
-                HBIT = (c % 16) + 4
-                lo = _field_value(w_lo if f < 9 else w_hi, BIT, 2)  # 2**(23-BIT) + low 2 bits
-                hi = _field_value(h_lo if c < 16 else h_hi, HBIT, 1)  # 2**(23-HBIT) + high bit
-                # every term is an integer < 2**22, so this is exactly low - zero + 4 * high
-                wq = hi * 4.0 + (lo - (z + ((1 << (23 - BIT)) + (1 << (25 - HBIT)))))
-            else:
-                BIT = FB * f if FB * f + FB <= 23 else FB * f - 16
-                wq = _field_value(w if FB * f + FB <= 23 else w_hi, BIT, FB) - (z + (1 << (23 - BIT)))
-            kv = (kb + c * RR + r)[:, None]
-            kmask = rmask[:, None] & (kv < K)
-            g0 += _gemv_x(x_ptr, 0, kv, kmask, M, stride_xm) * wq
-            if MR > 1:
-                g1 += _gemv_x(x_ptr, 1, kv, kmask, M, stride_xm) * wq
-            if MR > 2:
-                g2 += _gemv_x(x_ptr, 2, kv, kmask, M, stride_xm) * wq
-                g3 += _gemv_x(x_ptr, 3, kv, kmask, M, stride_xm) * wq
-            if (c % CPG) == CPG - 1 or c == 31:  # the group ends: scale its partial sums once
+            if ((p * F + f) % CPG) == 0:  # a group starts: its scales and zeros for the tile's columns
+                grp = (kb + (p * F + f) * RR) // GROUP
+                gmask = nmask[None, :] & ((offs_n[None, :] * 0 + grp) < G)
+                s = tl.load(s_ptr + grp * Np + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+                z = tl.load(z_ptr + grp * Np + offs_n[None, :], mask=gmask, other=0.0).to(tl.float32)
+            g0, g1, g2, g3 = _gemv_field(g0, g1, g2, g3, w_lo, w_hi, h_lo, h_hi, z, magic, x_ptr,
+                                         kb + (p * F + f) * RR + r, rmask, M, K, stride_xm,
+                                         BITS, MR, p * F + f, f, B0, RR < 16)
+            if ((p * F + f) % CPG) == CPG - 1 or p * F + f == 31:  # the group ends: scale its sums once
                 acc0 += g0 * s
                 g0 = tl.zeros_like(acc0)
                 if MR > 1:
@@ -346,7 +391,7 @@ def _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb,
 
 @triton.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
-                M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym,
+                M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic,
                 BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr,
                 TAIL_ROWS: tl.constexpr, RANK_P: tl.constexpr, USE_WS: tl.constexpr,
                 HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr):
@@ -369,12 +414,12 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_pt
     acc3 = acc0
     for b in range(b0, tl.minimum(b1, n_full)):
         acc0, acc1, acc2, acc3 = _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, b * 512,
-                                             b * (BITS * 16), M, K, Np, G, stride_xm, BITS, GROUP, MR, 16)
+                                             b * (BITS * 16), M, K, Np, G, stride_xm, magic, BITS, GROUP, MR, 16)
     if TAIL_ROWS > 0:
         if b1 > n_full:
             acc0, acc1, acc2, acc3 = _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n,
                                                  n_full * 512, n_full * (BITS * 16), M, K, Np, G, stride_xm,
-                                                 BITS, GROUP, MR, TAIL_ROWS)
+                                                 magic, BITS, GROUP, MR, TAIL_ROWS)
     # (MR, BLOCK_N): row i of x is row i of the partial result
     sel = offs_m[:, None]
     part = tl.where(sel == 0, tl.sum(acc0, axis=0)[None, :], 0.0)

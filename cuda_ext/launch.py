@@ -197,7 +197,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
             x2, packed.qweight, packed.scales, packed.zeros, y, ws, cnt, t,
             b.contiguous() if r else y, bias.contiguous() if bias is not None else y,
             m, n, d["n_pad"], k, packed.groups, d["n_full"], n_blocks, r, x2.stride(0), y.stride(0),
-            BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m, BLOCK_N=config.block_n,
+            kernels.gemv_magic(packed.bits), BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m, BLOCK_N=config.block_n,
             TAIL_ROWS=d["tail_rows"], RANK_P=rank_pad(r), USE_WS=split > 1, HAS_BRANCH=r > 0,
             HAS_BIAS=bias is not None, INTERP_BF16=interpreting() and x.dtype == torch.bfloat16,
             num_warps=config.num_warps, num_stages=config.num_stages)

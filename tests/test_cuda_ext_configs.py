@@ -111,3 +111,18 @@ def test_decode_rule_with_too_few_rows_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(configs, "load_table", lambda arch: bad)
     with pytest.raises(ValueError, match="block_m=2 matched m=3"):
         configs.gemm_config("sm_90", 3, 3)
+
+
+def test_loop_body_is_the_largest_backward_branch_span():
+    from cuda_ext.check import loop_body
+    sass = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+        /*0010*/                   LOP3.LUT R2, R3, 0xf, R4, 0xec, !PT ;
+        /*0020*/                   FFMA R5, R6, R7, R5 ;
+        /*0030*/               @P0 BRA 0x10 ;
+        /*0040*/                   FADD R8, R9, R10 ;
+        /*0050*/                   BRA 0x40 ;
+        /*0060*/                   EXIT ;
+    """
+    assert loop_body(sass) == ["LOP3", "FFMA", "BRA"]
+    assert loop_body("        /*0000*/                   EXIT ;") == []
