@@ -113,12 +113,13 @@ def _block_dot(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, rr, M, 
 @triton.jit
 def _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
               RANK_P: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BRANCH_TF32: tl.constexpr, INTERP_BF16: tl.constexpr):
-    """y tile = acc (+ t @ B^T) (+ bias), stored in y's dtype.  t: fp32 (M, rank); B: fp16 (N, rank)."""
+              BRANCH_TF32: tl.constexpr, INTERP_BF16: tl.constexpr, BRANCH_DOT: tl.constexpr = True):
+    """y tile = acc (+ t @ B^T) (+ bias), stored in y's dtype.  t: fp32 (M, rank); B: fp16 (N, rank).
+    BRANCH_DOT: t @ B^T with tl.dot (qgemm, 16+ rows); else on CUDA cores in fp32 (gemv, 1-4 rows)."""
     mmask = offs_m < M
     nmask = offs_n < N
     if HAS_BRANCH:
-        RC: tl.constexpr = 32 if RANK_P > 32 else RANK_P
+        RC: tl.constexpr = min(RANK_P, 32 if BRANCH_DOT else 16)
         for r0 in tl.static_range(0, RANK_P, RC):
             rr = r0 + tl.arange(0, RC)
             rmask = rr < rank
@@ -126,7 +127,9 @@ def _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, st
                         other=0.0)
             bt = tl.load(b_ptr + offs_n[None, :] * rank + rr[:, None], mask=rmask[:, None] & nmask[None, :],
                          other=0.0).to(tl.float32)
-            if BRANCH_TF32:  # fp16 B is exact in tf32; only t is rounded (to 10 mantissa bits)
+            if not BRANCH_DOT:
+                acc += tl.sum(t[:, :, None] * bt[None, :, :], axis=1)
+            elif BRANCH_TF32:  # fp16 B is exact in tf32; only t is rounded (to 10 mantissa bits)
                 acc = tl.dot(t, bt, acc, input_precision="tf32")
             else:
                 acc = tl.dot(t, bt, acc, input_precision="ieee")
@@ -432,35 +435,8 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_pt
         is_last, total = _last_of_split(part, ws_ptr, cnt_ptr, pid_n, pid_k, n_split, offs_m, offs_n, M,
                                         MR, tl.num_programs(0) * BLOCK_N)
         if is_last:
-            _gemv_epilogue(total, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                           RANK_P, HAS_BRANCH, HAS_BIAS, INTERP_BF16)
+            _epilogue(total, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+                      RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False)
     else:
-        _gemv_epilogue(part, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                       RANK_P, HAS_BRANCH, HAS_BIAS, INTERP_BF16)
-
-
-@triton.jit
-def _gemv_epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                   RANK_P: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   INTERP_BF16: tl.constexpr):
-    """y tile = acc (+ t @ B^T) (+ bias) for a few rows, the branch on CUDA cores in fp32."""
-    mmask = offs_m < M
-    nmask = offs_n < N
-    if HAS_BRANCH:
-        RC: tl.constexpr = 16 if RANK_P > 16 else RANK_P
-        for r0 in tl.static_range(0, RANK_P, RC):
-            rr = r0 + tl.arange(0, RC)
-            rmask = rr < rank
-            t = tl.load(t_ptr + offs_m[:, None] * rank + rr[None, :], mask=mmask[:, None] & rmask[None, :],
-                        other=0.0)  # (MR, RC)
-            bt = tl.load(b_ptr + offs_n[None, :] * rank + rr[:, None], mask=rmask[:, None] & nmask[None, :],
-                         other=0.0).to(tl.float32)  # (RC, BLOCK_N)
-            acc += tl.sum(t[:, :, None] * bt[None, :, :], axis=1)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
-    y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    if INTERP_BF16:
-        out = _bf16_rne(acc)
-    else:
-        out = acc.to(y_ptr.dtype.element_ty)
-    tl.store(y, out, mask=mmask[:, None] & nmask[None, :])
+        _epilogue(part, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+                  RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False)
