@@ -7,7 +7,8 @@ becomes an engine.quant_linear.QuantLinear, so the model runs the Triton kernels
      cache (decode kernel, m = 1), vs one cache-less forward of the whole sequence (prefill kernel,
      m = 40), vs the same forward on the `reference` path (cuda_ext.reference in fp32): relative error
      and top-1 agreement;
-  3. eager decode speed of the model's forward (batch 1 and 4, tokens/s) and the Engine end to end
+  3. eager decode speed of the model's forward (batch 1 and 4, tokens/s), where a batch-1 step's time
+     goes (torch.profiler: ops by self CPU time and by device time), and the Engine end to end
      (4 concurrent greedy requests of 64 tokens through Engine.generate): tokens/s, no errors.
 The engine has no CUDA-graph decode (Transformer.hidden_states reads positions.max() on the host), so
 none is captured here; bench/kernels.py and tests/test_gpu_kernels.py capture the kernels in graphs.
@@ -142,6 +143,35 @@ def eager_speed(model: Transformer, dev: torch.device, vocab: int, batch: int, s
     return batch * steps / (time.perf_counter() - t0)
 
 
+@torch.no_grad()
+def decode_profile(model: Transformer, dev: torch.device, vocab: int, steps: int = 8, rows: int = 12) -> dict:
+    """Where an eager batch-1 decode step's time goes: torch.profiler over `steps` steps; the ops with
+    the most self CPU time (Python-side launch cost) and the most device time, per step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    slots = torch.arange(1, device=dev)
+    nxt = torch.randint(0, vocab, (1, 1), device=dev)
+    for i in range(3):  # warm (compiles) outside the profile
+        nxt = model(nxt, torch.full((1, 1), 100 + i, device=dev), slots, last_only=True)[:, -1].argmax(-1, keepdim=True)
+    sync(dev)
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            nxt = model(nxt, torch.full((1, 1), 110 + i, device=dev), slots, last_only=True)[:, -1].argmax(-1, keepdim=True)
+        sync(dev)
+    wall = (time.perf_counter() - t0) / steps
+    events = prof.key_averages()
+
+    def top(key: str) -> list[dict]:
+        ranked = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:rows]
+        return [{"op": e.key[:60], "calls_per_step": e.count / steps, "self_cpu_us": e.self_cpu_time_total / steps,
+                 "device_us": getattr(e, "self_device_time_total", 0) / steps} for e in ranked]
+
+    device_us = sum(getattr(e, "self_device_time_total", 0) for e in events) / steps
+    return {"steps": steps, "wall_ms_per_step_profiled": wall * 1e3, "device_busy_ms_per_step": device_us / 1e3,
+            "by_cpu": top("self_cpu_time_total"), "by_device": top("self_device_time_total")}
+
+
 def engine_run(model: Transformer, vocab: int, requests: int, max_tokens: int, warm: bool = True) -> dict:
     from engine.engine import Engine
     from engine.types import GenerationRequest, SamplingParams
@@ -216,6 +246,10 @@ def main(argv: list[str] | None = None) -> int:
     out["consistency"] = consistency(model, dev, cfg.vocab_size, path, new=16 if cuda else 3)
     if cuda:
         out["eager_tokens_per_s"] = {f"batch{b}": eager_speed(model, dev, cfg.vocab_size, b, 32) for b in (1, 4)}
+        try:  # diagnostics only: a profiler problem must not hide the checks above
+            out["decode_profile"] = decode_profile(model, dev, cfg.vocab_size)
+        except Exception as e:  # noqa: BLE001 - reported in the JSON
+            out["decode_profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         out["engine"] = engine_run(model, cfg.vocab_size, 4, 64)
     else:
         out["engine"] = engine_run(model, cfg.vocab_size, 1, 2, warm=False)

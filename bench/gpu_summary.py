@@ -153,7 +153,25 @@ def engine_md(data: dict | None) -> list[str]:
             f"- eager decode tokens/s: {data.get('eager_tokens_per_s')}",
             f"- Engine: {e.get('requests')} requests x {e.get('max_tokens')} tokens, "
             f"{e.get('tokens_per_s', 0):.1f} tok/s, finish {e.get('finish_reasons')}, errors {e.get('errors')}",
-            f"- CUDA graph: {data.get('cuda_graph')}"]
+            f"- CUDA graph: {data.get('cuda_graph')}",
+            *profile_md(data.get("decode_profile"))]
+
+
+def profile_md(prof: dict | None) -> list[str]:
+    """The batch-1 decode step's profile (bench/gpu_engine.py decode_profile) as two short tables."""
+    if not prof:
+        return []
+    if "error" in prof:
+        return [f"- decode profile failed: {prof['error']}"]
+    out = [f"- decode step profiled: {prof['wall_ms_per_step_profiled']:.2f} ms wall per step, device busy "
+           f"{prof['device_busy_ms_per_step']:.2f} ms", "",
+           "| top ops by self CPU us/step | calls/step | self CPU us | device us |", "|---|---|---|---|"]
+    out += [f"| {r['op']} | {r['calls_per_step']:.0f} | {r['self_cpu_us']:.0f} | {r['device_us']:.0f} |"
+            for r in prof["by_cpu"]]
+    out += ["", "| top ops by device us/step | calls/step | self CPU us | device us |", "|---|---|---|---|"]
+    out += [f"| {r['op']} | {r['calls_per_step']:.0f} | {r['self_cpu_us']:.0f} | {r['device_us']:.0f} |"
+            for r in prof["by_device"]]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
