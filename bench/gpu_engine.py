@@ -157,7 +157,8 @@ def decode_profile(model: Transformer, dev: torch.device, vocab: int, steps: int
     t0 = time.perf_counter()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
-            nxt = model(nxt, torch.full((1, 1), 110 + i, device=dev), slots, last_only=True)[:, -1].argmax(-1, keepdim=True)
+            logits = model(nxt, torch.full((1, 1), 110 + i, device=dev), slots, last_only=True)
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
         sync(dev)
     wall = (time.perf_counter() - t0) / steps
     events = prof.key_averages()

@@ -175,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             ("torch int4 g128", lambda: torch_int4_stack(shapes), torch.bfloat16, 4, 0)]
         variants += [(f"ours {b}-bit g128 r{r}", lambda b=b, r=r: ours_stack(shapes, b, r), torch.float16, b, r)
                      for b in (4, 3, 2) for r in (0, 32, 64)]
-        variants += [(f"ours 3-bit g128 r{r} tensor-core decode", lambda r=r: ours_stack(shapes, 3, r, TENSOR_CORE_DECODE),
-                      torch.float16, 3, r) for r in (0, 64)]
+        variants += [(f"ours 3-bit g128 r{r} tensor-core decode",
+                      lambda r=r: ours_stack(shapes, 3, r, TENSOR_CORE_DECODE), torch.float16, 3, r) for r in (0, 64)]
         if args.variants:
             variants = [v for v in variants if any(t in v[0] for t in args.variants)]
         base: dict[tuple[str, int], float] = {}

@@ -20,15 +20,16 @@ from .testing import cuda_median_ms, random_layer
 
 
 def gemm_candidates(decode: bool, m: int = 16) -> list[GemmConfig]:
-    """Candidate configs: gemv_kernel tiles for m <= 4 (block_m = the smallest GEMV_ROWS >= m),
-    qgemm_kernel decode tiles for other m <= 16, prefill tiles above."""
-    if decode and m <= max(configs.GEMV_ROWS):
-        mr = min(r for r in configs.GEMV_ROWS if r >= m)
-        grid = itertools.product([32, 64, 128], [2, 4, 8], [2, 4])
-        return [GemmConfig(mr, n, w, 1, wv, 16) for n, w, wv in grid if n * 16 // (32 * w) >= 4]
+    """Candidate configs: qgemm_kernel decode tiles for m <= 16, plus gemv_kernel tiles for m <= 4
+    (block_m = the smallest GEMV_ROWS >= m); prefill tiles above."""
     if decode:
         grid = itertools.product([64, 128, 256], [4, 8], [1, 2], [1, 2, 4], [8, 16])
-        return [GemmConfig(16, n, w, s, wv, sk) for n, w, s, wv, sk in grid if not (n == 256 and w == 4)]
+        tiles = [GemmConfig(16, n, w, s, wv, sk) for n, w, s, wv, sk in grid if not (n == 256 and w == 4)]
+        if m <= max(configs.GEMV_ROWS):
+            mr = min(r for r in configs.GEMV_ROWS if r >= m)
+            grid = itertools.product([32, 64, 128], [2, 4, 8], [2, 4])
+            tiles = [GemmConfig(mr, n, w, 1, wv, 16) for n, w, wv in grid if n * 16 // (32 * w) >= 4] + tiles
+        return tiles
     grid = itertools.product([(64, 64), (64, 128), (128, 128)], [4, 8], [1, 2, 3], [1, 4])
     return [GemmConfig(bm, bn, w, s, 1.0, sk) for (bm, bn), w, s, sk in grid]
 

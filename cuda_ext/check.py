@@ -4,9 +4,10 @@ GPU arch (no GPU needed) and read the cost off the binary.
 One row per kernel x config x arch: registers, spilled bytes (cuobjdump --dump-resource-usage:
 STACK + LOCAL), shared memory (Triton's launch requirement, checked against the arch's limit) and
 the narrowest/widest global load of the weights, found by following the weight pointer parameter
-through the PTX (ld.global.v4.b32 = 16 bytes), and for gemv_kernel the SASS instructions of its K-block
-loop per weight (the math column's "N/w": it is bound by instruction issue, so this is its cost).  Exit status 1 on a compile error, a spill, shared
-memory over the limit, or a weight load narrower than 16 bytes.  Then the static roofline: bytes
+through the PTX (ld.global.v4.b32 = 16 bytes), and for gemv_kernel the SASS instructions of its
+K-block loop per weight (the math column's "N/w": that kernel is bound by instruction issue, so this is
+its cost).  Exit status 1 on a compile error, a spill, shared memory over the limit, or a weight load
+narrower than 16 bytes.  Then the static roofline: bytes
 one call moves / ideal bytes (cuda_ext/roofline.py).
 
 Usage: python -m cuda_ext.check [--arch sm_90 ...] [--kind decode ...] [--full] [--jobs N] [--markdown]
@@ -79,7 +80,7 @@ def _kernel_source(job: Job):
                       USE_WS=r.get("max_split_k", 1) > 1, HAS_BRANCH=True, HAS_BIAS=True, INTERP_BF16=False)
         if r["block_m"] < 16:  # CUDA-core decode kernel; a tail block of 8 rows (K = 11008) compiled in
             fn = gemv_kernel
-            consts = dict(common, MR=r["block_m"], TAIL_ROWS=int(os.environ.get("FBSERVE_CHECK_TAIL_ROWS", GEMV_TAIL_ROWS)))
+            consts = dict(common, MR=r["block_m"], TAIL_ROWS=GEMV_TAIL_ROWS)
         else:
             fn = qgemm_kernel
             consts = dict(common, BLOCK_M=r["block_m"], BRANCH_TF32=ARCH_CC[job.arch] >= 80,

@@ -181,6 +181,8 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
         return y.reshape(*x.shape[:-1], n)
     if config is None:
         _, config = configs.gemm_config(tgt.arch, m, packed.bits)
+    if m > config.block_m and config.block_m < 16:
+        raise ValueError(f"gemv config block_m={config.block_m} cannot take m={m} rows")
     d = packed.dims
     n_blocks = d["n_full"] + (1 if d["tail_rows"] else 0)
     grid_n, grid_m, split = gemm_grid(m, n, n_blocks, config, tgt.num_sms)
@@ -191,15 +193,13 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
                          device=x.device)
         cnt = _counters(x.device, grid_m * grid_n)
     if config.block_m < 16:  # the CUDA-core kernel for a few rows
-        if m > config.block_m:
-            raise ValueError(f"gemv config block_m={config.block_m} cannot take m={m} rows")
         _kernels().gemv_kernel[(grid_n, 1, split)](
             x2, packed.qweight, packed.scales, packed.zeros, y, ws, cnt, t,
             b.contiguous() if r else y, bias.contiguous() if bias is not None else y,
             m, n, d["n_pad"], k, packed.groups, d["n_full"], n_blocks, r, x2.stride(0), y.stride(0),
-            kernels.gemv_magic(packed.bits), BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m, BLOCK_N=config.block_n,
-            TAIL_ROWS=d["tail_rows"], RANK_P=rank_pad(r), USE_WS=split > 1, HAS_BRANCH=r > 0,
-            HAS_BIAS=bias is not None, INTERP_BF16=interpreting() and x.dtype == torch.bfloat16,
+            kernels.gemv_magic(packed.bits), BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m,
+            BLOCK_N=config.block_n, TAIL_ROWS=d["tail_rows"], RANK_P=rank_pad(r), USE_WS=split > 1,
+            HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, INTERP_BF16=interpreting() and x.dtype == torch.bfloat16,
             num_warps=config.num_warps, num_stages=config.num_stages)
         return y.reshape(*x.shape[:-1], n)
     _kernels().qgemm_kernel[(grid_n, grid_m, split)](
