@@ -17,6 +17,9 @@
  * t = A x in fp32 from the fp16 A, then y += B t from the fp16 B^T.
  */
 #include <immintrin.h>
+#include <omp.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <math.h>
 #include <string.h>
@@ -151,9 +154,16 @@ static float bf16_value(uint16_t h) {
   return f;
 }
 
-/* scratch bytes the Python side provides: M * (k_pad * 2 + k_pad / 32 * 4 + sum(rank) * 4) */
-void fbq_cpu_matmul(int M, int K, const float *x, int ldx, float *y, int ldy, int n_parts, const fbq_part *parts,
-                    int n_threads, void *scratch) {
+/* What every tile of one matmul call reads besides the weights: x rounded to bf16, its sums per 32, and the
+ * branch's t = A x (fp32), all in the caller's scratch. */
+typedef struct {
+  int M, K, k_pad, r_total, tiles;
+  const uint16_t *xb;
+  const float *xs32, *t;
+} mm_input;
+
+/* scratch bytes: M * (k_pad * 2 + k_pad / 32 * 4 + sum(rank) * 4) */
+static mm_input mm_prepare(int M, int K, const float *x, int ldx, int n_parts, const fbq_part *parts, void *scratch) {
   const int k_pad = (K + 31) / 32 * 32;
   int r_total = 0, tiles = 0;
   for (int i = 0; i < n_parts; i++) { r_total += parts[i].rank; tiles += parts[i].n_pad / 16; }
@@ -186,15 +196,33 @@ void fbq_cpu_matmul(int M, int K, const float *x, int ldx, float *y, int ldy, in
       r0 += parts[i].rank;
     }
   }
-  for (int i = 0; i < n_parts; i++) {
-    const int G = (K + parts[i].group - 1) / parts[i].group;
-    for (int tile = 0; tile < PREFETCH_TILES && tile < parts[i].n_pad / 16; tile++) prefetch_tile(parts + i, tile, G);
+  return (mm_input){M, K, k_pad, r_total, tiles, xb, xs32, t};
+}
+
+/* tiles [t0, t1) of the parts (numbered across parts, in order), each for every row */
+static void mm_tiles(const mm_input *in, int n_parts, const fbq_part *parts, float *y, int ldy, int t0, int t1) {
+  int i = 0, tile = t0, r0 = 0;
+  while (i < n_parts && tile >= parts[i].n_pad / 16) { tile -= parts[i].n_pad / 16; r0 += parts[i].rank; i++; }
+  /* the first tiles this thread reads of each part in its range: tile_kernel prefetches only ahead
+   * within a part */
+  for (int pi = i, first = tile, left = t1 - t0; pi < n_parts && left > 0; pi++, first = 0) {
+    const int G = (in->K + parts[pi].group - 1) / parts[pi].group, n = parts[pi].n_pad / 16;
+    for (int d = 0; d < PREFETCH_TILES && first + d < n && d < left; d++) prefetch_tile(parts + pi, first + d, G);
+    left -= n - first;
   }
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
-  for (int ti = 0; ti < tiles; ti++) {
-    int i = 0, tile = ti, r0 = 0;
-    while (tile >= parts[i].n_pad / 16) { tile -= parts[i].n_pad / 16; r0 += parts[i].rank; i++; }
-    tile_all_rows(parts + i, tile, M, K, k_pad, xb, xs32, t + r0, r_total, y, ldy);
+  for (int ti = t0; ti < t1; ti++) {
+    tile_all_rows(parts + i, tile, in->M, in->K, in->k_pad, in->xb, in->xs32, in->t + r0, in->r_total, y, ldy);
+    if (++tile == parts[i].n_pad / 16 && i + 1 < n_parts) { tile = 0; r0 += parts[i].rank; i++; }
+  }
+}
+
+void fbq_cpu_matmul(int M, int K, const float *x, int ldx, float *y, int ldy, int n_parts, const fbq_part *parts,
+                    int n_threads, void *scratch) {
+  const mm_input in = mm_prepare(M, K, x, ldx, n_parts, parts, scratch);
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    mm_tiles(&in, n_parts, parts, y, ldy, (int)((long)in.tiles * tid / nth), (int)((long)in.tiles * (tid + 1) / nth));
   }
 }
 
@@ -280,6 +308,38 @@ static void attend(const float *q, const float *keys, const float *values, int L
   }
 }
 
+/* A barrier for the team of one decode step: spin briefly (the phases between barriers are microseconds
+ * apart), then yield the core, so that on a machine with as many threads as cores a team member waiting for
+ * a descheduled partner gives its core back instead of spinning through its time slice. */
+typedef struct {
+  atomic_int arrived, generation;
+} step_barrier;
+
+#define BARRIER_SPINS 4000  /* ~10-20 us of pause instructions before yielding */
+
+static void barrier_wait(step_barrier *b, int n) {
+  if (n <= 1) return;
+  const int gen = atomic_load_explicit(&b->generation, memory_order_acquire);
+  if (atomic_fetch_add_explicit(&b->arrived, 1, memory_order_acq_rel) == n - 1) {
+    atomic_store_explicit(&b->arrived, 0, memory_order_relaxed);
+    atomic_store_explicit(&b->generation, gen + 1, memory_order_release);
+    return;
+  }
+  for (int spins = 0; atomic_load_explicit(&b->generation, memory_order_acquire) == gen; spins++) {
+    if (spins < BARRIER_SPINS) _mm_pause();
+    else sched_yield();
+  }
+}
+
+/* one matmul inside the step's team: thread 0 prepares x (and t), all threads take a share of the tiles */
+static void team_matmul(step_barrier *bar, int tid, int nth, mm_input *in, int M, int K, const float *x, int ldx,
+                        int n_parts, const fbq_part *parts, void *scratch, float *y, int ldy) {
+  if (tid == 0) *in = mm_prepare(M, K, x, ldx, n_parts, parts, scratch);
+  barrier_wait(bar, nth);
+  mm_tiles(in, n_parts, parts, y, ldy, (int)((long)in->tiles * tid / nth), (int)((long)in->tiles * (tid + 1) / nth));
+  barrier_wait(bar, nth);
+}
+
 /* scratch floats: B * (C + Nqkv + H*D + 3*I + C) + H * B * max_len, then bytes for the matmuls */
 void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, float *x, const int32_t *slots,
                            const int32_t *pos, const float *cos, const float *sin_signed, int n_threads,
@@ -288,48 +348,63 @@ void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, f
   const int Nq = H * D, Nkv = Hkv * D, Nqkv = Nq + 2 * Nkv;
   float *h = scratch, *qkv = h + (size_t)B * C, *att = qkv + (size_t)B * Nqkv, *gu = att + (size_t)B * Nq;
   float *act = gu + (size_t)B * 2 * I, *tmp = act + (size_t)B * I, *scores = tmp + (size_t)B * C;
-  for (int li = 0; li < dm->n_layers; li++) {
-    const fbq_layer *L = layers + li;
-    for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * C, L->ln1, L->eps1, C, h + (size_t)b * C);
-    fbq_cpu_matmul(B, C, h, C, qkv, Nqkv, L->n_qkv, L->qkv, n_threads, mm_scratch);
-    for (int b = 0; b < B; b++) {  /* RoPE on q and k, then the KV write */
-      float *row = qkv + (size_t)b * Nqkv;
-      const float *cb = cos + (size_t)b * D, *sb = sin_signed + (size_t)b * D;
-      for (int hh = 0; hh < H + Hkv; hh++) {
-        float *v = row + (size_t)hh * D, rot[512];
-        for (int d = 0; d < D; d++) rot[d] = v[d] * cb[d] + v[d < half ? d + half : d - half] * sb[d];
-        memcpy(v, rot, sizeof(float) * D);
+  step_barrier bar = {0, 0};
+  mm_input in;
+  /* ONE team for the whole step (one OpenMP wake-up instead of five per layer); thread 0 runs the short
+   * serial parts, every thread takes a share of each matmul's tiles and of the attention heads */
+#pragma omp parallel num_threads(n_threads) if (n_threads > 1)
+  {
+    const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    for (int li = 0; li < dm->n_layers; li++) {
+      const fbq_layer *L = layers + li;
+      if (tid == 0)
+        for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * C, L->ln1, L->eps1, C, h + (size_t)b * C);
+      team_matmul(&bar, tid, nth, &in, B, C, h, C, L->n_qkv, L->qkv, mm_scratch, qkv, Nqkv);
+      if (tid == 0)
+        for (int b = 0; b < B; b++) {  /* RoPE on q and k, then the KV write */
+          float *row = qkv + (size_t)b * Nqkv;
+          const float *cb = cos + (size_t)b * D, *sb = sin_signed + (size_t)b * D;
+          for (int hh = 0; hh < H + Hkv; hh++) {
+            float *v = row + (size_t)hh * D, rot[512];
+            for (int d = 0; d < D; d++) rot[d] = v[d] * cb[d] + v[d < half ? d + half : d - half] * sb[d];
+            memcpy(v, rot, sizeof(float) * D);
+          }
+          const size_t base = (size_t)slots[b] * Hkv * dm->max_len;
+          for (int j = 0; j < Hkv; j++) {
+            const size_t at = (base + (size_t)j * dm->max_len + pos[b]) * D;
+            memcpy(L->k_cache + at, row + Nq + (size_t)j * D, sizeof(float) * D);
+            memcpy(L->v_cache + at, row + Nq + Nkv + (size_t)j * D, sizeof(float) * D);
+          }
+        }
+      barrier_wait(&bar, nth);
+      for (int bj = tid; bj < B * Hkv; bj += nth) {
+        const int b = bj / Hkv, j = bj % Hkv;
+        const size_t at = ((size_t)slots[b] * Hkv + j) * dm->max_len * D;
+        attend(qkv + (size_t)b * Nqkv + (size_t)j * G * D, L->k_cache + at, L->v_cache + at, pos[b] + 1, G, D,
+               scores + (size_t)bj * G * dm->max_len, att + (size_t)b * Nq + (size_t)j * G * D);
       }
-      const size_t base = (size_t)slots[b] * Hkv * dm->max_len;
-      for (int j = 0; j < Hkv; j++) {
-        const size_t at = (base + (size_t)j * dm->max_len + pos[b]) * D;
-        memcpy(L->k_cache + at, row + Nq + (size_t)j * D, sizeof(float) * D);
-        memcpy(L->v_cache + at, row + Nq + Nkv + (size_t)j * D, sizeof(float) * D);
+      barrier_wait(&bar, nth);
+      team_matmul(&bar, tid, nth, &in, B, Nq, att, Nq, 1, L->o, mm_scratch, tmp, C);
+      if (tid == 0) {
+        for (size_t i = 0; i < (size_t)B * C; i++) x[i] += tmp[i];
+        for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * C, L->ln2, L->eps2, C, h + (size_t)b * C);
       }
+      team_matmul(&bar, tid, nth, &in, B, C, h, C, L->n_gu, L->gu, mm_scratch, gu, 2 * I);
+      if (tid == 0)
+        for (int b = 0; b < B; b++) {  /* SiLU(gate) * up */
+          const float *gr = gu + (size_t)b * 2 * I, *ur = gr + I;
+          float *ar = act + (size_t)b * I;
+          int i = 0;
+          for (; i + 16 <= I; i += 16) {
+            const __m512 g = _mm512_loadu_ps(gr + i);
+            const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+            _mm512_storeu_ps(ar + i, _mm512_mul_ps(sg, _mm512_loadu_ps(ur + i)));
+          }
+          for (; i < I; i++) ar[i] = gr[i] / (1.0f + expf(-gr[i])) * ur[i];
+        }
+      team_matmul(&bar, tid, nth, &in, B, I, act, I, 1, L->down, mm_scratch, tmp, C);
+      if (tid == 0)
+        for (size_t i = 0; i < (size_t)B * C; i++) x[i] += tmp[i];
     }
-#pragma omp parallel for schedule(static) num_threads(n_threads) if (n_threads > 1)
-    for (int bj = 0; bj < B * Hkv; bj++) {
-      const int b = bj / Hkv, j = bj % Hkv;
-      const size_t at = ((size_t)slots[b] * Hkv + j) * dm->max_len * D;
-      attend(qkv + (size_t)b * Nqkv + (size_t)j * G * D, L->k_cache + at, L->v_cache + at, pos[b] + 1, G, D,
-             scores + (size_t)bj * G * dm->max_len, att + (size_t)b * Nq + (size_t)j * G * D);
-    }
-    fbq_cpu_matmul(B, Nq, att, Nq, tmp, C, 1, L->o, n_threads, mm_scratch);
-    for (size_t i = 0; i < (size_t)B * C; i++) x[i] += tmp[i];
-    for (int b = 0; b < B; b++) rms_norm(x + (size_t)b * C, L->ln2, L->eps2, C, h + (size_t)b * C);
-    fbq_cpu_matmul(B, C, h, C, gu, 2 * I, L->n_gu, L->gu, n_threads, mm_scratch);
-    for (int b = 0; b < B; b++) {  /* SiLU(gate) * up */
-      const float *gr = gu + (size_t)b * 2 * I, *ur = gr + I;
-      float *ar = act + (size_t)b * I;
-      int i = 0;
-      for (; i + 16 <= I; i += 16) {
-        const __m512 g = _mm512_loadu_ps(gr + i);
-        const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-        _mm512_storeu_ps(ar + i, _mm512_mul_ps(sg, _mm512_loadu_ps(ur + i)));
-      }
-      for (; i < I; i++) ar[i] = gr[i] / (1.0f + expf(-gr[i])) * ur[i];
-    }
-    fbq_cpu_matmul(B, I, act, I, tmp, C, 1, L->down, n_threads, mm_scratch);
-    for (size_t i = 0; i < (size_t)B * C; i++) x[i] += tmp[i];
   }
 }

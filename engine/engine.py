@@ -44,16 +44,21 @@ def openmp_wait_policy() -> str:
     return os.environ.get("OMP_WAIT_POLICY", "").upper()
 
 
-def cpu_threads(threads: int | None = None, decode_threads: int | None = None) -> tuple[int, int]:
+def cpu_threads(threads: int | None = None, decode_threads: int | None = None,
+                team_step: bool = False) -> tuple[int, int]:
     """Intra-op threads of the CPU engine for (prefill, decode steps). Prefill: `threads`, else torch's
-    count (OMP_NUM_THREADS or the physical cores). Decode: `decode_threads`, else one fewer (at least 1):
-    a decode step is thousands of small ops, and with every core in OpenMP the server's own threads (event
-    loop, HTTP) preempt an OpenMP thread mid-step and the team waits: 2 threads on 2 cores decoded at
-    29 tok/s through the engine, 1 thread at 46 (bench/RESULTS.md, "CPU decode", run 11)."""
+    count (OMP_NUM_THREADS or the physical cores). Decode: `decode_threads`, else, where the step is the
+    native one-call step (`team_step`: one OpenMP team per step whose barriers spin briefly, then yield),
+    the same count: 2 decode threads on 2 cores gave 111-137 tok/s vs ~100 with one (bench/RESULTS.md,
+    "CPU decode", run 25). Else one fewer (at least 1): a Python step is thousands of small ops, and with
+    every core in OpenMP the server's own threads (event loop, HTTP) preempt an OpenMP thread mid-step and
+    the team waits: 2 threads on 2 cores decoded at 29 tok/s through the engine, 1 thread at 46 (run 11)."""
     if (threads is not None and threads < 1) or (decode_threads is not None and decode_threads < 1):
         raise ValueError(f"threads must be >= 1, got {threads} / {decode_threads}")
     prefill = threads if threads is not None else torch.get_num_threads()
-    return prefill, decode_threads if decode_threads is not None else max(1, prefill - 1)
+    if decode_threads is not None:
+        return prefill, decode_threads
+    return prefill, prefill if team_step else max(1, prefill - 1)
 
 
 class Engine:
@@ -76,7 +81,9 @@ class Engine:
             from engine.cpu_decode import install
 
             self.cpu_decoder = install(self.model)
-            prefill, decode = cpu_threads(threads, decode_threads)
+            team_step = (self.cpu_decoder is not None and self.cpu_decoder.native_layers is not None
+                         and self.cpu_decoder.usable())  # QDEC hooks (attached before) make it decline
+            prefill, decode = cpu_threads(threads, decode_threads, team_step)
             self.threads = {"prefill": prefill, "decode": decode}
             log.info("CPU threads: %d for prefill, %d for decode steps", prefill, decode)
         eos = set(config.eos_ids())

@@ -363,3 +363,20 @@ def test_without_fbgemm_everything_stays_fp32_and_says_why(monkeypatch):
     assert any(type(m) is torch.nn.Linear for m in model.model.layers.modules())
     got, ids = decode(model, PROMPTS, 4)
     assert ids == mod_ids and float((got - mod).abs().max()) <= 1e-4 * float(mod.abs().max())
+
+
+def test_engine_decodes_with_every_thread_only_on_the_one_call_step(native_kernel, monkeypatch):
+    """The native one-call step runs its own team (barriers that yield), so the engine gives decode steps
+    all threads; a step that falls back to Python (here: a forward hook, as QDEC adds) keeps one fewer."""
+    from pathlib import Path
+
+    from engine.engine import Engine
+    from models.loader import LoadedModel
+
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    eng = Engine(LoadedModel(quantize(tiny()), None, "tiny", Path(".")), max_batch=2, max_seq_len=64)
+    assert eng.cpu_decoder.native_layers is not None and eng.threads == {"prefill": 2, "decode": 2}
+    hooked = quantize(tiny())
+    next(m for m in hooked.modules() if isinstance(m, QuantLinear)).register_forward_hook(lambda *a: None)
+    eng = Engine(LoadedModel(hooked, None, "tiny", Path(".")), max_batch=2, max_seq_len=64)
+    assert eng.threads == {"prefill": 2, "decode": 1}

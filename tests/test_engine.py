@@ -129,6 +129,8 @@ def test_cpu_threads_leave_decode_one_core_fewer(monkeypatch):
     assert cpu_threads() == (4, 3)
     assert cpu_threads(threads=1) == (1, 1)
     assert cpu_threads(threads=8, decode_threads=2) == (8, 2)
+    assert cpu_threads(team_step=True) == (4, 4)  # the native one-call step: its own team, all threads
+    assert cpu_threads(threads=8, decode_threads=2, team_step=True) == (8, 2)
     with pytest.raises(ValueError, match=">= 1"):
         cpu_threads(decode_threads=0)
     with pytest.raises(ValueError, match=">= 1"):
