@@ -130,8 +130,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=_bounded_int(1, None), default=None,
                    help="CPU: intra-op threads for prompts (default: torch's, OMP_NUM_THREADS or the physical cores)")
     p.add_argument("--decode-threads", type=_bounded_int(1, None), default=None,
-                   help="CPU: intra-op threads for decode steps (default: --threads minus one, at least 1, leaving "
-                        "a core to the server's event loop)")
+                   help="CPU: intra-op threads for decode steps (default: --threads on fbserve's one-call step, "
+                        "whose barriers yield the core; else --threads minus one, at least 1, leaving a core to the "
+                        "server's event loop)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    type=str.lower)
     p.set_defaults(func=serve)
