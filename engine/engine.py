@@ -49,8 +49,8 @@ def cpu_threads(threads: int | None = None, decode_threads: int | None = None,
     """Intra-op threads of the CPU engine for (prefill, decode steps). Prefill: `threads`, else torch's
     count (OMP_NUM_THREADS or the physical cores). Decode: `decode_threads`, else, where the step is the
     native one-call step (`team_step`: one OpenMP team per step whose barriers spin briefly, then yield),
-    the same count: 2 decode threads on 2 cores gave 111-137 tok/s vs ~100 with one (bench/RESULTS.md,
-    "CPU decode", run 25). Else one fewer (at least 1): a Python step is thousands of small ops, and with
+    the same count: 2 decode threads on 2 cores gave 106-130 tok/s vs 101 with one (bench/RESULTS.md,
+    "CPU decode", runs 25-29). Else one fewer (at least 1): a Python step is thousands of small ops, and with
     every core in OpenMP the server's own threads (event loop, HTTP) preempt an OpenMP thread mid-step and
     the team waits: 2 threads on 2 cores decoded at 29 tok/s through the engine, 1 thread at 46 (run 11)."""
     if (threads is not None and threads < 1) or (decode_threads is not None and decode_threads < 1):
