@@ -3,6 +3,7 @@
     fbserve quantize --model default|PATH --method rtn|gptq|svd|lqer|qera|fbquant --bits 3 --group-size 128
                      --rank 32 --out DIR [--base rtn|gptq] [--calib FILE] [--n-samples N] [--seqlen L]
                      [--seed S] [--device D] [--rounds R] [--act-order] [--eval-windows W]
+                     [--qdec-aware K_CHUNK [--qdec-mix L]]
 
 server/cli.py calls `register(subparsers)`; `python -m quant.cli ...` runs it alone.
 """
@@ -44,6 +45,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=fb.rounds, help="FBQuant quantize/refit rounds")
     p.add_argument("--projection", type=float, default=fb.projection,
                    help="FBQuant: share of the branch directions projected out of GPTQ's Gram matrix")
+    p.add_argument("--qdec-aware", type=int, default=0, metavar="K_CHUNK",
+                   help="quantize for QDEC at this k_chunk: each token's K_CHUNK largest |x| per 1024 "
+                   "channels leave the Gram matrix (their error is fetched back at decode); 0: off")
+    p.add_argument("--qdec-mix", type=float, default=QuantConfig.qdec_mix,
+                   help="with --qdec-aware: share of the full Gram matrix kept in the objective")
     p.add_argument("--eval-windows", type=int, default=8,
                    help="WikiText-2 test windows for the quality figures in quantization.json (0: skip)")
     p.add_argument("--eval-ctx", type=int, default=512)
@@ -54,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = QuantConfig(method=args.method, bits=args.bits, group_size=args.group_size, rank=args.rank,
                           base=args.base, damp=args.damp, act_order=args.act_order,
-                          fb=FBQuantConfig(rounds=args.rounds, projection=args.projection))
+                          fb=FBQuantConfig(rounds=args.rounds, projection=args.projection),
+                          qdec_k_chunk=args.qdec_aware, qdec_mix=args.qdec_mix)
     except ValueError as e:
         print(f"fbserve quantize: {e}", file=sys.stderr)
         return 2

@@ -33,6 +33,11 @@ class QuantConfig:
     damp: float = 0.01  # GPTQ damping relative to mean(diag H)
     act_order: bool = False
     fb: FBQuantConfig = field(default_factory=FBQuantConfig)
+    # Quantize for QDEC: 0 = off; K = the Gram matrix is the one QDEC at k_chunk K leaves uncorrected,
+    # H_qdec = X_m^T X_m + qdec_mix * X^T X with each token's K largest |x| per 1024-chunk zeroed in X_m
+    # (quant/qdec.py, `salient_masked`). The residual of those channels is fetched back at decode.
+    qdec_k_chunk: int = 0
+    qdec_mix: float = 0.1
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -44,6 +49,10 @@ class QuantConfig:
             raise ValueError(f"method {self.method} needs --rank >= 1")
         if self.method not in BRANCH_METHODS:
             self.rank = 0
+        if self.qdec_k_chunk < 0 or self.qdec_mix < 0:
+            raise ValueError("--qdec-aware and --qdec-mix must be >= 0")
+        if self.qdec_k_chunk and self.qdec_mix == 0:
+            raise ValueError("--qdec-mix 0 leaves always-salient channels unconstrained: use a share > 0")
         self.fb.damp, self.fb.act_order = self.damp, self.act_order
         self.fb.base = self.base_quantizer
 

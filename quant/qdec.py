@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cuda_ext.qdec_reference import CODE_MAX, pack_rows
+from cuda_ext.qdec_reference import CODE_MAX, exact_topk, pack_rows
 from quant.checkpoint import sha256_file
 
 log = logging.getLogger("fbserve.qdec")
@@ -77,6 +77,18 @@ class ResidualManifest(BaseModel):
     tensors: dict[str, tuple[str, list[int]]]  # name -> (dtype, shape)
     layers: dict[str, ResidualLayer]
     created: str
+
+
+# ---- quantizing for QDEC --------------------------------------------------------------------------------
+
+def salient_masked(x: torch.Tensor, k_chunk: int) -> torch.Tensor:
+    """x (T, K) with each row's k_chunk largest |x| per 1024-chunk set to 0: what QDEC leaves uncorrected.
+
+    Its Gram matrix is the quantization objective of `fbserve quantize --qdec-aware K` (QuantConfig.
+    qdec_k_chunk): the error of the channels QDEC fetches back costs (almost) nothing, so GPTQ's error
+    feedback no longer cancels the rest of the error against them (bench/RESULTS.md, "QDEC")."""
+    idx = exact_topk(x, k_chunk)
+    return x.scatter(1, idx, 0.0)
 
 
 # ---- the 4-bit residual quantizer ----------------------------------------------------------------------

@@ -77,6 +77,7 @@ def quantize_checkpoint(model: str, cfg: QuantConfig, out: Path, *, calib: str |
         "group_size": cfg.group_size,
         "rank": cfg.rank,
         "options": {"damp": cfg.damp, "act_order": cfg.act_order, "clip_search": True,
+                    **({"qdec_aware": {"k_chunk": cfg.qdec_k_chunk, "mix": cfg.qdec_mix}} if cfg.qdec_k_chunk else {}),
                     **({"fbquant": dataclasses.asdict(cfg.fb)} if cfg.method == "fbquant" else {})},
         "calibration": {"file": str(calib_file), "n_samples": n_samples, "seqlen": seqlen, "seed": seed},
         "bits_per_weight": round(bpw, 4),

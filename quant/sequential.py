@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from models.llama import Transformer
 from quant.methods import LinearStats, QuantConfig, QuantizedLinear, quantize_linear
+from quant.qdec import salient_masked
 
 log = logging.getLogger("fbserve.quant")
 
@@ -84,14 +85,22 @@ def linear_groups(layer: nn.Module, x: Tensor, cos: Tensor, sin: Tensor) -> list
 
 
 def _group_stats(layer: nn.Module, first: nn.Module, xs: list[Tensor], cos: Tensor, sin: Tensor,
-                 act_scale: bool) -> LinearStats:
-    """Gram matrix (and, if asked, LQER's activation scale) of `first`'s input over all calibration batches."""
+                 cfg: QuantConfig) -> LinearStats:
+    """Gram matrix (and, for LQER, the activation scale) of `first`'s input over all calibration batches.
+
+    With `cfg.qdec_k_chunk` the Gram matrix is QDEC's: salient_masked(X)^T salient_masked(X) + qdec_mix X^T X.
+    """
     acc: dict[str, Tensor | int] = {"h": 0, "s": 0, "tokens": 0}
+    act_scale = cfg.method == "lqer"
 
     def hook(_m: nn.Module, args: tuple) -> None:
         x = args[0].float()  # (B, T, K)
         flat = x.reshape(-1, x.shape[-1])
-        acc["h"] = acc["h"] + flat.T @ flat
+        if cfg.qdec_k_chunk:
+            masked = salient_masked(flat, cfg.qdec_k_chunk)
+            acc["h"] = acc["h"] + masked.T @ masked + cfg.qdec_mix * (flat.T @ flat)
+        else:
+            acc["h"] = acc["h"] + flat.T @ flat
         if act_scale:  # LQER's statistic: max over samples of mean |x_k|
             per_sample = x.abs().mean(dim=1).amax(dim=0)  # (K,)
             acc["s"] = torch.maximum(acc["s"], per_sample) if torch.is_tensor(acc["s"]) else per_sample
@@ -135,7 +144,7 @@ def quantize_model(model: Transformer, tokens: Tensor, cfg: QuantConfig, device:
         layer.to(device)
         probe = min(seqlen, 8)
         for group in linear_groups(layer, xs[0][:1, :probe], cos[:, :probe], sin[:, :probe]):
-            stats = _group_stats(layer, layer.get_submodule(group[0]), xs, cos, sin, cfg.method == "lqer")
+            stats = _group_stats(layer, layer.get_submodule(group[0]), xs, cos, sin, cfg)
             for name in group:
                 t0 = time.perf_counter()
                 lin = layer.get_submodule(name)
