@@ -5,6 +5,7 @@ at several k_chunk values and selections, the unquantized reference on the same 
         [--configs fp,none:0,approx:8,approx:16,approx:32,approx:64,exact:8,random:8,static:8,...]
         --out bench/out/qdec/shard0.json
     python bench/qdec_quality.py --report bench/out/qdec/shard*.json [--markdown OUT.md] [--plot OUT.png]
+        [--standard bench/out/qdec/stdnow_shard*.json]
 
 The same computation as `fbserve eval --model DIR --qdec-k-chunk K --qdec-select S` (quant.qdec_eval:
 the paper's protocol, every position corrected as a decode step with the true history, no cache), but
@@ -14,6 +15,9 @@ the same windows, and windows can be split over processes (`--shard I/S`: window
 Configurations: `fp` (the unquantized source model), `none:0` (the quantized model alone),
 `SEL:K` (selection SEL in engine.qdec.SELECTIONS at k_chunk K; `approx` also counts its recall of the
 exact per-chunk top-k), `SEL:K:TYPE[+TYPE]` (only those layer types corrected: qkv, o, gate_up, down).
+`--standard FILES` (with --report): another checkpoint's result files (e.g. the standard FBQuant beside a
+`--qdec-aware` one); its `none:0` becomes the row `standard:0` and every row also gets its gap recovered
+against that checkpoint's uncorrected perplexity on the same windows ("vs standard").
 """
 from __future__ import annotations
 
@@ -83,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def aggregate(paths: list[str]) -> dict:
+def aggregate(paths: list[str], standard: list[str] | None = None) -> dict:
     """Merge shard files. Each row is pooled over the windows where it, `fp` and `none:0` all ran, so
     every gap is paired (the same windows for the row and its baselines); rows whose window set differs
-    from the main one say so (`windows`). The main set: windows where every configuration ran."""
+    from the main one say so (`windows`). The main set: windows where every configuration ran.
+    `standard`: result files of another checkpoint whose `none:0` (as `standard:0`) and `fp` join the rows."""
     merged: dict[str, dict] = {}
     meta: dict = {}
     for p in paths:
@@ -94,6 +99,14 @@ def aggregate(paths: list[str]) -> dict:
         meta = {k: r[k] for k in ("model", "reference", "ctx", "windows_total")}
         for i, row in r["windows"].items():  # files may hold different configurations of one window
             merged.setdefault(i, {}).update(row)
+    for p in standard or []:
+        r = json.loads(Path(p).read_text())
+        meta["standard"] = r["model"]
+        for i, row in r["windows"].items():
+            if i in merged:
+                merged[i].update({"standard:0": row["none:0"]} if "none:0" in row else {})
+                if "fp" in row:
+                    merged[i].setdefault("fp", row["fp"])
     configs = sorted({c for row in merged.values() for c in row})
     complete = sorted(int(i) for i, row in merged.items() if all(c in row for c in configs))
     rows = {}
@@ -110,7 +123,12 @@ def aggregate(paths: list[str]) -> dict:
         tot = sum(merged[str(i)][c].get("recall_total", 0) for i in wins)
         if tot:
             r["recall_vs_exact"] = hits / tot
-        if c not in ("fp", "none:0") and "fp" in configs and "none:0" in configs:
+        if "standard:0" in configs and c not in ("fp", "standard:0"):
+            both = [i for i in wins if "standard:0" in merged[str(i)]]
+            fp_b, std_b = ppl("fp", both), ppl("standard:0", both)
+            r["gap_recovered_vs_standard"] = (std_b - ppl(c, both)) / (std_b - fp_b)
+            r["windows_vs_standard"] = len(both)
+        if c not in ("fp", "none:0", "standard:0") and "fp" in configs and "none:0" in configs:
             fp, base = ppl("fp"), ppl("none:0")
             r["fp_same_windows"], r["base_same_windows"] = fp, base
             r["gap_recovered"] = (base - r["perplexity"]) / (base - fp)
@@ -137,13 +155,15 @@ def _key(c: str) -> tuple:
 
 
 def markdown(agg: dict) -> str:
+    vs_std = "standard" in agg
     lines = ["| selection | k_chunk | perplexity | gap recovered (pooled) | per-window mean +- s.e. "
-             "| approx recall vs exact | windows |",
-             "|---|---|---|---|---|---|---|"]
+             + ("| vs standard k0 (pooled) " if vs_std else "") + "| approx recall vs exact | windows |",
+             "|---|---|---|---|---|---|---|" + ("---|" if vs_std else "")]
     for c in sorted(agg["rows"], key=_key):
         r = agg["rows"][c]
         parts = c.split(":")
-        name = "unquantized" if c == "fp" else ("3-bit, no QDEC" if c == "none:0" else parts[0])
+        name = {"fp": "unquantized", "none:0": "3-bit, no QDEC",
+                "standard:0": "standard checkpoint, no QDEC"}.get(c, parts[0])
         if len(parts) > 2:
             name += f" ({parts[2]} only)"
         k = "-" if c == "fp" else parts[1]
@@ -151,6 +171,8 @@ def markdown(agg: dict) -> str:
         pw = (f"{100 * r['gap_recovered_window_mean']:.1f} +- {100 * r['gap_recovered_window_se']:.1f}%"
               if "gap_recovered_window_mean" in r else "-")
         rec = f"{100 * r['recall_vs_exact']:.1f}%" if "recall_vs_exact" in r else "-"
+        if vs_std:
+            rec = (f"{100 * r['gap_recovered_vs_standard']:.1f}%" if "gap_recovered_vs_standard" in r else "-") + " | " + rec
         ws = "main" if r["windows"] == agg["windows_used"] else (
             f"{len(r['windows'])} ({r['fp_same_windows']:.2f} / {r['base_same_windows']:.2f})" if "fp_same_windows" in r
             else str(len(r["windows"])))
@@ -228,9 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--markdown")
     p.add_argument("--plot")
     p.add_argument("--summary", help="write the merged summary JSON here")
+    p.add_argument("--standard", nargs="+", metavar="JSON",
+                   help="with --report: another checkpoint's result files; gaps also against its none:0")
     args = p.parse_args(argv)
     if args.report:
-        agg = aggregate(args.report)
+        agg = aggregate(args.report, args.standard)
         table = markdown(agg)
         print(f"{len(agg['windows_used'])} windows x {agg['ctx']}: {agg['windows_used']}")
         print(table)

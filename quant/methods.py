@@ -37,7 +37,7 @@ class QuantConfig:
     # H_qdec = X_m^T X_m + qdec_mix * X^T X with each token's K largest |x| per 1024-chunk zeroed in X_m
     # (quant/qdec.py, `salient_masked`). The residual of those channels is fetched back at decode.
     qdec_k_chunk: int = 0
-    qdec_mix: float = 0.1
+    qdec_mix: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
