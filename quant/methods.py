@@ -35,7 +35,7 @@ class QuantConfig:
     fb: FBQuantConfig = field(default_factory=FBQuantConfig)
     # Quantize for QDEC: 0 = off; K = the Gram matrix is the one QDEC at k_chunk K leaves uncorrected,
     # H_qdec = X_m^T X_m + qdec_mix * X^T X with each token's K largest |x| per 1024-chunk zeroed in X_m
-    # (quant/qdec.py, `salient_masked`). The residual of those channels is fetched back at decode.
+    # (quant/qdec.py, `qdec_gram`). The residual of those channels is fetched back at decode.
     qdec_k_chunk: int = 0
     qdec_mix: float = 1.0
 

@@ -91,6 +91,13 @@ def salient_masked(x: torch.Tensor, k_chunk: int) -> torch.Tensor:
     return x.scatter(1, idx, 0.0)
 
 
+def qdec_gram(x: torch.Tensor, k_chunk: int, mix: float) -> torch.Tensor:
+    """Unnormalised Gram matrix (K, K) of `--qdec-aware k_chunk --qdec-mix mix` for inputs x (T, K) fp32:
+    salient_masked(x)^T salient_masked(x) + mix * x^T x."""
+    masked = salient_masked(x, k_chunk)
+    return masked.T @ masked + mix * (x.T @ x)
+
+
 # ---- the 4-bit residual quantizer ----------------------------------------------------------------------
 
 def quantize_residual(r: torch.Tensor, grid: int = GRID) -> tuple[torch.Tensor, torch.Tensor]:

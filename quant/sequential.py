@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from models.llama import Transformer
 from quant.methods import LinearStats, QuantConfig, QuantizedLinear, quantize_linear
-from quant.qdec import salient_masked
+from quant.qdec import qdec_gram
 
 log = logging.getLogger("fbserve.quant")
 
@@ -88,7 +88,7 @@ def _group_stats(layer: nn.Module, first: nn.Module, xs: list[Tensor], cos: Tens
                  cfg: QuantConfig) -> LinearStats:
     """Gram matrix (and, for LQER, the activation scale) of `first`'s input over all calibration batches.
 
-    With `cfg.qdec_k_chunk` the Gram matrix is QDEC's: salient_masked(X)^T salient_masked(X) + qdec_mix X^T X.
+    With `cfg.qdec_k_chunk` the Gram matrix is QDEC's (quant.qdec.qdec_gram).
     """
     acc: dict[str, Tensor | int] = {"h": 0, "s": 0, "tokens": 0}
     act_scale = cfg.method == "lqer"
@@ -96,11 +96,8 @@ def _group_stats(layer: nn.Module, first: nn.Module, xs: list[Tensor], cos: Tens
     def hook(_m: nn.Module, args: tuple) -> None:
         x = args[0].float()  # (B, T, K)
         flat = x.reshape(-1, x.shape[-1])
-        if cfg.qdec_k_chunk:
-            masked = salient_masked(flat, cfg.qdec_k_chunk)
-            acc["h"] = acc["h"] + masked.T @ masked + cfg.qdec_mix * (flat.T @ flat)
-        else:
-            acc["h"] = acc["h"] + flat.T @ flat
+        gram = qdec_gram(flat, cfg.qdec_k_chunk, cfg.qdec_mix) if cfg.qdec_k_chunk else flat.T @ flat
+        acc["h"] = acc["h"] + gram
         if act_scale:  # LQER's statistic: max over samples of mean |x_k|
             per_sample = x.abs().mean(dim=1).amax(dim=0)  # (K,)
             acc["s"] = torch.maximum(acc["s"], per_sample) if torch.is_tensor(acc["s"]) else per_sample

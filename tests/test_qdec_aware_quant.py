@@ -10,7 +10,7 @@ import torch
 
 from cuda_ext.qdec_reference import exact_topk, selected_count
 from quant.fbquant import FBQuantConfig, fbquant
-from quant.qdec import quantize_residual, salient_masked
+from quant.qdec import qdec_gram, quantize_residual, salient_masked
 from tests.test_quant_checkpoint import _quantize, tiny_model  # noqa: F401  (module fixture)
 
 
@@ -67,8 +67,7 @@ def test_qdec_aware_fbquant_leaves_less_error_after_the_correction_on_a_real_lay
     an exact top-8 correction, QDEC-aware (mix 1.0) 0.55 after it and 0.81 without it."""
     w, x_cal, x_test = real_down_proj
     h = x_cal.T @ x_cal / x_cal.shape[0]
-    xm = salient_masked(x_cal, 8)
-    h_aware = xm.T @ xm / x_cal.shape[0] + 1.0 * h  # --qdec-mix 1.0, the default
+    h_aware = qdec_gram(x_cal, 8, 1.0) / x_cal.shape[0]  # --qdec-aware 8 with the default mix
     cfg = FBQuantConfig(rounds=1)
     std = fbquant(w, h, 3, 128, 32, cfg).weight()
     aware = fbquant(w, h_aware, 3, 128, 32, cfg).weight()
