@@ -38,7 +38,9 @@ class _Stop(Exception):
 class LinearReport:
     name: str  # HF name, e.g. model.layers.3.mlp.down_proj
     shape: tuple[int, int]  # (out, in)
-    error: float  # relative output error on this linear's (quantized-prefix) calibration inputs
+    # relative output error on this linear's (quantized-prefix) calibration inputs (with --qdec-aware:
+    # under QDEC's Gram matrix, the objective it minimised)
+    error: float
     start_error: float | None  # FBQuant: its GPTQ+QERA (or RTN+QERA) start
     bits_per_weight: float
     seconds: float
