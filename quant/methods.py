@@ -51,6 +51,8 @@ class QuantConfig:
             self.rank = 0
         if self.qdec_k_chunk < 0 or self.qdec_mix < 0:
             raise ValueError("--qdec-aware and --qdec-mix must be >= 0")
+        if self.qdec_k_chunk and self.method in ("rtn", "svd", "lqer") and self.base_quantizer == "rtn":
+            raise ValueError(f"--qdec-aware changes the Gram matrix, which --method {self.method} with RTN codes does not use")
         if self.qdec_k_chunk and self.qdec_mix == 0:
             raise ValueError("--qdec-mix 0 leaves always-salient channels unconstrained: use a share > 0")
         self.fb.damp, self.fb.act_order = self.damp, self.act_order

@@ -78,7 +78,7 @@ def test_qdec_aware_fbquant_leaves_less_error_after_the_correction_on_a_real_lay
     assert aware0 < 1.3 * base, aware0 / base  # still a sound quantizer without QDEC
 
 
-def test_quantize_cli_records_the_qdec_objective_and_refuses_a_zero_mix(tiny_model, tmp_path) -> None:  # noqa: F811
+def test_quantize_cli_records_the_qdec_objective_and_refuses_what_it_cannot_apply(tiny_model, tmp_path) -> None:  # noqa: F811
     from quant.cli import main as quantize_main
     from safetensors.torch import load_file
 
@@ -94,3 +94,6 @@ def test_quantize_cli_records_the_qdec_objective_and_refuses_a_zero_mix(tiny_mod
     rc = quantize_main(["--model", str(tiny_model), "--out", str(tmp_path / "bad"), "--qdec-aware", "8",
                         "--qdec-mix", "0", "--calib", str(Path(tiny_model) / "calib.txt")])
     assert rc == 2 and not (tmp_path / "bad").exists()
+    rc = quantize_main(["--model", str(tiny_model), "--out", str(tmp_path / "rtn"), "--method", "rtn",
+                        "--qdec-aware", "8", "--calib", str(Path(tiny_model) / "calib.txt")])
+    assert rc == 2 and not (tmp_path / "rtn").exists()  # RTN ignores the Gram matrix: refused, not a no-op
