@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from cuda_ext.qdec_reference import CHUNK, approx_topk, exact_topk, qdec_correction_ref
+from engine.qdec_tuning import QdecTuning, choose_k, load as load_tuning
 
 log = logging.getLogger("fbserve.qdec")
 SELECTIONS = ("approx", "exact", "random", "static")
@@ -31,7 +32,7 @@ SELECTIONS = ("approx", "exact", "random", "static")
 # family names, models/llama.py).  Unknown names fall in "other".
 LAYER_TYPES = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
                "gate_proj": "gate_up", "up_proj": "gate_up", "down_proj": "down"}
-TUNING_FILE = "qdec_tuning.json"
+DEFAULT_K_CHUNK = 8  # without a tuning choice, --qdec-k-chunk or --qdec-budget
 
 
 def layer_type(name: str) -> str:
@@ -71,7 +72,9 @@ class Qdec:
     handles: list = field(default_factory=list)
     residual_bytes: int = 0
     seed: int = 0
-    tuning: dict | None = None
+    tuning: QdecTuning | None = None
+    tuning_note: str | None = None  # why the checkpoint's qdec_tuning.json is not used (None: used or absent)
+    k_source: str = ""  # where k_chunk came from (/health)
     measure_recall: bool = False  # evaluation: count approx-vs-exact overlap (recall_hits / recall_total)
     recall_hits: int = 0
     recall_total: int = 0
@@ -156,29 +159,42 @@ def _hook(q: Qdec, layer: QdecLayer, gen: torch.Generator):
     return forward_hook
 
 
-def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu", k_chunk: int | dict[str, int] = 8,
-           select: str | None = None, budget_pct: float | None = None) -> Qdec:
+def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu",
+           k_chunk: int | dict[str, int] | None = None, select: str | None = None,
+           budget_pct: float | None = None) -> Qdec:
     """Load the checkpoint's residuals and hook every QuantLinear of `model`; returns the controller.
 
-    mode "off" (or no checkpoint) leaves QDEC disabled. Missing or damaged residuals disable it too,
-    logged with the reason (never wrong numbers: the hooks are not installed). `budget_pct` picks
-    k_chunk per layer type from the checkpoint's qdec_tuning.json when there is one."""
+    mode "cpu": residuals in host memory; "off": disabled; "auto": "cpu" when the checkpoint holds a
+    `fbserve tune-qdec` choice for this device, else off. Missing or damaged residuals disable QDEC,
+    logged with the reason (never wrong numbers: the hooks are not installed). k_chunk, first match wins:
+    `budget_pct` (chosen from the tuning's measurements), `k_chunk`, the tuning's saved choice,
+    DEFAULT_K_CHUNK."""
     from engine.quant_linear import QuantLinear
     from quant.qdec import ResidualError, load_residuals
 
     q = controller(model)
     detach(model)
-    q.mode = mode
+    q.mode, q.tuning, q.tuning_note, q.k_source = mode, None, None, ""
     if mode == "off":
         q.enabled, q.reason = False, "disabled (--residuals off)"
         return q
-    if mode != "cpu":
+    if mode not in ("cpu", "auto"):
         raise ValueError(f"--residuals {mode!r} unknown; choose off or cpu")
     if checkpoint is None or not (Path(checkpoint) / "quantization.json").is_file():
         q.enabled, q.reason = False, "the model is not a quantized checkpoint: nothing to compensate"
-        log.warning("QDEC disabled: %s", q.reason)
+        (log.info if mode == "auto" else log.warning)("QDEC disabled: %s", q.reason)
         return q
     mods = {n: m for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    device = "cuda" if any(m.qweight.device.type == "cuda" for m in mods.values()) else "cpu"
+    q.tuning, q.tuning_note = load_tuning(Path(checkpoint), device)
+    if mode == "auto":
+        if q.tuning is None or q.tuning.chosen is None:
+            q.enabled = False
+            q.reason = (f"off: no --residuals cpu and no `fbserve tune-qdec` choice for {device} in the checkpoint"
+                        + (f" ({q.tuning_note})" if q.tuning_note else ""))
+            log.info("QDEC %s", q.reason)
+            return q
+        q.mode = "cpu"
     try:
         res = load_residuals(Path(checkpoint), {n: (m.out_features, m.in_features) for n, m in mods.items()})
     except ResidualError as e:
@@ -196,24 +212,29 @@ def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu", k
         q.layers[name] = QdecLayer(name, layer_type(name), rc, rs, lo, hi,
                                    torch.argsort(t["act_mean"], descending=True))
         q.residual_bytes += rc.numel() + t["rscales"].numel() * 2
-    q.tuning = load_tuning(Path(checkpoint))
-    if isinstance(k_chunk, int):
-        k_chunk = {"default": k_chunk}
-    if budget_pct is not None:
-        if q.tuning is None:
-            log.warning("--qdec-budget %s%%: no %s in %s (run `fbserve tune-qdec`); using k_chunk %s",
-                        budget_pct, TUNING_FILE, checkpoint, k_chunk)
-        else:
-            k_chunk = choose_k(q.tuning, budget_pct)
-    q.k_chunk = dict(k_chunk)
-    q.select = select or ("approx" if any(m.qweight.device.type == "cuda" for m in mods.values()) else "exact")
+    q.k_chunk, q.k_source = _pick_k(q, k_chunk, budget_pct)
+    q.select = select or ("approx" if device == "cuda" else "exact")
     gen = torch.Generator().manual_seed(q.seed)
     for name, layer in q.layers.items():
         q.handles.append(mods[name].register_forward_hook(_hook(q, layer, gen)))
     q.enabled, q.reason = True, None
-    log.info("QDEC live: %d layers, %.1f MB residuals in %s host memory, k_chunk %s, selection %s",
-             len(q.layers), q.residual_bytes / 1e6, "pinned" if pin else "plain", q.k_chunk, q.select)
+    log.info("QDEC live: %d layers, %.1f MB residuals in %s host memory, k_chunk %s (%s), selection %s",
+             len(q.layers), q.residual_bytes / 1e6, "pinned" if pin else "plain", q.k_chunk, q.k_source, q.select)
     return q
+
+
+def _pick_k(q: Qdec, k_chunk: int | dict[str, int] | None, budget_pct: float | None) -> tuple[dict[str, int], str]:
+    """(k_chunk per layer type, where it came from): see attach."""
+    if budget_pct is not None:
+        if q.tuning is not None:
+            return choose_k(q.tuning, budget_pct), f"--qdec-budget {budget_pct:g}% on the measured tuning"
+        log.warning("--qdec-budget %s%%: no usable tuning (%s; run `fbserve tune-qdec` on this device)",
+                    budget_pct, q.tuning_note or "no qdec_tuning.json")
+    if k_chunk is not None:
+        return (dict(k_chunk) if isinstance(k_chunk, dict) else {"default": k_chunk}), "--qdec-k-chunk"
+    if q.tuning is not None and q.tuning.chosen is not None:
+        return dict(q.tuning.chosen.k_chunk), f"tune-qdec choice for a {q.tuning.chosen.budget_pct:g}% budget"
+    return {"default": DEFAULT_K_CHUNK}, f"default k_chunk {DEFAULT_K_CHUNK} (no tuning choice)"
 
 
 def detach(model: nn.Module) -> None:
@@ -239,8 +260,10 @@ def health(model: nn.Module) -> dict:
     q = controller(model)
     out = {"enabled": q.enabled, "reason": q.reason, "mode": q.mode}
     if q.enabled:
-        out.update(k_chunk=q.k_chunk, selection=q.select, layers=len(q.layers), residual_bytes=q.residual_bytes,
-                   tuned=q.tuning is not None)
+        out.update(k_chunk=q.k_chunk, k_source=q.k_source, selection=q.select, layers=len(q.layers),
+                   residual_bytes=q.residual_bytes, tuned=q.tuning is not None)
+    if q.tuning_note:
+        out["tuning_note"] = q.tuning_note
     return out
 
 
@@ -249,40 +272,3 @@ def stats(model: nn.Module) -> dict[str, int]:
     q = controller(model)
     return {"qdec_residual_bytes": q.residual_bytes if q.enabled else 0,
             "qdec_channels_fetched": q.counters.channels, "qdec_bytes_fetched": q.counters.bytes}
-
-
-# ---- tuning file (written by engine.qdec_tune) ------------------------------------------------------------
-
-def load_tuning(checkpoint: Path) -> dict | None:
-    import json
-
-    p = Path(checkpoint) / TUNING_FILE
-    if not p.is_file():
-        return None
-    try:
-        t = json.loads(p.read_text())
-        if not isinstance(t.get("base_step_s"), float) or not isinstance(t.get("layer_types"), dict):
-            raise ValueError("missing base_step_s / layer_types")
-        return t
-    except ValueError as e:
-        log.error("ignoring %s: %s", p, e)
-        return None
-
-
-def choose_k(tuning: dict, budget_pct: float) -> dict[str, int]:
-    """Per layer type, the largest measured k_chunk whose added time, summed over types, stays within
-    budget_pct of the base decode step. Greedy: raise the type with the cheapest next step first."""
-    budget = tuning["base_step_s"] * budget_pct / 100
-    types = tuning["layer_types"]  # type -> {"k_chunk": [...], "added_s": [...]} (per step, all layers)
-    pos = {t: 0 for t in types}
-    spent = sum(types[t]["added_s"][0] for t in types)
-    while True:
-        steps = [(types[t]["added_s"][pos[t] + 1] - types[t]["added_s"][pos[t]], t)
-                 for t in types if pos[t] + 1 < len(types[t]["k_chunk"])]
-        steps = [s for s in steps if spent + s[0] <= budget]
-        if not steps:
-            break
-        cost, t = min(steps)
-        pos[t] += 1
-        spent += cost
-    return {t: types[t]["k_chunk"][pos[t]] for t in types}

@@ -1,19 +1,20 @@
 """`fbserve tune-qdec` and the QDEC flags of `fbserve serve`.
 
-    fbserve tune-qdec --model CHECKPOINT [--device auto|cpu|cuda] [--k 0,8,16,32,64,128] [--steps 20]
+    fbserve tune-qdec --model CHECKPOINT [--budget 2.5] [--device auto|cpu|cuda] [--k 0,8,16,32,64,128] [--steps 20]
 
 measures the decode step time (batch 1) with QDEC at each k_chunk for one layer type at a time (QKV,
-O, gate/up, down; the others off) on the device in use, and writes CHECKPOINT/qdec_tuning.json:
-    {"device": "cpu" | "cuda", "device_name": ..., "base_step_s": float,
-     "layer_types": {"qkv": {"k_chunk": [...], "added_s": [...]}, ...}, "note": ...}
-`fbserve serve --residuals cpu --qdec-budget PCT` then picks, per layer type, the largest k_chunk whose
-summed added time stays within PCT % of the base step (engine.qdec.choose_k). CPU timings are CPU
-timings (the correction is a gather + matmul in torch there): they say nothing about a GPU.
+O, gate/up, down; the others off) on the device in use, chooses per layer type the largest k_chunk whose
+summed added time stays within --budget % of the base step (engine.qdec_tuning.choose_k), and writes
+both to CHECKPOINT/qdec_tuning.json (schema engine.qdec_tuning.QdecTuning).
+
+`fbserve serve` on that checkpoint and device type then runs QDEC with the saved choice; `--residuals
+off|cpu` overrides whether QDEC runs, `--qdec-budget PCT` re-chooses from the saved measurements and
+`--qdec-k-chunk K` sets one k_chunk for every layer type. CPU timings are CPU timings (the correction
+is a gather + matmul in torch there): a file measured on one device type is not used on the other.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import statistics
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from engine import qdec
+from engine.qdec_tuning import DEFAULT_BUDGET_PCT, TUNING_FILE, LayerTypeTiming, QdecTuning, TunedChoice, choose_k
 
 log = logging.getLogger("fbserve.qdec")
 TYPES = ("qkv", "o", "gate_up", "down")
@@ -30,19 +32,21 @@ TYPES = ("qkv", "o", "gate_up", "down")
 
 def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     """`fbserve serve` flags (server/cli.py's add_serve_parser calls this)."""
-    p.add_argument("--residuals", choices=["off", "cpu"], default="off",
+    p.add_argument("--residuals", choices=["off", "cpu"], default=None,
                    help="QDEC: keep the checkpoint's 4-bit residuals in host memory and correct each decode "
-                        "step (cpu), or not (off)")
-    p.add_argument("--qdec-k-chunk", type=int, default=8, help="QDEC channels per 1024 input channels "
-                   "(used when there is no tuning file or no --qdec-budget)")
-    p.add_argument("--qdec-budget", type=float, default=None, metavar="PCT",
-                   help="QDEC: target slowdown in percent; k_chunk per layer type from qdec_tuning.json")
+                        "step (cpu), or not (off). Default: cpu when the checkpoint holds a `fbserve tune-qdec` "
+                        "choice measured on this device type, else off")
+    p.add_argument("--qdec-k-chunk", type=int, default=None, help="QDEC channels per 1024 input channels, "
+                   f"every layer type (default: the tune-qdec choice, else {qdec.DEFAULT_K_CHUNK})")
+    p.add_argument("--qdec-budget", type=_positive_pct, default=None, metavar="PCT",
+                   help="QDEC: target slowdown in percent; k_chunk per layer type chosen from the measurements "
+                        "in qdec_tuning.json (overrides the saved choice and --qdec-k-chunk)")
 
 
 def attach_for_serving(loaded, args: argparse.Namespace) -> qdec.Qdec:
     """Attach QDEC to a LoadedModel per the serve flags; never raises for bad residuals (see engine.qdec)."""
     return qdec.attach(loaded.model, loaded.path if loaded.quantization else None,
-                       mode=getattr(args, "residuals", "off"), k_chunk=getattr(args, "qdec_k_chunk", 8),
+                       mode=getattr(args, "residuals", None) or "auto", k_chunk=getattr(args, "qdec_k_chunk", None),
                        budget_pct=getattr(args, "qdec_budget", None))
 
 
@@ -68,9 +72,13 @@ def step_time(model, device: torch.device, steps: int) -> float:
     return statistics.median(times)
 
 
-def tune(model_dir: str, device: str = "auto", ks: list[int] = (0, 8, 16, 32, 64, 128), steps: int = 20) -> dict:
+def tune(model_dir: str, device: str = "auto", ks: list[int] = (0, 8, 16, 32, 64, 128), steps: int = 20,
+         budget_pct: float = DEFAULT_BUDGET_PCT) -> QdecTuning:
+    """Measure, choose for `budget_pct` and write CHECKPOINT/qdec_tuning.json; returns what was written."""
     from models.loader import load_model
 
+    if not ks or ks[0] != 0:
+        raise ValueError(f"--k must start with 0 (the base step): {list(ks)}")
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     lm = load_model(model_dir, device=dev)
@@ -83,10 +91,7 @@ def tune(model_dir: str, device: str = "auto", ks: list[int] = (0, 8, 16, 32, 64
                  torch.tensor([0], device=dev))
     q.k_chunk = {t: 0 for t in TYPES}
     base = step_time(lm.model, dev, steps)
-    out: dict = {"device": dev.type, "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda"
-                 else "cpu", "torch_threads": torch.get_num_threads(), "selection": q.select, "steps": steps,
-                 "base_step_s": base, "layer_types": {},
-                 "note": "median decode step (batch 1); added_s = step with QDEC on this layer type only - base"}
+    timings = {}
     for t in TYPES:
         added = []
         for k in ks:
@@ -94,21 +99,35 @@ def tune(model_dir: str, device: str = "auto", ks: list[int] = (0, 8, 16, 32, 64
             added.append(max(0.0, step_time(lm.model, dev, steps) - base) if k else 0.0)
         for i in range(1, len(added)):  # noise: time never falls with k
             added[i] = max(added[i], added[i - 1])
-        out["layer_types"][t] = {"k_chunk": list(ks), "added_s": added}
+        timings[t] = LayerTypeTiming(k_chunk=list(ks), added_s=added)
         log.info("%s: added seconds %s at k_chunk %s (base step %.4f s)", t, [f"{a:.5f}" for a in added], list(ks), base)
-    (Path(lm.path) / qdec.TUNING_FILE).write_text(json.dumps(out, indent=2) + "\n")
+    out = QdecTuning(device=dev.type, device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                     torch_threads=torch.get_num_threads(), selection=q.select, steps=steps, base_step_s=base,
+                     layer_types=timings,
+                     note="median decode step (batch 1); added_s = step with QDEC on this layer type only - base")
+    out.chosen = TunedChoice(budget_pct=budget_pct, k_chunk=choose_k(out, budget_pct))
+    (Path(lm.path) / TUNING_FILE).write_text(out.model_dump_json(indent=2) + "\n")
     return out
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        out = tune(args.model, args.device, args.k, args.steps)
+        out = tune(args.model, args.device, args.k, args.steps, args.budget)
     except (ValueError, FileNotFoundError) as e:
         print(f"fbserve tune-qdec: error: {e}", file=sys.stderr)
         return 2
-    for pct in (2.5, 5, 10, 20):
-        print(f"budget {pct}%: k_chunk {qdec.choose_k(out, pct)}")
+    print(f"base decode step {1000 * out.base_step_s:.3f} ms on {out.device_name}")
+    for pct in sorted({out.chosen.budget_pct, 2.5, 5, 10, 20}):
+        mark = "   <- saved, used by `fbserve serve`" if pct == out.chosen.budget_pct else ""
+        print(f"budget {pct:g}%: k_chunk {choose_k(out, pct)}{mark}")
     return 0
+
+
+def _positive_pct(s: str) -> float:
+    v = float(s)
+    if not v > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0: {s}")
+    return v
 
 
 def register(subparsers) -> None:
@@ -116,6 +135,8 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("tune-qdec", help="measure decode time vs QDEC k_chunk per layer type",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="quantized checkpoint directory with residuals")
+    p.add_argument("--budget", type=_positive_pct, default=DEFAULT_BUDGET_PCT, metavar="PCT",
+                   help="target decode slowdown in percent for the saved choice (default %(default)s)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--k", type=lambda s: [int(v) for v in s.split(",")], default=[0, 8, 16, 32, 64, 128])
     p.add_argument("--steps", type=int, default=20)

@@ -2,11 +2,13 @@
 reason, outputs identical to a model without QDEC."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import torch
 
 from engine import qdec
+from engine.qdec_tuning import TUNING_FILE, QdecTuning, choose_k
 from models.loader import load_model
 from quant.qdec import RESIDUALS
 from tests.test_qdec_residuals import with_residuals  # noqa: F401  (module fixture)
@@ -71,31 +73,92 @@ def test_damaged_residuals_disable_qdec_and_change_nothing(with_residuals, tmp_p
     assert "off" in qdec.attach(off, with_residuals, mode="off").reason
 
 
+def _tuning(device: str = "cpu", chosen: dict | None = None, **timings: list[float]) -> dict:
+    """A qdec_tuning.json body: base step 1 s, k_chunk 0/8/16 for each layer type given."""
+    return {"device": device, "device_name": device, "torch_threads": 1, "selection": "exact", "steps": 2,
+            "base_step_s": 1.0, "layer_types": {t: {"k_chunk": [0, 8, 16], "added_s": a} for t, a in timings.items()},
+            **({"chosen": chosen} if chosen else {})}
+
+
 def test_budget_picks_k_per_layer_type_from_tuning() -> None:
-    tuning = {"base_step_s": 1.0, "layer_types": {
-        "qkv": {"k_chunk": [0, 8, 16], "added_s": [0.0, 0.01, 0.05]},
-        "down": {"k_chunk": [0, 8, 16], "added_s": [0.0, 0.005, 0.012]}}}
-    assert qdec.choose_k(tuning, 2.5) == {"qkv": 8, "down": 16}
-    assert qdec.choose_k(tuning, 0.1) == {"qkv": 0, "down": 0}
+    tuning = QdecTuning.model_validate(_tuning(qkv=[0.0, 0.01, 0.05], down=[0.0, 0.005, 0.012]))
+    assert choose_k(tuning, 2.5) == {"qkv": 8, "down": 16}
+    assert choose_k(tuning, 0.1) == {"qkv": 0, "down": 0}
 
 
-def test_tuner_writes_json_that_serve_budget_reads(with_residuals, tmp_path) -> None:  # noqa: F811
+def test_tuning_file_is_validated_and_device_bound(tmp_path) -> None:
+    from engine.qdec_tuning import load
+
+    f = tmp_path / TUNING_FILE
+    assert load(tmp_path, "cpu") == (None, None)  # no file
+    bad = {"not json": "{", "lengths": json.dumps(_tuning(qkv=[0.0, 0.1])),
+           "unmeasured choice": json.dumps(_tuning(chosen={"budget_pct": 2.5, "k_chunk": {"qkv": 32}}, qkv=[0, 0, 0])),
+           "k not from 0": json.dumps({**_tuning(qkv=[0, 0, 0]), "layer_types": {
+               "qkv": {"k_chunk": [8, 16], "added_s": [0, 0]}}})}
+    for what, text in bad.items():
+        f.write_text(text)
+        t, note = load(tmp_path, "cpu")
+        assert t is None and "invalid" in note, what
+    f.write_text(json.dumps(_tuning("cuda", qkv=[0, 0.01, 0.02])))
+    t, note = load(tmp_path, "cpu")
+    assert t is None and "measured on cuda" in note
+    assert load(tmp_path, "cuda")[0].device == "cuda"
+
+
+def _serve(d, *flags: str):
+    """The model at d loaded and QDEC attached as `fbserve serve FLAGS` would."""
     import argparse
 
     from engine import qdec_tune
 
-    d = tmp_path / "t"
-    shutil.copytree(with_residuals, d)
-    out = qdec_tune.tune(str(d), "cpu", [0, 8, 64], steps=2)
-    assert out["device"] == "cpu" and set(out["layer_types"]) == {"qkv", "o", "gate_up", "down"}
-    assert (d / qdec.TUNING_FILE).is_file()
     p = argparse.ArgumentParser()
     qdec_tune.add_serve_arguments(p)
-    args = p.parse_args(["--residuals", "cpu", "--qdec-budget", "1000"])
     loaded = load_model(str(d), dtype=torch.float32)
-    q = qdec_tune.attach_for_serving(loaded, args)
-    assert q.enabled and q.tuning is not None and set(q.k_chunk) == {"qkv", "o", "gate_up", "down"}
-    assert qdec.health(loaded.model)["tuned"] is True
+    return qdec_tune.attach_for_serving(loaded, p.parse_args(list(flags))), loaded.model
+
+
+def test_tuner_saves_a_choice_that_serve_uses_and_flags_override(with_residuals, tmp_path) -> None:  # noqa: F811
+    from engine import qdec_tune
+
+    d = tmp_path / "t"
+    shutil.copytree(with_residuals, d)
+    q, model = _serve(d)  # no tuning yet, no flags: QDEC stays off and says why
+    assert not q.enabled and "tune-qdec" in qdec.health(model)["reason"]
+    out = qdec_tune.tune(str(d), "cpu", [0, 8, 64], steps=2, budget_pct=1000)
+    saved = json.loads((d / TUNING_FILE).read_text())
+    assert out.device == "cpu" and set(saved["layer_types"]) == {"qkv", "o", "gate_up", "down"}
+    assert saved["chosen"]["budget_pct"] == 1000 and saved["chosen"]["k_chunk"] == choose_k(out, 1000)
+    # a known tuning, so that every override gives a different k_chunk
+    (d / TUNING_FILE).write_text(json.dumps(_tuning(
+        chosen={"budget_pct": 2.5, "k_chunk": {"qkv": 8, "o": 8, "gate_up": 0, "down": 16}},
+        qkv=[0, 0.01, 0.03], o=[0, 0.005, 0.02], gate_up=[0, 0.02, 0.04], down=[0, 0.002, 0.004])))
+    q, model = _serve(d)
+    h = qdec.health(model)
+    assert q.enabled and h["tuned"] and q.k_chunk == {"qkv": 8, "o": 8, "gate_up": 0, "down": 16}
+    assert "tune-qdec choice" in h["k_source"] and q.mode == "cpu"
+    assert not _serve(d, "--residuals", "off")[0].enabled
+    q, _ = _serve(d, "--qdec-k-chunk", "32")
+    assert q.k_chunk == {"default": 32} and q.k_source == "--qdec-k-chunk"
+    q, _ = _serve(d, "--qdec-budget", "8", "--qdec-k-chunk", "32")
+    assert q.k_chunk == {"qkv": 16, "o": 16, "gate_up": 8, "down": 16} and "--qdec-budget" in q.k_source
+    # measured on another device type: not used; --residuals cpu still runs QDEC at the default k_chunk
+    (d / TUNING_FILE).write_text(json.dumps({**json.loads((d / TUNING_FILE).read_text()), "device": "cuda"}))
+    q, model = _serve(d)
+    assert not q.enabled and "measured on cuda" in qdec.health(model)["tuning_note"]
+    q, model = _serve(d, "--residuals", "cpu", "--qdec-budget", "10")
+    assert q.enabled and q.k_chunk == {"default": qdec.DEFAULT_K_CHUNK} and not qdec.health(model)["tuned"]
+
+
+def test_tune_qdec_cli_refuses_bad_budget_and_k(with_residuals, capsys) -> None:  # noqa: F811
+    import pytest
+
+    from server.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["tune-qdec", "--model", str(with_residuals), "--budget", "0"])
+    assert e.value.code == 2 and "must be > 0" in capsys.readouterr().err
+    assert main(["tune-qdec", "--model", str(with_residuals), "--k", "8,16", "--device", "cpu"]) == 2
+    assert "--k must start with 0" in capsys.readouterr().err
 
 
 def test_eval_cli_reports_qdec_perplexities(with_residuals, tmp_path) -> None:  # noqa: F811
