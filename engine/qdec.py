@@ -4,7 +4,9 @@
     health(model)   -> {"enabled": bool, "reason": str | None, ...}   (/health "qdec")
     stats(model)    -> {"qdec_residual_bytes", "qdec_channels_fetched", "qdec_bytes_fetched"}  (metrics)
 
-Each QuantLinear gets a forward hook; the layer itself is unchanged (its state dict, path and kernel).
+Each QuantLinear gets a forward pre-hook, which selects the step's channels and starts their correction
+(on CUDA on a side stream, so the residual rows cross PCIe while the base low-bit kernel runs), and a
+forward hook, which adds it to the output; the layer itself is unchanged (its state dict, path, kernel).
 Residuals (quant.qdec) stay in host memory: pinned when CUDA is available (the kernel reads the
 selected rows zero-copy), plain CPU memory otherwise.  Only rows of T == 1 are corrected (decode);
 prefill is not, unless `all_positions` is set (the evaluation protocol: every position as a decode step).
@@ -72,6 +74,8 @@ class Qdec:
     handles: list = field(default_factory=list)
     residual_bytes: int = 0
     seed: int = 0
+    generator: torch.Generator | None = None  # the `random` selection's
+    side: object | None = None  # cuda_ext.qdec_kernel.SideStream, made on the first CUDA correction
     tuning: QdecTuning | None = None
     tuning_note: str | None = None  # why the checkpoint's qdec_tuning.json is not used (None: used or absent)
     k_source: str = ""  # where k_chunk came from (/health)
@@ -136,27 +140,48 @@ def correction(x2: torch.Tensor, idx: torch.Tensor, layer: QdecLayer) -> torch.T
     return qdec_correction_ref(x2, idx, layer.rcodes, layer.rscales)
 
 
-def _hook(q: Qdec, layer: QdecLayer, gen: torch.Generator):
+def _launch(q: Qdec, layer: QdecLayer, x: torch.Tensor) -> torch.Tensor | None:
+    """Select this step's channels and start their correction (fp32 (M, N)); None: nothing to correct.
+    On CUDA the gather runs on the side stream, beside the base kernel that follows; on CPU it runs here."""
+    if x.dim() == 3 and x.shape[1] != 1 and not q.all_positions:
+        return None  # prefill (T > 1): not corrected
+    k_chunk = q.k_for(layer.kind)
+    if k_chunk <= 0:
+        return None
+    x2 = x.reshape(-1, x.shape[-1])
+    idx = select_channels(x2, layer, k_chunk, q.select, q.generator)
+    if q.measure_recall:
+        exact = exact_topk(x2, k_chunk)
+        hit = torch.zeros_like(x2, dtype=torch.bool).scatter_(1, idx, True).gather(1, exact)
+        q.recall_hits += int(hit.sum())
+        q.recall_total += exact.numel()
+    q.counters.channels += idx.numel()
+    q.counters.bytes += idx.numel() * layer.rcodes.shape[1]
+    if x2.device.type == "cuda" and layer.dense is None:
+        if q.side is None:
+            from cuda_ext.qdec_kernel import SideStream
+
+            q.side = SideStream(x2.device)
+        return q.side.launch(x2, idx, layer.rcodes, layer.rscales)
+    return correction(x2, idx, layer)
+
+
+def _hooks(q: Qdec, layer: QdecLayer):
+    """(pre-hook, hook): the pre-hook starts the correction from the layer's input before the base kernel
+    runs, the hook adds it to the layer's output (on CUDA after the current stream waits for the side one)."""
+    pending: list[torch.Tensor | None] = [None]
+
+    def pre_hook(module, inputs):
+        pending[0] = _launch(q, layer, inputs[0]) if q.enabled else None
+
     def forward_hook(module, inputs, y):
-        if not q.enabled:
+        acc, pending[0] = pending[0], None
+        if acc is None:
             return None
-        x = inputs[0]
-        if x.dim() == 3 and x.shape[1] != 1 and not q.all_positions:
-            return None  # prefill (T > 1): not corrected
-        k_chunk = q.k_for(layer.kind)
-        if k_chunk <= 0:
-            return None
-        x2 = x.reshape(-1, x.shape[-1])
-        idx = select_channels(x2, layer, k_chunk, q.select, gen)
-        if q.measure_recall:
-            exact = exact_topk(x2, k_chunk)
-            hit = torch.zeros_like(x2, dtype=torch.bool).scatter_(1, idx, True).gather(1, exact)
-            q.recall_hits += int(hit.sum())
-            q.recall_total += exact.numel()
-        q.counters.channels += idx.numel()
-        q.counters.bytes += idx.numel() * layer.rcodes.shape[1]
-        return (y.float() + correction(x2, idx, layer).view(*y.shape)).to(y.dtype)
-    return forward_hook
+        if acc.device.type == "cuda" and layer.dense is None:
+            acc = q.side.join(acc)
+        return (y.float() + acc.view(*y.shape)).to(y.dtype)
+    return pre_hook, forward_hook
 
 
 def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu",
@@ -214,9 +239,10 @@ def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu",
         q.residual_bytes += rc.numel() + t["rscales"].numel() * 2
     q.k_chunk, q.k_source = _pick_k(q, k_chunk, budget_pct)
     q.select = select or ("approx" if device == "cuda" else "exact")
-    gen = torch.Generator().manual_seed(q.seed)
+    q.generator = torch.Generator().manual_seed(q.seed)
     for name, layer in q.layers.items():
-        q.handles.append(mods[name].register_forward_hook(_hook(q, layer, gen)))
+        pre_hook, hook = _hooks(q, layer)
+        q.handles += [mods[name].register_forward_pre_hook(pre_hook), mods[name].register_forward_hook(hook)]
     q.enabled, q.reason = True, None
     log.info("QDEC live: %d layers, %.1f MB residuals in %s host memory, k_chunk %s (%s), selection %s",
              len(q.layers), q.residual_bytes / 1e6, "pinned" if pin else "plain", q.k_chunk, q.k_source, q.select)

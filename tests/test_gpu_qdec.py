@@ -2,7 +2,9 @@
 
 Skipped without CUDA (CI has none); `bash bench/gpu_session.sh` runs it on a lent GPU.  What only a GPU
 confirms (cuda_ext/qdec_kernel.py "GPU status"): the zero-copy read of PINNED host residual rows through
-the device-addressable pointer, fp32 atomics under real concurrency, and the SideStream launch/join.
+the device-addressable pointer, fp32 atomics under real concurrency, the SideStream launch/join, and the
+served model's QDEC hooks on CUDA (gather started from the pre-hook on the side stream, joined after the
+base kernel).
 FBSERVE_GPU_DRYRUN=1 without CUDA runs the CPU-runnable part under TRITON_INTERPRET=1 (typo check).
 """
 from __future__ import annotations
@@ -16,6 +18,8 @@ import torch
 from tests.gpu_support import CUDA, DEV, GPU_MARKS, cuda_only_mark  # first: it sets TRITON_INTERPRET without CUDA
 from cuda_ext.qdec_kernel import qdec_correction  # noqa: E402
 from cuda_ext.qdec_reference import exact_topk, pack_rows, qdec_correction_ref  # noqa: E402
+from tests.test_qdec_residuals import with_residuals  # noqa: E402,F401  (module fixture)
+from tests.test_quant_checkpoint import tiny_model  # noqa: E402,F401
 
 pytestmark = GPU_MARKS
 cuda_only = cuda_only_mark("pinned host memory, streams")
@@ -121,3 +125,28 @@ def test_side_stream_overlap_matches_serial():
         err = float((y - ref).abs().mean() / ref.abs().mean())
         record("qdec_side_stream", step=step, rel_err=err)
         assert err < 2e-3, (step, err)
+
+
+@cuda_only
+def test_served_model_overlaps_qdec_on_cuda_and_matches_cpu(with_residuals):  # noqa: F811
+    """engine.qdec on a CUDA model: residuals pinned, the gather launched on the side stream from the
+    pre-hook, joined in the hook; decode logits with every channel corrected match the CPU model's."""
+    from engine import qdec
+    from models.loader import load_model
+
+    tokens = torch.randint(3, 60, (1, 12), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for dev, dtype in (("cpu", torch.float32), (DEV, torch.float16)):
+        model = load_model(str(with_residuals), device=dev, dtype=dtype).model
+        q = qdec.attach(model, with_residuals, mode="cpu", k_chunk=1024, select="exact")
+        assert q.enabled, q.reason
+        model.setup_cache(1, 64)
+        slots = torch.tensor([0], device=dev)
+        with torch.inference_mode():
+            model(tokens[:, :-1].to(dev), torch.arange(11, device=dev)[None], slots)
+            logits[dev] = model(tokens[:, -1:].to(dev), torch.tensor([[11]], device=dev), slots).float().cpu()
+        if dev == DEV:
+            assert q.side is not None and all(r.rcodes.is_pinned() for r in q.layers.values())
+    err = float((logits[DEV] - logits["cpu"]).norm() / logits["cpu"].norm())
+    record("qdec_engine_side_stream", rel_err=err)
+    assert err < 1e-2, err

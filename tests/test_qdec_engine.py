@@ -51,6 +51,31 @@ def test_qdec_corrects_decode_steps_and_counts(tiny_model, with_residuals) -> No
     assert float((full_c - full_fp).norm()) < 0.3 * float((full_q - full_fp).norm())
 
 
+def test_correction_is_selected_before_the_base_kernel_runs(with_residuals) -> None:  # noqa: F811
+    """The pre-hook selects the channels and starts the correction from the layer's input before the
+    layer's own forward (on CUDA that is what lets the gather overlap the base kernel); the hook adds it."""
+    served = load_model(str(with_residuals), dtype=torch.float32).model
+    q = qdec.attach(served, with_residuals, mode="cpu", k_chunk=8)
+    name = next(iter(q.layers))
+    mod = served.get_submodule(name)
+    base_forward, seen = mod.forward, []
+
+    def spy(*args, **kwargs):
+        seen.append(q.counters.channels)  # channels already selected when the base kernel starts
+        return base_forward(*args, **kwargs)
+
+    mod.forward = spy
+    x = torch.randn(1, 1, mod.in_features)
+    with torch.inference_mode():
+        y = mod(x)
+        mod.forward = base_forward
+        y_plain = mod.forward(x)
+    assert seen == [q.counters.channels] and seen[0] == 8  # 96 input channels: one chunk, k_chunk 8
+    r = q.layers[name]
+    idx = qdec.select_channels(x.reshape(1, -1), r, 8, "exact")
+    torch.testing.assert_close(y, y_plain + qdec.correction(x.reshape(1, -1), idx, r).view(1, 1, -1))
+
+
 def test_damaged_residuals_disable_qdec_and_change_nothing(with_residuals, tmp_path, caplog) -> None:  # noqa: F811
     d = tmp_path / "damaged"
     shutil.copytree(with_residuals, d)
