@@ -14,8 +14,9 @@ fp32 atomics (tl.atomic_add on bf16 raises in the interpreter, and fp32 keeps th
 Few programs (S / BLOCK_S * N / BLOCK_N, e.g. 8 x 3 for a 576-wide SmolLM2 layer at k_chunk 64), so
 it can run on its own stream beside the base GEMV.
 
-GPU status: written, run only in the interpreter here (no GPU lent): the zero-copy pointer path,
-the side-stream launcher and every timing are unverified; bench/qdec.py measures them.
+GPU status: tests/test_gpu_qdec.py passed compiled on an H100 (2026-11-27, bench/RESULTS.md "GPU
+session"): the zero-copy gather from pinned host memory and the SideStream launch/join. Unmeasured: every
+timing (bench/qdec.py) and the served model's hooks on CUDA (engine.qdec; test added after that session).
 """
 from __future__ import annotations
 
@@ -103,7 +104,7 @@ def qdec_correction(x: torch.Tensor, idx: torch.Tensor, rcodes: torch.Tensor, rs
 
 
 class SideStream:
-    """Runs the correction on its own CUDA stream beside the base GEMV (UNVERIFIED: no GPU here).
+    """Runs the correction on its own CUDA stream beside the base GEMV (correct on an H100; overlap not timed).
 
         side = SideStream(device)
         acc = side.launch(x, idx, rcodes, rscales)   # after x and idx exist on the current stream
