@@ -9,9 +9,9 @@ becomes an engine.quant_linear.QuantLinear, so the model runs the Triton kernels
      and top-1 agreement;
   3. eager decode speed of the model's forward (batch 1 and 4, tokens/s), where a batch-1 step's time
      goes (torch.profiler: ops by self CPU time and by device time), and the Engine end to end
-     (4 concurrent greedy requests of 64 tokens through Engine.generate): tokens/s, no errors.
-The engine has no CUDA-graph decode (Transformer.hidden_states reads positions.max() on the host), so
-none is captured here; bench/kernels.py and tests/test_gpu_kernels.py capture the kernels in graphs.
+     (1 and 4 concurrent greedy requests of 64 tokens through Engine.generate), decode steps eager and
+     replayed from CUDA graphs (engine.cuda_graph_decode): tokens/s, no errors, graphs captured;
+  4. graphed vs eager: logits of GraphDecoder.step (captured and replayed) vs the module path, batch 1-3.
 
     python bench/gpu_engine.py [--json OUT] [--layers 30] [--bits 3]
 Without CUDA it runs a tiny 2-layer model on CPU through the Triton interpreter (only with
@@ -173,13 +173,14 @@ def decode_profile(model: Transformer, dev: torch.device, vocab: int, steps: int
             "by_cpu": top("self_cpu_time_total"), "by_device": top("self_device_time_total")}
 
 
-def engine_run(model: Transformer, vocab: int, requests: int, max_tokens: int, warm: bool = True) -> dict:
+def engine_run(model: Transformer, vocab: int, requests: int, max_tokens: int, warm: bool = True,
+               decode_graphs: bool | None = None) -> dict:
     from engine.engine import Engine
     from engine.types import GenerationRequest, SamplingParams
     from models.loader import LoadedModel
 
     eng = Engine(LoadedModel(model, ByteTokenizer(vocab), "random-smollm2-shape", Path(".")), max_batch=requests,
-                 max_seq_len=256)
+                 max_seq_len=256, decode_graphs=decode_graphs)
     eng.start()
     g = torch.Generator().manual_seed(1)
 
@@ -193,7 +194,7 @@ def engine_run(model: Transformer, vocab: int, requests: int, max_tokens: int, w
 
     try:
         if warm:
-            asyncio.run(all_())  # warm-up (first launches compile)
+            asyncio.run(all_())  # warm-up (first launches compile, graphs capture)
         t0 = time.perf_counter()
         runs = asyncio.run(all_())
         dt = time.perf_counter() - t0
@@ -203,7 +204,40 @@ def engine_run(model: Transformer, vocab: int, requests: int, max_tokens: int, w
     errors = [r[-1].error for r in runs if r[-1].error]
     ntok = sum(r[-1].completion_tokens or 0 for r in runs)
     return {"requests": requests, "max_tokens": max_tokens, "finish_reasons": finish, "errors": errors,
-            "completion_tokens": ntok, "seconds": dt, "tokens_per_s": ntok / dt}
+            "completion_tokens": ntok, "seconds": dt, "tokens_per_s": ntok / dt,
+            "cuda_graph": eng.cuda_graph_status()}
+
+
+@torch.no_grad()
+def graph_consistency(model: Transformer, dev: torch.device, vocab: int, capture: bool) -> dict:
+    """GraphDecoder.step (replayed graphs; `capture` False: the same static step eager) vs the module path
+    on a second cache of the same model state: worst rel_err / top-1 agreement over batch 1, 2, 3."""
+    from engine.cuda_graph_decode import GraphDecoder
+
+    dec = GraphDecoder(model, max_batch=4, max_seq_len=256, capture=capture)  # cache: 5 slots
+    g = torch.Generator().manual_seed(2)
+    lengths = {0: 20, 1: 9, 2: 140, 3: 31} if capture else {0: 5, 1: 3, 2: 9, 3: 4}  # 140: the 256 bucket
+    caches = {}
+    for slot, n in lengths.items():
+        model(torch.randint(0, vocab, (1, n), generator=g).to(dev), torch.arange(n, device=dev)[None],
+              torch.tensor([slot], device=dev))
+    worst = {"rel_err": 0.0, "top1_agree": 1.0}
+    for slots in ([2], [0, 3], [3, 1, 2], [2], [0, 3]):  # the repeated batches replay their graphs
+        toks = torch.randint(0, vocab, (len(slots),), generator=g).tolist()
+        pos = [lengths[s] for s in slots]
+        for layer in model.model.layers:  # the module path reads and writes the same cache: save it
+            caches[id(layer)] = (layer.self_attn.kv_cache.k.clone(), layer.self_attn.kv_cache.v.clone())
+        got = dec.step(toks, pos, slots)
+        for layer in model.model.layers:
+            layer.self_attn.kv_cache.k.copy_(caches[id(layer)][0])
+            layer.self_attn.kv_cache.v.copy_(caches[id(layer)][1])
+        want = model(torch.tensor(toks, device=dev)[:, None], torch.tensor(pos, device=dev)[:, None],
+                     torch.tensor(slots, device=dev), last_only=True)[:, 0].cpu()
+        c = compare(got, want)
+        worst = {"rel_err": max(worst["rel_err"], c["rel_err"]), "top1_agree": min(worst["top1_agree"], c["top1_agree"])}
+        for s in slots:
+            lengths[s] += 1
+    return {**worst, **dec.status()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,13 +285,24 @@ def main(argv: list[str] | None = None) -> int:
             out["decode_profile"] = decode_profile(model, dev, cfg.vocab_size)
         except Exception as e:  # noqa: BLE001 - reported in the JSON
             out["decode_profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
-        out["engine"] = engine_run(model, cfg.vocab_size, 4, 64)
+    try:  # a failed capture must not hide the eager checks: reported, and `ok` is false
+        out["graph_vs_eager"] = graph_consistency(model, dev, cfg.vocab_size, capture=cuda)
+    except Exception as e:  # noqa: BLE001 - reported in the JSON
+        out["graph_vs_eager"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    if cuda:
+        out["engine"] = engine_run(model, cfg.vocab_size, 4, 64, decode_graphs=False)
+        out["engine_batch1"] = engine_run(model, cfg.vocab_size, 1, 64, warm=False, decode_graphs=False)  # compiled
+        out["engine_graphs"] = engine_run(model, cfg.vocab_size, 4, 64)
+        out["engine_graphs_batch1"] = engine_run(model, cfg.vocab_size, 1, 64)
     else:
         out["engine"] = engine_run(model, cfg.vocab_size, 1, 2, warm=False)
-    out["cuda_graph"] = "not used: the engine has no graph-captured decode (hidden_states syncs on positions)"
-    out["ok"] = bool(out["all_triton"] and not out["engine"]["errors"]
-                     and all(f == "length" for f in out["engine"]["finish_reasons"])
-                     and out["consistency"]["triton_vs_reference"]["rel_err"] < 0.05)
+        out["engine_graphs"] = engine_run(model, cfg.vocab_size, 1, 2, warm=False, decode_graphs=True)
+    runs = [v for k, v in out.items() if k.startswith("engine")]
+    out["ok"] = bool(out["all_triton"] and not any(r["errors"] for r in runs)
+                     and all(f == "length" for r in runs for f in r["finish_reasons"])
+                     and out["consistency"]["triton_vs_reference"]["rel_err"] < 0.05
+                     and out["graph_vs_eager"].get("rel_err", 1.0) < 0.01
+                     and (not cuda or out["engine_graphs"]["cuda_graph"]["enabled"]))
     print(json.dumps(out, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))

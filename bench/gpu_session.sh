@@ -11,7 +11,7 @@
 #   env      bench/gpu_env.py: nvidia-smi, torch/triton/ptxas versions, missing packages
 #   kernels  bench/kernels.py, all rows (m 1 4 16, 13 variants), Llama-2-7B (rows printed as measured)
 #   qdec     bench/qdec.py (zero-copy gather table, slowdown vs k_chunk)
-#   tests    pytest, compiled (TRITON_INTERPRET=0): tests/test_gpu_kernels.py, tests/test_gpu_qdec.py and the
+#   tests    pytest, compiled (TRITON_INTERPRET=0): tests/test_gpu_kernels.py, test_gpu_qdec.py, test_gpu_engine.py and the
 #            kernel tests that also run on CUDA (test_cuda_ext_kernels, test_qdec_kernel, test_quant_linear);
 #            pytest-xdist spreads the Triton compiles over the CPUs when it is installed
 #   engine   bench/gpu_engine.py (random-weights SmolLM2-shaped model through QuantLinear + Engine)
@@ -98,7 +98,7 @@ run_tests() {  # pytest into $OUT/tests.log (its tail also goes to the session l
       tee "$OUT/tests.log"; return 3; }
   fi
   "$PYTHON" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 150)
-  local gpu=(tests/test_gpu_kernels.py tests/test_gpu_qdec.py)
+  local gpu=(tests/test_gpu_kernels.py tests/test_gpu_qdec.py tests/test_gpu_engine.py)
   local old=(tests/test_cuda_ext_kernels.py tests/test_qdec_kernel.py tests/test_quant_linear.py)
   local rc=0
   if [[ $DRY == 1 ]]; then
@@ -108,7 +108,7 @@ run_tests() {  # pytest into $OUT/tests.log (its tail also goes to the session l
   else  # no pytest-xdist: 4 pytest processes over fixed shards, logs concatenated
     "$PYTHON" -m pytest "${args[@]}" "${gpu[0]}" -k "decode_grid and fp16" >"$WORK/t1.log" 2>&1 &
     "$PYTHON" -m pytest "${args[@]}" "${gpu[0]}" -k "decode_grid and bf16" >"$WORK/t2.log" 2>&1 &
-    "$PYTHON" -m pytest "${args[@]}" "${gpu[0]}" -k "not decode_grid" "${gpu[1]}" >"$WORK/t3.log" 2>&1 &
+    "$PYTHON" -m pytest "${args[@]}" "${gpu[0]}" -k "not decode_grid" "${gpu[1]}" "${gpu[2]}" >"$WORK/t3.log" 2>&1 &
     "$PYTHON" -m pytest "${args[@]}" "${old[@]}" >"$WORK/t4.log" 2>&1 &
     local j
     for j in 1 2 3 4; do wait -n || rc=1; done
@@ -142,7 +142,7 @@ main() {
   # bench/qdec.py exits 2 without CUDA (expected in the dry run)
   step qdec 120 "$PYTHON" bench/qdec.py --model llama2-7b --bits 3 --json "$OUT/qdec.json"
   step tests 180 bash -c run_tests
-  step engine 90 "$PYTHON" bench/gpu_engine.py --json "$OUT/engine.json"
+  step engine 150 "$PYTHON" bench/gpu_engine.py --json "$OUT/engine.json"
   kernels Llama-3-8B
   RESERVE=0 step summary 30 "$PYTHON" bench/gpu_summary.py --out "$OUT" --steps "$STEPS" --kernels "${kjson[@]}" \
     --title "GPU session $(date -u +%F) ($([[ $DRY == 1 ]] && echo 'DRY RUN, CPU interpreter' || echo device))"

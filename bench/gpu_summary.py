@@ -145,15 +145,16 @@ def engine_md(data: dict | None) -> list[str]:
     if not data:
         return ["engine.json not produced (bench/gpu_engine.py did not finish)"]
     c = data.get("consistency", {})
-    e = data.get("engine", {})
+    runs = [(k, v) for k, v in data.items() if k.startswith("engine") and isinstance(v, dict)]
     return [f"- {data.get('device')}: {data.get('model')}; all layers on triton: {data.get('all_triton')}; "
             f"ok: {data.get('ok')}",
             *(f"- {k}: rel err {v['rel_err']:.2e}, top-1 agreement {v['top1_agree']:.0%}" for k, v in c.items()
               if isinstance(v, dict)),
-            f"- eager decode tokens/s: {data.get('eager_tokens_per_s')}",
-            f"- Engine: {e.get('requests')} requests x {e.get('max_tokens')} tokens, "
-            f"{e.get('tokens_per_s', 0):.1f} tok/s, finish {e.get('finish_reasons')}, errors {e.get('errors')}",
-            f"- CUDA graph: {data.get('cuda_graph')}",
+            f"- graphed vs eager step: {data.get('graph_vs_eager')}",
+            f"- eager decode tokens/s (model forward): {data.get('eager_tokens_per_s')}",
+            *(f"- {k}: {e.get('requests')} requests x {e.get('max_tokens')} tokens, "
+              f"{e.get('tokens_per_s', 0):.1f} tok/s, finish {e.get('finish_reasons')}, errors {e.get('errors')}, "
+              f"CUDA graph {e.get('cuda_graph')}" for k, e in runs),
             *profile_md(data.get("decode_profile"))]
 
 

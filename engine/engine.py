@@ -63,7 +63,10 @@ def cpu_threads(threads: int | None = None, decode_threads: int | None = None,
 
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = None,
-                 threads: int | None = None, decode_threads: int | None = None) -> None:
+                 threads: int | None = None, decode_threads: int | None = None,
+                 decode_graphs: bool | None = None) -> None:
+        """`decode_graphs`: None replays decode steps from CUDA graphs on a CUDA device (engine.cuda_graph_decode);
+        False never; True also off CUDA, where the same static step runs eagerly (tests)."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -75,6 +78,15 @@ class Engine:
         self.max_batch = max_batch
         self.device = self.model.lm_head.weight.device
         self.model.setup_cache(max_batch, self.max_seq_len)
+        self.graph_decoder = None
+        self.graph_reason: str | None = "not a CUDA device"
+        if decode_graphs or (decode_graphs is None and self.device.type == "cuda"):
+            from engine.cuda_graph_decode import install as install_graphs
+
+            self.graph_decoder, self.graph_reason = install_graphs(
+                self.model, max_batch, self.max_seq_len, capture=self.device.type == "cuda")
+        elif decode_graphs is False:
+            self.graph_reason = "disabled by the caller"
         self.cpu_decoder = None
         self.threads: dict[str, int] | None = None  # CPU intra-op threads per phase (None on CUDA)
         if self.device.type == "cpu":  # the decode step's fast path (FBSERVE_CPU_DECODE=0 turns it off)
@@ -174,6 +186,12 @@ class Engine:
         from engine.cpu_decode import unavailable_reason
 
         return {"enabled": False, "reason": unavailable_reason(self.model) or "not installed", "threads": self.threads}
+
+    def cuda_graph_status(self) -> dict[str, object]:
+        """/health's view of graphed decode (engine.cuda_graph_decode): on or off and why, graphs captured."""
+        if self.graph_decoder is not None:
+            return self.graph_decoder.status()
+        return {"enabled": False, "reason": self.graph_reason}
 
     def _use_threads(self, phase: str) -> None:
         if self.threads is not None and torch.get_num_threads() != self.threads[phase]:
@@ -320,10 +338,14 @@ class Engine:
     def _decode_step(self) -> None:
         self._use_threads("decode")
         seqs = sorted(self._running.values(), key=lambda s: s.slot)
-        tokens = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
-        positions = torch.tensor([[s.position] for s in seqs], device=self.device)
-        slots = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = self.model(tokens, positions, slots, last_only=True)[:, 0].cpu()  # (B, V)
+        if self.graph_decoder is not None:
+            logits = self.graph_decoder.step([s.output_ids[-1] for s in seqs], [s.position for s in seqs],
+                                             [s.slot for s in seqs])
+        else:
+            tokens = torch.tensor([[s.output_ids[-1]] for s in seqs], dtype=torch.long, device=self.device)
+            positions = torch.tensor([[s.position] for s in seqs], device=self.device)
+            slots = torch.tensor([s.slot for s in seqs], device=self.device)
+            logits = self.model(tokens, positions, slots, last_only=True)[:, 0].cpu()  # (B, V)
         for row, seq in enumerate(seqs):
             self._after_sample(seq, seq.step(logits[row]))
 

@@ -230,6 +230,18 @@ class Transformer(nn.Module):
             contiguous = b == 1 or slots.tolist() == list(range(first, first + b))
             rows = slice(first, first + b) if contiguous else slots
             from_start = length == t and torch.equal(positions, torch.arange(t, device=positions.device).expand(b, t))
+        return self._layers(tokens, pos, positions, slots, length, rows, from_start)
+
+    def decode_hidden(self, tokens: Tensor, positions: Tensor, slots: Tensor, length: int) -> Tensor:
+        """`hidden_states` for cached steps with no host synchronisation, so a CUDA graph can capture it:
+        the caller gives `length` (> every position; the cache is read up to it) and the cache rows are
+        gathered through `slots` whatever their order (engine.cuda_graph_decode)."""
+        if not 0 < length <= self.max_seq_len:
+            raise ValueError(f"length {length} is outside the KV cache (1..{self.max_seq_len})")
+        return self._layers(tokens, positions, positions, slots, length, slots, False)
+
+    def _layers(self, tokens: Tensor, pos: Tensor, positions: Tensor | None, slots: Tensor | None, length: int,
+                rows: slice | Tensor | None, from_start: bool) -> Tensor:
         freqs = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
         emb = torch.cat((freqs, freqs), dim=-1)
         x = self.model.embed_tokens(tokens)

@@ -129,6 +129,8 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
                                                                                   "reason": "not configured"},
             "cpu_decode": (engine_.cpu_decode_status() if hasattr(engine_, "cpu_decode_status")
                            else {"enabled": False, "reason": "not this engine"}),
+            "cuda_graph": (engine_.cuda_graph_status() if hasattr(engine_, "cuda_graph_status")
+                           else {"enabled": False, "reason": "not this engine"}),
         })
 
     @app.get("/v1/models", response_model=ModelList)

@@ -4,6 +4,7 @@ Imported before anything imports triton: without CUDA it sets TRITON_INTERPRET (
 """
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -21,3 +22,14 @@ GPU_MARKS = [pytest.mark.gpu, pytest.mark.skipif(
 
 def cuda_only_mark(why: str) -> pytest.MarkDecorator:
     return pytest.mark.skipif(not CUDA, reason=f"CUDA only ({why})")
+
+DNAME = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def record(check: str, **fields) -> None:
+    """Append one JSON line to $FBSERVE_GPU_RECORD (read by bench/gpu_summary.py); dtypes by short name."""
+    path = os.environ.get("FBSERVE_GPU_RECORD")
+    if path:
+        fields = {k: (DNAME.get(v, str(v)) if isinstance(v, torch.dtype) else v) for k, v in fields.items()}
+        with open(path, "a") as f:
+            f.write(json.dumps({"check": check, "device": DEV, **fields}) + "\n")

@@ -14,13 +14,12 @@ fp16 2e-3, bf16 1e-2; and every element: |y - ref| <= MAXB * max |ref| (catches 
 """
 from __future__ import annotations
 
-import json
 import os
 
 import pytest
 import torch
 
-from tests.gpu_support import CUDA, DEV, GPU_MARKS, cuda_only_mark  # first: it sets TRITON_INTERPRET without CUDA
+from tests.gpu_support import CUDA, DEV, GPU_MARKS, cuda_only_mark, record  # first: it sets TRITON_INTERPRET without CUDA
 from cuda_ext import branch_down, branch_down_ref, interpreting, pack, quant_matmul, quant_matmul_ref  # noqa: E402
 from cuda_ext.configs import GemmConfig, gemm_config  # noqa: E402
 from cuda_ext.launch import gemm_grid, target_for  # noqa: E402
@@ -32,7 +31,6 @@ cuda_only = cuda_only_mark("not part of the CPU dry run")
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
 MAXB = {torch.float16: 2e-2, torch.bfloat16: 6e-2}
 DTYPES = [torch.float16, torch.bfloat16]
-DNAME = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 
 def pick(gpu, dry):
@@ -47,15 +45,6 @@ SHAPE_ODD = pick((1000, 1000), (48, 520))
 DECODE_M = pick([1, 2, 7, 16], [1, 7])
 BITS = pick([2, 3, 4], [3])
 RANKS = pick([0, 64], [0, 8])
-
-
-def record(check: str, **fields) -> None:
-    """Append one JSON line to $FBSERVE_GPU_RECORD (read by bench/gpu_summary.py)."""
-    path = os.environ.get("FBSERVE_GPU_RECORD")
-    if path:
-        fields = {k: (DNAME.get(v, str(v)) if isinstance(v, torch.dtype) else v) for k, v in fields.items()}
-        with open(path, "a") as f:
-            f.write(json.dumps({"check": check, "device": DEV, **fields}) + "\n")
 
 
 def layer(n: int, k: int, bits: int, group: int, rank: int = 0, seed: int = 0):

@@ -9,13 +9,11 @@ FBSERVE_GPU_DRYRUN=1 without CUDA runs the CPU-runnable part under TRITON_INTERP
 """
 from __future__ import annotations
 
-import json
-import os
 
 import pytest
 import torch
 
-from tests.gpu_support import CUDA, DEV, GPU_MARKS, cuda_only_mark  # first: it sets TRITON_INTERPRET without CUDA
+from tests.gpu_support import CUDA, DEV, GPU_MARKS, cuda_only_mark, record  # first: it sets TRITON_INTERPRET without CUDA
 from cuda_ext.qdec_kernel import qdec_correction  # noqa: E402
 from cuda_ext.qdec_reference import exact_topk, pack_rows, qdec_correction_ref  # noqa: E402
 from tests.test_qdec_residuals import with_residuals  # noqa: E402,F401  (module fixture)
@@ -27,14 +25,6 @@ cuda_only = cuda_only_mark("pinned host memory, streams")
 
 def pick(gpu, dry):
     return gpu if CUDA else dry
-
-
-def record(check: str, **fields) -> None:
-    """Append one JSON line to $FBSERVE_GPU_RECORD (read by bench/gpu_summary.py)."""
-    path = os.environ.get("FBSERVE_GPU_RECORD")
-    if path:
-        with open(path, "a") as f:
-            f.write(json.dumps({"check": check, "device": DEV, **fields}) + "\n")
 
 
 def residual(k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,75 @@
+"""Graphed decode on a real CUDA GPU (engine.cuda_graph_decode): capture, replay with new inputs, and the
+Engine serving through it. Skipped without CUDA (CI has none); `bash bench/gpu_session.sh` runs it.
+The CPU half (static step, padding, scratch slot, declines) is tests/test_cuda_graph_decode.py."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from tests.gpu_support import DEV, GPU_MARKS, cuda_only_mark, record  # first: it sets TRITON_INTERPRET without CUDA
+from tests.test_quant_checkpoint import quantized, tiny_model  # noqa: E402,F401
+
+pytestmark = GPU_MARKS
+cuda_only = cuda_only_mark("CUDA graphs")
+
+
+@cuda_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_replayed_steps_match_the_module_path(quantized, dtype):  # noqa: F811
+    from engine.cuda_graph_decode import GraphDecoder
+    from models.loader import load_model
+
+    model = load_model(str(quantized), device=DEV, dtype=dtype).model
+    ref = load_model(str(quantized), device=DEV, dtype=dtype).model
+    dec = GraphDecoder(model, max_batch=4, max_seq_len=160, capture=True)
+    ref.setup_cache(5, 160)
+    lengths = {0: 5, 1: 7, 2: 140, 3: 3}
+    with torch.inference_mode():
+        for m in (model, ref):
+            for slot, n in lengths.items():
+                toks = torch.randint(3, 60, (1, n), generator=torch.Generator().manual_seed(slot)).to(DEV)
+                m.hidden_states(toks, torch.arange(n, device=DEV)[None], torch.tensor([slot], device=DEV))
+        g = torch.Generator().manual_seed(0)
+        for step, slots in enumerate(([3], [0, 3], [3, 0, 2], [3], [0, 3], [3, 0, 2])):  # 3 graphs, each replayed
+            toks = torch.randint(3, 60, (len(slots),), generator=g).tolist()
+            pos = [lengths[s] for s in slots]
+            got = dec.step(toks, pos, slots)
+            want = ref(torch.tensor(toks, device=DEV)[:, None], torch.tensor(pos, device=DEV)[:, None],
+                       torch.tensor(slots, device=DEV), last_only=True)[:, 0].cpu()
+            err = float((got - want).abs().max() / want.abs().max())
+            record("cuda_graph_step", dtype=dtype, step=step, batch=len(slots), rel_err=err)
+            assert err < 2e-2, (step, err)
+            for s in slots:
+                lengths[s] += 1
+    st = dec.status()
+    assert st["enabled"] and st["replays"] == 6 and len(st["captured"]) >= 3, st
+
+
+@cuda_only
+def test_engine_serves_through_graphs(quantized):  # noqa: F811
+    from engine.engine import Engine
+    from engine.types import GenerationRequest, SamplingParams
+    from models.loader import load_model
+
+    eng = Engine(load_model(str(quantized), device=DEV), max_batch=4, max_seq_len=64)
+    assert eng.graph_decoder is not None, eng.cuda_graph_status()
+
+    async def one(i: int) -> list:
+        req = GenerationRequest(f"r{i}", [5 + i, 9, 13, 7], SamplingParams(max_tokens=12, temperature=0.0,
+                                                                            ignore_eos=True))
+        return [e async for e in eng.generate(req)]
+
+    async def all_():
+        return await asyncio.gather(*[one(i) for i in range(3)])
+
+    eng.start()
+    try:
+        runs = asyncio.run(all_())
+    finally:
+        eng.shutdown()
+    assert all(r[-1].finish_reason == "length" and r[-1].completion_tokens == 12 for r in runs)
+    st = eng.cuda_graph_status()
+    record("cuda_graph_engine", **st)
+    assert st["enabled"] and st["replays"] > 0, st
