@@ -98,7 +98,8 @@ class GraphDecoder:
                 self._forward(b, length)  # rewrites this step's own KV entries with the same values
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
+        # thread_local: the server's other threads (metrics scrapes, HTTP) may call CUDA meanwhile
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self._forward(b, length)
         log.info("CUDA graph captured for decode batch %d, cache length %d", b, length)
         return graph, out
