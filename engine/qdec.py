@@ -190,7 +190,8 @@ def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu",
     """Load the checkpoint's residuals and hook every QuantLinear of `model`; returns the controller.
 
     mode "cpu": residuals in host memory; "off": disabled; "auto": "cpu" when the checkpoint holds a
-    `fbserve tune-qdec` choice for this device, else off. Missing or damaged residuals disable QDEC,
+    `fbserve tune-qdec` choice for this device, else off. With "auto" or a budget, a choice of k_chunk 0
+    for every layer type leaves QDEC off (no hooks). Missing or damaged residuals disable QDEC,
     logged with the reason (never wrong numbers: the hooks are not installed). k_chunk, first match wins:
     `budget_pct` (chosen from the tuning's measurements), `k_chunk`, the tuning's saved choice,
     DEFAULT_K_CHUNK."""
@@ -238,6 +239,12 @@ def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu",
                                    torch.argsort(t["act_mean"], descending=True))
         q.residual_bytes += rc.numel() + t["rscales"].numel() * 2
     q.k_chunk, q.k_source = _pick_k(q, k_chunk, budget_pct)
+    if (mode == "auto" or budget_pct is not None) and not any(q.k_chunk.values()):
+        # the budget buys no channel on this device: hooks would only cost time (and the fast CPU step)
+        q.layers.clear()
+        q.enabled, q.reason = False, f"off: k_chunk is 0 for every layer type ({q.k_source})"
+        log.warning("QDEC %s", q.reason)
+        return q
     q.select = select or ("approx" if device == "cuda" else "exact")
     q.generator = torch.Generator().manual_seed(q.seed)
     for name, layer in q.layers.items():

@@ -172,6 +172,13 @@ def test_tuner_saves_a_choice_that_serve_uses_and_flags_override(with_residuals,
     assert not q.enabled and "measured on cuda" in qdec.health(model)["tuning_note"]
     q, model = _serve(d, "--residuals", "cpu", "--qdec-budget", "10")
     assert q.enabled and q.k_chunk == {"default": qdec.DEFAULT_K_CHUNK} and not qdec.health(model)["tuned"]
+    # a budget that buys no channel: QDEC stays off, no hooks (they would only cost time)
+    (d / TUNING_FILE).write_text(json.dumps(_tuning(
+        chosen={"budget_pct": 2.5, "k_chunk": {"qkv": 0, "down": 0}}, qkv=[0, 0.1, 0.2], down=[0, 0.1, 0.2])))
+    q, model = _serve(d)
+    assert not q.enabled and "k_chunk is 0 for every layer type" in q.reason and not q.handles
+    q, model = _serve(d, "--residuals", "cpu", "--qdec-budget", "1")
+    assert not q.enabled and "--qdec-budget 1%" in q.reason
 
 
 def test_tune_qdec_cli_refuses_bad_budget_and_k(with_residuals, capsys) -> None:  # noqa: F811
