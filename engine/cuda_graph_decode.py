@@ -110,9 +110,7 @@ class GraphDecoder:
         n = len(token_ids)
         b = bucket(n, self.batch_buckets)
         length = bucket(max(positions) + 1, self.length_buckets)
-        self.host[0, :n] = torch.tensor(token_ids)
-        self.host[1, :n] = torch.tensor(positions)
-        self.host[2, :n] = torch.tensor(slots)
+        self.host[:, :n] = torch.tensor([token_ids, positions, slots])
         self.host[:2, n:b] = 0
         self.host[2, n:b] = self.scratch_slot
         self.inputs[:, :b].copy_(self.host[:, :b], non_blocking=True)

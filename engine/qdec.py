@@ -221,6 +221,13 @@ def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu",
             log.info("QDEC %s", q.reason)
             return q
         q.mode = "cpu"
+    q.k_chunk, q.k_source = _pick_k(q, k_chunk, budget_pct)
+    if (mode == "auto" or budget_pct is not None) and not any(q.k_chunk.values()):
+        # the budget buys no channel on this device: residuals and hooks would only cost (memory, time,
+        # and the fast CPU step), so neither is loaded
+        q.enabled, q.reason = False, f"off: k_chunk is 0 for every layer type ({q.k_source})"
+        log.warning("QDEC %s", q.reason)
+        return q
     try:
         res = load_residuals(Path(checkpoint), {n: (m.out_features, m.in_features) for n, m in mods.items()})
     except ResidualError as e:
@@ -238,13 +245,6 @@ def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu",
         q.layers[name] = QdecLayer(name, layer_type(name), rc, rs, lo, hi,
                                    torch.argsort(t["act_mean"], descending=True))
         q.residual_bytes += rc.numel() + t["rscales"].numel() * 2
-    q.k_chunk, q.k_source = _pick_k(q, k_chunk, budget_pct)
-    if (mode == "auto" or budget_pct is not None) and not any(q.k_chunk.values()):
-        # the budget buys no channel on this device: hooks would only cost time (and the fast CPU step)
-        q.layers.clear()
-        q.enabled, q.reason = False, f"off: k_chunk is 0 for every layer type ({q.k_source})"
-        log.warning("QDEC %s", q.reason)
-        return q
     q.select = select or ("approx" if device == "cuda" else "exact")
     q.generator = torch.Generator().manual_seed(q.seed)
     for name, layer in q.layers.items():

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import (BaseModel, ConfigDict, Field, NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt,
-                      ValidationError, model_validator)
+                      model_validator)
 
 log = logging.getLogger("fbserve.qdec")
 TUNING_FILE = "qdec_tuning.json"
@@ -74,7 +74,7 @@ def load(checkpoint: Path | str, device: str) -> tuple[QdecTuning | None, str | 
         return None, None
     try:
         t = QdecTuning.model_validate(json.loads(p.read_text()))
-    except (ValueError, ValidationError) as e:  # JSONDecodeError is a ValueError
+    except ValueError as e:  # JSONDecodeError and pydantic's ValidationError are ValueErrors
         note = f"{TUNING_FILE} ignored: invalid ({str(e).splitlines()[0]})"
         log.error("QDEC: %s: %s", p, e)
         return None, note
