@@ -14,17 +14,22 @@ fp32 atomics (tl.atomic_add on bf16 raises in the interpreter, and fp32 keeps th
 Few programs (S / BLOCK_S * N / BLOCK_N, e.g. 8 x 3 for a 576-wide SmolLM2 layer at k_chunk 64), so
 it can run on its own stream beside the base GEMV.
 
+qdec_select_kernel is the selection in one launch (no sort, no host sync): approx_topk's buckets.
+
 GPU status: tests/test_gpu_qdec.py passed compiled on an H100 (2026-11-27, bench/RESULTS.md "GPU
-session"): the zero-copy gather from pinned host memory and the SideStream launch/join. Unmeasured: every
-timing (bench/qdec.py) and the served model's hooks on CUDA (engine.qdec; test added after that session).
+session"): the zero-copy gather from pinned host memory and the SideStream launch/join. Later additions
+(qdec_select_kernel, host-resident scales, capture in a CUDA graph) are checked there when a GPU is lent.
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import triton
 import triton.language as tl
 
 from .launch import interpreting
+from .qdec_reference import BUCKETS, CHUNK, selected_count
 
 
 @triton.jit
@@ -49,6 +54,52 @@ def qdec_gather_kernel(x_ptr, idx_ptr, rc_ptr, rs_ptr, acc_ptr, S, N, NB, stride
     part = tl.sum(code * xs[:, None], axis=0)  # (BLOCK_N,)
     s = tl.load(rs_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
     tl.atomic_add(acc_ptr + pid_m * stride_am + offs_n, part * s, mask=nmask)
+
+
+@triton.jit
+def qdec_select_kernel(x_ptr, out_ptr, K, stride_xm, stride_om, k_chunk, lo, width,
+                       CHUNK: tl.constexpr, BUCKETS: tl.constexpr):
+    """The approximate per-chunk top-k of |x| (cuda_ext.qdec_reference.approx_topk), one program per
+    (row, 1024-channel chunk): no sort, no host sync. out: int32 (M, S), this chunk's channels written in
+    channel order at columns chunk * min(k_chunk, CHUNK) onwards."""
+    pid_m = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    offs = pid_c * CHUNK + tl.arange(0, CHUNK)
+    inside = offs < K
+    a = tl.abs(tl.load(x_ptr + pid_m * stride_xm + offs, mask=inside, other=0.0).to(tl.float32))
+    b = tl.math.div_rn(a - lo, width)  # IEEE division, as torch's
+    b = tl.minimum(tl.maximum(tl.floor(b), 0.0), BUCKETS - 1).to(tl.int32)
+    b = tl.where(inside, b, -1)  # channels past K: in no bucket
+    kk = tl.minimum(k_chunk, tl.minimum(K - pid_c * CHUNK, CHUNK))
+    j = tl.arange(0, BUCKETS)
+    above = tl.sum((b[:, None] >= j[None, :]).to(tl.int32), axis=0)  # (BUCKETS,) channels in buckets >= j
+    t = tl.max(tl.where(above >= kk, j, 0), axis=0)  # the threshold bucket
+    strictly = tl.sum(tl.where(j == t + 1, above, 0), axis=0)  # taken whole: buckets above t
+    in_t = b == t
+    rank_in_t = tl.cumsum(in_t.to(tl.int32), axis=0)
+    take = (b > t) | (in_t & (rank_in_t <= kk - strictly))
+    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    base = pid_c * tl.minimum(k_chunk, CHUNK)
+    tl.store(out_ptr + pid_m * stride_om + base + pos, offs, mask=take)
+
+
+def qdec_select(x: torch.Tensor, k_chunk: int, lo: float, hi: float) -> torch.Tensor:
+    """int32 (M, selected_count(K, k_chunk)): approx_topk's channels in one launch (same buckets, same
+    order). x: (M, K) on CUDA (or CPU under TRITON_INTERPRET=1)."""
+    if x.dim() != 2:
+        raise ValueError(f"x must be (M, K), got {tuple(x.shape)}")
+    if not hi > lo:
+        raise ValueError(f"approx top-k needs thresholds lo < hi, got {lo}, {hi}")
+    if x.device.type != "cuda" and not interpreting():
+        raise ValueError(f"qdec_select needs CUDA tensors (or TRITON_INTERPRET=1); x is on {x.device}")
+    m, k = x.shape
+    out = torch.empty((m, selected_count(k, k_chunk)), dtype=torch.int32, device=x.device)
+    if out.numel() == 0:
+        return out
+    x = x if x.stride(1) == 1 else x.contiguous()
+    qdec_select_kernel[(m, triton.cdiv(k, CHUNK))](x, out, k, x.stride(0), out.stride(0), k_chunk, float(lo),
+                                                   (hi - lo) / BUCKETS, CHUNK=CHUNK, BUCKETS=BUCKETS, num_warps=4)
+    return out
 
 
 class HostPointer:
@@ -96,7 +147,12 @@ def qdec_correction(x: torch.Tensor, idx: torch.Tensor, rcodes: torch.Tensor, rs
     if on_host and not rcodes.is_pinned():
         raise ValueError("host residuals must be pinned (pin_memory()) to be read zero-copy")
     rc = HostPointer(rcodes) if on_host else rcodes
-    rs = rscales.to(x.device) if rscales.device != x.device else rscales  # N fp16: tiny, copy once per call
+    if rscales.device == x.device:
+        rs = rscales
+    elif on_host and rscales.is_pinned():  # read zero-copy too: no GPU memory at all
+        rs = HostPointer(rscales)
+    else:
+        rs = rscales.to(x.device)  # N fp16: tiny, copied per call
     grid = (m, triton.cdiv(s, block_s), triton.cdiv(n, block_n))
     qdec_gather_kernel[grid](x, idx32, rc, rs, acc, s, n, (n + 1) // 2, x.stride(0), idx32.stride(0), acc.stride(0),
                              BLOCK_S=block_s, BLOCK_N=block_n, num_warps=4)
@@ -104,25 +160,32 @@ def qdec_correction(x: torch.Tensor, idx: torch.Tensor, rcodes: torch.Tensor, rs
 
 
 class SideStream:
-    """Runs the correction on its own CUDA stream beside the base GEMV (correct on an H100; overlap not timed).
+    """Runs the correction on its own CUDA stream beside the base GEMV; also inside a CUDA graph capture
+    (the side stream forks from and joins the capturing stream through events).
 
         side = SideStream(device)
-        acc = side.launch(x, idx, rcodes, rscales)   # after x and idx exist on the current stream
+        acc = side.launch(x, idx, rcodes, rscales)   # after x exists on the current stream
         y = base(x)                                   # the base kernel, current stream
         y += side.join(acc)                           # current stream waits for the side stream
+
+    idx is the (M, S) channel tensor, or a function of x that selects them: then the selection runs on
+    the side stream too, off the base kernel's path.
     """
 
     def __init__(self, device: torch.device) -> None:
         self.stream = torch.cuda.Stream(device)
         self.done = torch.cuda.Event()
 
-    def launch(self, x: torch.Tensor, idx: torch.Tensor, rcodes: torch.Tensor, rscales: torch.Tensor) -> torch.Tensor:
+    def launch(self, x: torch.Tensor, idx: torch.Tensor | Callable[[torch.Tensor], torch.Tensor],
+               rcodes: torch.Tensor, rscales: torch.Tensor) -> torch.Tensor:
         cur = torch.cuda.current_stream(x.device)
-        self.stream.wait_stream(cur)  # x, idx ready
+        self.stream.wait_stream(cur)  # x (and idx) ready
         with torch.cuda.stream(self.stream):
-            acc = qdec_correction(x, idx, rcodes, rscales)
+            sel = idx(x) if callable(idx) else idx
+            acc = qdec_correction(x, sel, rcodes, rscales)
             x.record_stream(self.stream)
-            idx.record_stream(self.stream)
+            if not callable(idx):
+                idx.record_stream(self.stream)
             self.done.record(self.stream)
         return acc
 

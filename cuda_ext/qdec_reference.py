@@ -104,9 +104,11 @@ def approx_topk(x: torch.Tensor, k_chunk: int, lo: float, hi: float) -> torch.Te
         in_t = b == t
         rank_in_t = in_t.long().cumsum(1)  # 1-based order of the channel inside bucket t
         take = (b > t) | (in_t & (rank_in_t <= kk - strictly))
-        # exactly kk per row: their positions, in channel order
-        idx = torch.nonzero(take, as_tuple=False)[:, 1].view(m, kk)
-        out.append(idx + c0)
+        # exactly kk per row, in channel order: each taken channel goes to its rank among the taken, the
+        # rest to a spare last column (no nonzero(): no host sync, so a CUDA graph can capture it)
+        dest = torch.where(take, take.long().cumsum(1) - 1, kk)
+        chans = torch.arange(c0, c0 + c, device=x.device).expand(m, c)
+        out.append(torch.empty((m, kk + 1), dtype=torch.long, device=x.device).scatter_(1, dest, chans)[:, :kk])
     return torch.cat(out, 1) if out else torch.empty((m, 0), dtype=torch.long, device=x.device)
 
 

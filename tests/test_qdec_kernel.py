@@ -98,3 +98,33 @@ def test_dense_evaluation_correction_matches_reference(k_chunk) -> None:
         got = correction(x, idx, layer)
         layer.dense = None
         assert torch.allclose(got, ref, rtol=1e-4, atol=1e-4), (how, float((got - ref).abs().max()))
+
+
+@pytest.mark.parametrize("m,k,k_chunk,dtype", [(1, 576, 8, torch.float16), (2, 1536, 8, torch.float32),
+                                               (3, 4096, 16, torch.bfloat16), (1, 11008, 64, torch.float16),
+                                               (1, 100, 200, torch.float32), (2, 2100, 1024, torch.float16),
+                                               (1, 2048, 0, torch.float32)])
+def test_fused_selection_is_approx_topk(m, k, k_chunk, dtype) -> None:
+    """qdec_select (one launch per step) picks exactly approx_topk's channels, in the same order, for full
+    and partial chunks, k_chunk above a short chunk's size, and k_chunk 0."""
+    from cuda_ext.qdec_kernel import qdec_select
+
+    x = _activations(m, k, seed=k + k_chunk).to(dtype)
+    lo, hi = 0.05, 2.5
+    ref = approx_topk(x, k_chunk, lo, hi)
+    got = qdec_select(x.to(DEV), k_chunk, lo, hi).cpu()
+    assert got.dtype == torch.int32 and got.shape == ref.shape == (m, selected_count(k, k_chunk))
+    assert torch.equal(got.long(), ref)
+    with pytest.raises(ValueError, match="lo < hi"):
+        qdec_select(x.to(DEV), k_chunk, 1.0, 1.0)
+
+
+def test_approx_topk_takes_k_chunk_per_chunk_in_channel_order() -> None:
+    """The sync-free formulation (no nonzero()): each chunk's channels ascending, all inside the chunk."""
+    x = _activations(2, 2500, seed=3)
+    idx = approx_topk(x, 8, 0.05, 2.5)
+    assert idx.shape == (2, 8 + 8 + 8)
+    for c, c0 in enumerate((0, 1024, 2048)):
+        part = idx[:, 8 * c:8 * c + 8]
+        assert bool(((part >= c0) & (part < min(c0 + 1024, 2500))).all())
+        assert bool((part[:, 1:] > part[:, :-1]).all())
