@@ -12,9 +12,11 @@ touch a live sequence. The graphed step is `Transformer.decode_hidden` + lm_head
 as the eager module path, with the cache read through `slots` up to the bucket length (masked beyond each
 row's position) instead of up to the longest row.
 
+QDEC's hooks are captured with the step (selection and gather on the side stream, forked and joined
+inside the graph); its counters, which count in Python, are advanced per replay by the rows it ran (padding included).
 Declined (status() says why; the engine decodes eagerly): FBSERVE_CUDA_GRAPH=0, a model not on CUDA,
-forward hooks on the model (QDEC's counters run in Python, once per call), or a failed capture (logged
-with its exception; every later step runs eagerly).  `capture=False` runs the same static step
+other forward hooks, QDEC in a mode that needs the host (random/static selection, evaluation), or a
+failed capture (logged with its exception; every later step runs eagerly).  `capture=False` runs the same static step
 eagerly: how tests check the bucketing, padding and scratch slot on a CPU.
 GPU status: written without a GPU; unverified (bench/gpu_engine.py times it, tests/test_gpu_engine.py
 checks it against the eager step).
@@ -37,9 +39,17 @@ def decline_reason(model: torch.nn.Module) -> str | None:
     """Why graphed decode cannot serve this model (None: it can)."""
     if os.environ.get(ENV, "1") == "0":
         return f"disabled ({ENV}=0)"
-    hooked = [n for n, m in model.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+    from engine.qdec import graph_decline_reason
+
+    q = getattr(model, "qdec", None)
+    qdec_layers = set(q.layers) if q is not None and q.handles else set()
+    hooked = [n for n, m in model.named_modules()
+              if (m._forward_hooks or m._forward_pre_hooks) and n not in qdec_layers]
     if hooked:
-        return f"forward hooks on {len(hooked)} modules (QDEC): they run in Python once per call, not per replay"
+        return f"forward hooks on {len(hooked)} modules: they run in Python once per call, not per replay"
+    why = graph_decline_reason(model)
+    if why is not None:
+        return why
     if model.lm_head.weight.device.type != "cuda":
         return "the model is not on a CUDA device"
     return None
@@ -77,6 +87,7 @@ class GraphDecoder:
         self.pool = torch.cuda.graph_pool_handle() if capture else None
         self.failed: str | None = None
         self.replays = 0
+        self.qdec_per_row: dict[tuple[int, int], tuple[int, int]] = {}  # graph -> QDEC (channels, bytes) per row
 
     def status(self) -> dict[str, object]:
         """/health's "cuda_graph" object."""
@@ -91,6 +102,8 @@ class GraphDecoder:
         return self.model.lm_head(h[:, -1]).float()
 
     def _capture(self, b: int, length: int) -> tuple[torch.cuda.CUDAGraph, Tensor]:
+        q = getattr(self.model, "qdec", None)
+        before = (q.counters.channels, q.counters.bytes) if q is not None else None
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):  # warm-up off the capture: Triton compiles, cuBLAS workspaces
@@ -101,6 +114,10 @@ class GraphDecoder:
         # thread_local: the server's other threads (metrics scrapes, HTTP) may call CUDA meanwhile
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             out = self._forward(b, length)
+        if q is not None:  # QDEC's hooks counted 3 steps of b rows in Python: undo; replays count per row
+            per_row = ((q.counters.channels - before[0]) // (3 * b), (q.counters.bytes - before[1]) // (3 * b))
+            q.counters.channels, q.counters.bytes = before
+            self.qdec_per_row[(b, length)] = per_row
         log.info("CUDA graph captured for decode batch %d, cache length %d", b, length)
         return graph, out
 
@@ -128,6 +145,10 @@ class GraphDecoder:
         graph, out = self.graphs[key]
         graph.replay()
         self.replays += 1
+        if key in self.qdec_per_row:  # QDEC's hooks do not run in a replay: count its b rows' fetches
+            q = self.model.qdec  # (padding rows fetch too, as in the eager static step)
+            q.counters.channels += b * self.qdec_per_row[key][0]
+            q.counters.bytes += b * self.qdec_per_row[key][1]
         return out[:n].cpu()  # waits for the replay; the pinned inputs can be refilled after
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from cuda_ext.qdec_reference import CHUNK, approx_topk, exact_topk, qdec_correction_ref
+from cuda_ext.qdec_reference import CHUNK, approx_topk, exact_topk, qdec_correction_ref, selected_count
 from engine.qdec_tuning import QdecTuning, choose_k, load as load_tuning
 
 log = logging.getLogger("fbserve.qdec")
@@ -149,6 +149,19 @@ def _launch(q: Qdec, layer: QdecLayer, x: torch.Tensor) -> torch.Tensor | None:
     if k_chunk <= 0:
         return None
     x2 = x.reshape(-1, x.shape[-1])
+    if x2.device.type == "cuda" and layer.dense is None and not q.measure_recall and q.select in ("approx", "exact"):
+        from cuda_ext.qdec_kernel import SideStream, qdec_select
+
+        if q.side is None:
+            q.side = SideStream(x2.device)
+        count = selected_count(x2.shape[1], k_chunk) * x2.shape[0]
+        q.counters.channels += count
+        q.counters.bytes += count * layer.rcodes.shape[1]
+        if q.select == "approx":  # the fused selection kernel, on the side stream with the gather
+            select = lambda v: qdec_select(v, k_chunk, layer.lo, layer.hi)  # noqa: E731
+        else:
+            select = lambda v: exact_topk(v, k_chunk)  # noqa: E731
+        return q.side.launch(x2, select, layer.rcodes, layer.rscales)
     idx = select_channels(x2, layer, k_chunk, q.select, q.generator)
     if q.measure_recall:
         exact = exact_topk(x2, k_chunk)
@@ -157,12 +170,6 @@ def _launch(q: Qdec, layer: QdecLayer, x: torch.Tensor) -> torch.Tensor | None:
         q.recall_total += exact.numel()
     q.counters.channels += idx.numel()
     q.counters.bytes += idx.numel() * layer.rcodes.shape[1]
-    if x2.device.type == "cuda" and layer.dense is None:
-        if q.side is None:
-            from cuda_ext.qdec_kernel import SideStream
-
-            q.side = SideStream(x2.device)
-        return q.side.launch(x2, idx, layer.rcodes, layer.rscales)
     return correction(x2, idx, layer)
 
 
@@ -178,7 +185,7 @@ def _hooks(q: Qdec, layer: QdecLayer):
         acc, pending[0] = pending[0], None
         if acc is None:
             return None
-        if acc.device.type == "cuda" and layer.dense is None:
+        if acc.device.type == "cuda" and layer.dense is None and q.side is not None:  # launched on the side stream
             acc = q.side.join(acc)
         return (y.float() + acc.view(*y.shape)).to(y.dtype)
     return pre_hook, forward_hook
@@ -254,6 +261,19 @@ def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu",
     log.info("QDEC live: %d layers, %.1f MB residuals in %s host memory, k_chunk %s (%s), selection %s",
              len(q.layers), q.residual_bytes / 1e6, "pinned" if pin else "plain", q.k_chunk, q.k_source, q.select)
     return q
+
+
+def graph_decline_reason(model: nn.Module) -> str | None:
+    """Why QDEC's hooks on `model` cannot be captured in a CUDA graph (None: they can, or QDEC is off).
+    Capturable: the approx (fused kernel) or exact selection on the side stream, which needs no host."""
+    q = getattr(model, "qdec", None)
+    if q is None or not q.handles:
+        return None
+    if q.select not in ("approx", "exact"):
+        return f"QDEC selection {q.select!r} runs on the host"
+    if q.measure_recall or any(layer.dense is not None for layer in q.layers.values()):
+        return "QDEC is in evaluation mode (recall counting / dense copies)"
+    return None
 
 
 def _pick_k(q: Qdec, k_chunk: int | dict[str, int] | None, budget_pct: float | None) -> tuple[dict[str, int], str]:

@@ -56,16 +56,22 @@ def _sync(device: torch.device) -> None:
 
 
 @torch.inference_mode()
-def step_time(model, device: torch.device, steps: int) -> float:
-    """Median seconds of one batch-1 decode step at position 64 (after a 64-token prefill)."""
+def step_time(model, device: torch.device, steps: int, graphs=None) -> float:
+    """Median seconds of one batch-1 decode step at position 64 (after a 64-token prefill); with `graphs`
+    (an engine.cuda_graph_decode.GraphDecoder) replayed as the engine serves it, captured afresh."""
     slots = torch.tensor([0], device=device)
     tok = torch.tensor([[1]], device=device)
     pos = torch.tensor([[64]], device=device)
+    if graphs is not None:
+        graphs.graphs.clear()  # k_chunk is read when a graph is captured
     times = []
     for i in range(steps + 3):
         _sync(device)
         t0 = time.perf_counter()
-        model(tok, pos, slots, last_only=True)
+        if graphs is not None:
+            graphs.step([1], [64], [0])
+        else:
+            model(tok, pos, slots, last_only=True)
         _sync(device)
         if i >= 3:
             times.append(time.perf_counter() - t0)
@@ -85,18 +91,26 @@ def tune(model_dir: str, device: str = "auto", ks: list[int] = (0, 8, 16, 32, 64
     q = qdec.attach(lm.model, lm.path if lm.quantization else None, mode="cpu", k_chunk=0)
     if not q.enabled:
         raise ValueError(f"QDEC unavailable for {model_dir}: {q.reason}")
-    lm.model.setup_cache(1, 128)
+    graphs = None
+    if dev.type == "cuda":  # time what serving runs: the graphed decode step (QDEC captured in it)
+        from engine.cuda_graph_decode import install
+
+        graphs, why = install(lm.model, 1, 128)
+        if graphs is None:
+            log.warning("tune-qdec: timing eager decode steps (no CUDA graph: %s)", why)
+    if graphs is None:
+        lm.model.setup_cache(1, 128)
     with torch.inference_mode():
         lm.model(torch.arange(64, device=dev)[None] % lm.model.config.vocab_size, torch.arange(64, device=dev)[None],
                  torch.tensor([0], device=dev))
     q.k_chunk = {t: 0 for t in TYPES}
-    base = step_time(lm.model, dev, steps)
+    base = step_time(lm.model, dev, steps, graphs)
     timings = {}
     for t in TYPES:
         added = []
         for k in ks:
             q.k_chunk = {**{u: 0 for u in TYPES}, t: k}
-            added.append(max(0.0, step_time(lm.model, dev, steps) - base) if k else 0.0)
+            added.append(max(0.0, step_time(lm.model, dev, steps, graphs) - base) if k else 0.0)
         for i in range(1, len(added)):  # noise: time never falls with k
             added[i] = max(added[i], added[i - 1])
         timings[t] = LayerTypeTiming(k_chunk=list(ks), added_s=added)
@@ -104,7 +118,8 @@ def tune(model_dir: str, device: str = "auto", ks: list[int] = (0, 8, 16, 32, 64
     out = QdecTuning(device=dev.type, device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                      torch_threads=torch.get_num_threads(), selection=q.select, steps=steps, base_step_s=base,
                      layer_types=timings,
-                     note="median decode step (batch 1); added_s = step with QDEC on this layer type only - base")
+                     note=f"median decode step (batch 1, {'CUDA graph' if graphs is not None else 'eager'}); "
+                          "added_s = step with QDEC on this layer type only - base")
     out.chosen = TunedChoice(budget_pct=budget_pct, k_chunk=choose_k(out, budget_pct))
     (Path(lm.path) / TUNING_FILE).write_text(out.model_dump_json(indent=2) + "\n")
     return out

@@ -78,8 +78,42 @@ def test_graphs_are_declined_with_the_reason(with_residuals, monkeypatch) -> Non
     assert cgd.install(model, 4, 64) == (None, "the model is not on a CUDA device")
     eng = Engine(load_model(str(with_residuals), dtype=torch.float32), max_batch=2, max_seq_len=64)
     assert eng.graph_decoder is None and eng.cuda_graph_status() == {"enabled": False, "reason": "not a CUDA device"}
-    qdec.attach(model, with_residuals, mode="cpu", k_chunk=8)
-    decoder, why = cgd.install(model, 4, 64)
-    assert decoder is None and "forward hooks" in why and "QDEC" in why
+    qdec.attach(model, with_residuals, mode="cpu", k_chunk=8)  # capturable: the device is the only reason
+    assert cgd.install(model, 4, 64) == (None, "the model is not on a CUDA device")
+    qdec.detach(model)
+    qdec.attach(model, with_residuals, mode="cpu", k_chunk=8, select="random")
+    assert cgd.install(model, 4, 64)[1] == "QDEC selection 'random' runs on the host"
+    qdec.detach(model)
+    model.model.norm.register_forward_hook(lambda *a: None)
+    assert cgd.install(model, 4, 64)[1] == "forward hooks on 1 modules: they run in Python once per call, not per replay"
     monkeypatch.setenv(cgd.ENV, "0")
     assert cgd.install(model, 4, 64)[1] == f"disabled ({cgd.ENV}=0)"
+
+
+def test_static_step_with_qdec_matches_the_module_path(with_residuals) -> None:  # noqa: F811
+    """QDEC's hooks inside the graph decoder's static step: the same greedy tokens as the module path with
+    QDEC; the channels fetched are counted (on CUDA by the replays; tests/test_gpu_engine.py)."""
+    def run(decode_graphs: bool) -> tuple[list[list[int]], int]:
+        loaded = load_model(str(with_residuals), dtype=torch.float32)
+        q = qdec.attach(loaded.model, with_residuals, mode="cpu", k_chunk=8)
+        assert q.enabled, q.reason
+        engine = Engine(loaded, max_batch=4, max_seq_len=64, decode_graphs=decode_graphs)
+        assert (engine.graph_decoder is not None) == decode_graphs
+
+        async def one(i: int) -> list[int]:
+            req = GenerationRequest(f"r{i}", [5 + i, 9, 13, 7], SamplingParams(max_tokens=8, temperature=0.0,
+                                                                                ignore_eos=True))
+            return [t for ev in [e async for e in engine.generate(req)] for t in ev.token_ids]
+
+        async def all_() -> list[list[int]]:
+            engine.start()
+            try:
+                return list(await asyncio.gather(*[one(i) for i in range(3)]))
+            finally:
+                engine.shutdown()
+        return asyncio.run(all_()), q.counters.channels
+
+    plain, plain_channels = run(False)
+    static, static_channels = run(True)
+    assert static == plain and all(len(t) == 8 for t in plain)
+    assert static_channels >= plain_channels > 0  # rows padding a batch to its bucket fetch too

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tests.gpu_support import DEV, GPU_MARKS, cuda_only_mark, record  # first: it sets TRITON_INTERPRET without CUDA
+from tests.test_qdec_residuals import with_residuals  # noqa: E402,F401  (module fixture)
 from tests.test_quant_checkpoint import quantized, tiny_model  # noqa: E402,F401
 
 pytestmark = GPU_MARKS
@@ -73,3 +74,45 @@ def test_engine_serves_through_graphs(quantized):  # noqa: F811
     st = eng.cuda_graph_status()
     record("cuda_graph_engine", **st)
     assert st["enabled"] and st["replays"] > 0, st
+
+
+@cuda_only
+def test_graphed_decode_with_qdec_matches_eager(with_residuals):  # noqa: F811
+    """QDEC's hooks (fused selection + zero-copy gather on the side stream) captured in the decode graph:
+    replays match the eager module path with QDEC, differ from the model without it, and the counters
+    advance by the channels each replay fetched."""
+    from cuda_ext.qdec_reference import selected_count
+    from engine import qdec
+    from engine.cuda_graph_decode import install
+    from models.loader import load_model
+
+    k_chunk = 64
+    graphed = load_model(str(with_residuals), device=DEV, dtype=torch.float16).model
+    eager = load_model(str(with_residuals), device=DEV, dtype=torch.float16).model
+    plain = load_model(str(with_residuals), device=DEV, dtype=torch.float16).model
+    q = qdec.attach(graphed, with_residuals, mode="cpu", k_chunk=k_chunk)
+    qdec.attach(eager, with_residuals, mode="cpu", k_chunk=k_chunk)
+    assert q.enabled and q.select == "approx", (q.reason, q.select)
+    dec, why = install(graphed, max_batch=2, max_seq_len=128)
+    assert dec is not None, why
+    per_row = sum(selected_count(layer.rcodes.shape[0], k_chunk) for layer in q.layers.values())
+    for m in (eager, plain):
+        m.setup_cache(3, 128)
+    toks = torch.randint(3, 60, (1, 9), generator=torch.Generator().manual_seed(1)).to(DEV)
+    with torch.inference_mode():
+        for m in (graphed, eager, plain):
+            m.hidden_states(toks, torch.arange(9, device=DEV)[None], torch.tensor([0], device=DEV))
+        g = torch.Generator().manual_seed(2)
+        for step in range(4):
+            tok, pos = int(torch.randint(3, 60, (1,), generator=g)), 9 + step
+            before = q.counters.channels
+            got = dec.step([tok], [pos], [0])
+            assert q.counters.channels - before == per_row, (step, q.counters.channels - before, per_row)
+            args = (torch.tensor([[tok]], device=DEV), torch.tensor([[pos]], device=DEV), torch.tensor([0], device=DEV))
+            want = eager(*args, last_only=True)[:, 0].float().cpu()
+            base = plain(*args, last_only=True)[:, 0].float().cpu()
+            err = float((got - want).abs().max() / want.abs().max())
+            moved = float((base - want).abs().max() / want.abs().max())
+            record("cuda_graph_qdec_step", step=step, rel_err=err, qdec_moves_logits=moved)
+            assert err < 2e-2 and err < moved, (step, err, moved)
+    assert dec.status()["replays"] == 4 and dec.status()["enabled"]

@@ -42,7 +42,7 @@ def close(out: torch.Tensor, ref: torch.Tensor, what: str, rows: int = 64, **fie
     assert torch.allclose(out, ref, rtol=1e-4, atol=1e-5 * max(1.0, rows / 64)), (what, fields, err)
 
 
-@pytest.mark.parametrize("where", pick(["pinned", "device"], ["cpu"]))
+@pytest.mark.parametrize("where", pick(["pinned", "pinned+scales", "device"], ["cpu"]))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=["fp16", "bf16", "fp32"])
 @pytest.mark.parametrize("m,k,n,k_chunk", pick([(1, 4096, 4096, 8), (1, 11008, 4096, 128), (2, 4096, 11009, 64),
                                                 (2, 4096, 12288, 1024)],
@@ -53,9 +53,11 @@ def test_gather_matches_reference(m, k, n, k_chunk, dtype, where):
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).to(dtype)
     idx = exact_topk(x, k_chunk)
     ref = qdec_correction_ref(x, idx, rc, rs)
-    if where == "pinned":
+    if where.startswith("pinned"):
         rc = rc.pin_memory()
         assert rc.is_pinned() and rc.device.type == "cpu"
+        if where == "pinned+scales":  # the per-output scales read zero-copy too: no GPU memory at all
+            rs = rs.pin_memory()
     elif where == "device":
         rc = rc.to(DEV)
     out = qdec_correction(x.to(DEV), idx.to(DEV), rc, rs)
@@ -140,3 +142,82 @@ def test_served_model_overlaps_qdec_on_cuda_and_matches_cpu(with_residuals):  # 
     err = float((logits[DEV] - logits["cpu"]).norm() / logits["cpu"].norm())
     record("qdec_engine_side_stream", rel_err=err)
     assert err < 1e-2, err
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
+@pytest.mark.parametrize("m,k,k_chunk", pick([(1, 4096, 8), (1, 11008, 16), (4, 14336, 64), (2, 4096, 1024)],
+                                             [(1, 2100, 8)]))
+def test_fused_selection_matches_reference(m, k, k_chunk, dtype):
+    """qdec_select compiled (one launch) picks approx_topk's channels exactly."""
+    from cuda_ext.qdec_kernel import qdec_select
+    from cuda_ext.qdec_reference import approx_topk
+
+    g = torch.Generator().manual_seed(k + m)
+    x = (torch.randn(m, k, generator=g) * torch.rand(k, generator=g) * 3).to(dtype)
+    ref = approx_topk(x, k_chunk, 0.05, 2.5)
+    got = qdec_select(x.to(DEV), k_chunk, 0.05, 2.5).cpu().long()
+    agree = float((got == ref).float().mean())
+    record("qdec_select", m=m, k=k, k_chunk=k_chunk, agree=agree)
+    assert torch.equal(got, ref), agree
+
+
+@cuda_only
+def test_side_stream_captured_in_a_cuda_graph_matches_eager():
+    """Fused selection + gather on the side stream, forked and joined inside a CUDA graph capture around
+    the base kernel: each replay on new inputs equals the eager reference (what graphed QDEC decode does)."""
+    from cuda_ext import quant_matmul, quant_matmul_ref
+    from cuda_ext.qdec_kernel import SideStream, qdec_select
+    from cuda_ext.qdec_reference import approx_topk
+    from cuda_ext.testing import random_packed
+
+    n, k, k_chunk = 4096, 4096, 16
+    packed = random_packed(n, k, 3, 128, device=DEV)
+    rc, rs = residual(k, n, seed=7)
+    rc, rs = rc.pin_memory(), rs.pin_memory()
+    side = SideStream(torch.device(DEV))
+    x = torch.zeros(1, k, device=DEV, dtype=torch.float16)
+
+    def step():
+        acc = side.launch(x, lambda v: qdec_select(v, k_chunk, 0.05, 2.5), rc, rs)
+        y = quant_matmul(x, packed)
+        return y.float() + side.join(acc)
+
+    warm = torch.cuda.Stream()
+    warm.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warm):
+        step()
+    torch.cuda.current_stream().wait_stream(warm)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for rep in range(4):
+        x.copy_(torch.randn(1, k, generator=torch.Generator().manual_seed(rep)).half().to(DEV))
+        graph.replay()
+        torch.cuda.synchronize()
+        xc = x.cpu()
+        ref = quant_matmul_ref(x, packed).float().cpu() + qdec_correction_ref(xc, approx_topk(xc, k_chunk, 0.05, 2.5),
+                                                                             rc, rs)
+        err = float((out.cpu() - ref).abs().max() / ref.abs().max())
+        record("qdec_graph_replay", rep=rep, rel_max_err=err)
+        assert err < 2e-3, (rep, err)
+
+
+@cuda_only
+def test_tune_qdec_times_graphed_steps_on_cuda(with_residuals, tmp_path):  # noqa: F811
+    """`fbserve tune-qdec` on CUDA times the graphed decode step (QDEC captured in it) and saves a choice
+    that `attach(mode="auto")` serves."""
+    import shutil
+
+    from engine import qdec
+    from engine.qdec_tune import tune
+    from models.loader import load_model
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(with_residuals, ckpt)
+    out = tune(str(ckpt), device="cuda", ks=[0, 8, 64], steps=5, budget_pct=50.0)
+    record("tune_qdec_cuda", base_ms=out.base_step_s * 1e3, chosen=out.chosen.k_chunk,
+           added_ms={t: [round(a * 1e3, 4) for a in v.added_s] for t, v in out.layer_types.items()})
+    assert out.device == "cuda" and "CUDA graph" in out.note, out.note
+    model = load_model(str(ckpt), device=DEV, dtype=torch.float16).model
+    q = qdec.attach(model, ckpt, mode="auto")
+    assert q.k_source.startswith("tune-qdec choice"), q.k_source
