@@ -149,7 +149,7 @@ def _last_of_split(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, offs_m, offs_n, M
 
     ws: fp32 (n_split, ld_m, ld_n) scratch, rows >= M never touched; cnt: int32 per tile, 0 on
     entry and reset to 0 by the last program, so it needs no memset between launches (launches on
-    one stream run one after another)."""
+    one stream run one after another).  Partials are summed in split order (deterministic)."""
     rows = (offs_m < M)[:, None] & (offs_n >= 0)[None, :]
     ws = ws_ptr + (pid_k * ld_m + offs_m[:, None]) * ld_n + offs_n[None, :]
     tl.store(ws, acc, mask=rows)
@@ -157,10 +157,15 @@ def _last_of_split(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, offs_m, offs_n, M
     done = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
     is_last = done == n_split - 1
     total = tl.zeros_like(acc)
+    # partials loaded back to back: one L2 round trip per group of UNROLL, not per partial; small tiles
+    # (decode) take 4 at once, large ones fewer (their registers would spill)
+    UNROLL: tl.constexpr = max(1, min(4, 4096 // (offs_m.shape[0] * offs_n.shape[0])))
     if is_last:
-        for s in range(0, n_split):
-            part = ws_ptr + (s * ld_m + offs_m[:, None]) * ld_n + offs_n[None, :]
-            total += tl.load(part, mask=rows, other=0.0, cache_modifier=".cg")
+        for s0 in range(0, n_split, UNROLL):
+            for i in tl.static_range(UNROLL):
+                part = ws_ptr + ((s0 + i) * ld_m + offs_m[:, None]) * ld_n + offs_n[None, :]
+                live = (offs_m * 0 + (s0 + i)) < n_split  # (rows,): this partial exists
+                total += tl.load(part, mask=rows & live[:, None], other=0.0, cache_modifier=".cg")
         tl.atomic_xchg(cnt_ptr + tile, 0)
     return is_last, total
 
