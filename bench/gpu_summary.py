@@ -14,6 +14,8 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench.qdec's tables, run as a script
+
 
 def _load(path: Path):
     try:
@@ -130,15 +132,9 @@ def kernels_md(data: dict | None) -> list[str]:
 def qdec_md(data: dict | None) -> list[str]:
     if not data:
         return ["qdec.json not produced (bench/qdec.py did not finish)"]
-    out = [f"Device {data.get('device')}", "", "| rows | us | GB/s |", "|---|---|---|"]
-    out += [f"| {r['rows']} | {r['us']:.1f} | {r['GB_s']:.1f} |" for r in data.get("gather", [])]
-    s = data.get("slowdown") or {}
-    if s:
-        out += ["", f"Base linear stack {s.get('base_ms', 0):.3f} ms ({s.get('model')}, {s.get('bits')}-bit)", "",
-                "| k_chunk | ms | slowdown |", "|---|---|---|"]
-        out += [f"| {kc} | {v['ms']:.3f} | {v['slowdown_pct']:.1f}% |" for kc, v in s.get("k_chunk", {}).items()]
-        out.append(f"- knee (first k_chunk > 2.5%): {s.get('knee_k_chunk_2.5pct')}")
-    return out
+    from bench.qdec import markdown
+
+    return [f"Device {data.get('device')}", "", *markdown(data)]
 
 
 def engine_md(data: dict | None) -> list[str]:
