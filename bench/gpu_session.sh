@@ -15,6 +15,7 @@
 #            pytest-xdist spreads the Triton compiles over the CPUs when it is installed
 #   kernels  bench/kernels.py, 13 variants at m = $KERNELS_M (default "1"; "1 4 16" for all), Llama-2-7B
 #   engine   bench/gpu_engine.py (random-weights SmolLM2-shaped model through QuantLinear + Engine)
+#   profile  bench/kernels.py --profile: device time per kernel, one Llama-2-7B layer per shape, r0 vs r64
 #   kernels  then Llama-3-8B
 #   summary  bench/gpu_summary.py -> summary.md (markdown for bench/RESULTS.md)
 # (`python -m cuda_ext.autotune --decode-m 1` ranks gemv tiles; run it by hand if budget remains.)
@@ -27,7 +28,7 @@ DRY=0
 for a in "$@"; do
   case "$a" in
     --dry-run) DRY=1 ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
     *) echo "unknown argument: $a" >&2; exit 2 ;;
   esac
 done
@@ -88,15 +89,9 @@ step() {  # step NAME LIMIT_S CMD...: run CMD under timeout, clipped to the budg
 
 run_tests() {  # pytest into $OUT/tests.log (its tail also goes to the session log)
   local args=(-q -rfEs --tb=short -p no:cacheprovider)
-  if ! "$PYTHON" -c "import pytest" 2>/dev/null; then
-    # pytest is on the device image (KINDS.md); if not, carried wheels in .whl/ (cuda_ext/README.md)
-    if ls .whl/*.whl >/dev/null 2>&1; then
-      "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl &&
-        export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}"
-    fi
-    "$PYTHON" -c "import pytest" 2>/dev/null || { echo "pytest missing and no .whl/ wheels: GPU tests NOT run" |
-      tee "$OUT/tests.log"; return 3; }
-  fi
+  # pytest is on the device image (KINDS.md); if not, carried wheels in .whl/ (installed by main)
+  "$PYTHON" -c "import pytest" 2>/dev/null || { echo "pytest missing and no .whl/ wheels: GPU tests NOT run" |
+    tee "$OUT/tests.log"; return 3; }
   "$PYTHON" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 150)
   local gpu=(tests/test_gpu_kernels.py tests/test_gpu_qdec.py tests/test_gpu_engine.py)
   local old=(tests/test_cuda_ext_kernels.py tests/test_qdec_kernel.py tests/test_quant_linear.py)
@@ -132,6 +127,12 @@ main() {
   if [[ $DRY == 0 ]] && ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null; then
     echo "# WARNING: torch sees no CUDA device: the compiled-kernel steps will fail (use --dry-run on a CPU machine)"
   fi
+  # packages the device image lacks (pydantic: engine.qdec_tuning, quant.qdec) travel as wheels in .whl/
+  # (cuda_ext/README.md, "Running the GPU checks on a lent machine"; `carry: [".whl"]`)
+  if [[ $DRY == 0 ]] && ls .whl/*.whl >/dev/null 2>&1; then
+    "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$WORK/site" .whl/*.whl &&
+      export PYTHONPATH="$WORK/site${PYTHONPATH:+:$PYTHONPATH}" && echo "# installed from .whl/: $(ls .whl | tr '\n' ' ')"
+  fi
   step env 60 "$PYTHON" bench/gpu_env.py --json "$OUT/env.json"
   export -f run_tests
   export PYTHON OUT WORK DRY
@@ -145,6 +146,8 @@ main() {
   step tests 180 bash -c run_tests
   kernels Llama-2-7B
   step engine 120 "$PYTHON" bench/gpu_engine.py --json "$OUT/engine.json"
+  # device time per kernel of one layer per shape, rank 0 vs 64 (the table goes to session.log)
+  step profile 60 "$PYTHON" bench/kernels.py --profile --model Llama-2-7B --json "$WORK/profile.json"
   kernels Llama-3-8B
   RESERVE=0 step summary 30 "$PYTHON" bench/gpu_summary.py --out "$OUT" --steps "$STEPS" --kernels "${kjson[@]}" \
     --title "GPU session $(date -u +%F) ($([[ $DRY == 1 ]] && echo 'DRY RUN, CPU interpreter' || echo device))"

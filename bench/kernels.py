@@ -86,10 +86,10 @@ def torch_int4_stack(shapes: list[tuple[int, int]]) -> list[Callable]:
 TENSOR_CORE_DECODE = GemmConfig(block_m=16, block_n=128, num_warps=4, num_stages=1, waves=2, max_split_k=16)
 
 
-def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int, config: GemmConfig | None = None
-               ) -> list[Callable]:
+def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int, config: GemmConfig | None = None,
+               layers: int = LAYERS) -> list[Callable]:
     ops = []
-    for _ in range(LAYERS):
+    for _ in range(layers):
         for n, k in shapes:
             p = random_packed(n, k, bits, GROUP, device="cuda")
             a = b = None
@@ -148,6 +148,36 @@ def cpu_bench(m: int = 1) -> None:
         print(f"| {n} x {k} | " + " | ".join(f"{c:.0f}" for c in cols) + " |")
 
 
+def kernel_profile(model: str, bits: int = 3, rank: int = 64, calls: int = 50) -> list[dict]:
+    """Device time per kernel (torch.profiler) of one layer of each shape of `model`, m = 1, with and
+    without the branch: which launch the branch's extra time is spent in."""
+    from torch.profiler import ProfilerActivity, profile
+
+    rows = []
+    for n, k in MODELS[model]:
+        x = torch.randn(1, k, device="cuda", dtype=torch.float16)
+        for r in (0, rank):
+            op = ours_stack([(n, k)], bits, r, layers=1)[0]
+            for _ in range(3):
+                op(x)
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    op(x)
+                torch.cuda.synchronize()
+            for e in prof.key_averages():
+                us = getattr(e, "self_device_time_total", 0) / calls
+                if us > 0:
+                    rows.append({"shape": f"{n}x{k}", "rank": r, "kernel": e.key[:48], "us_per_call": us,
+                                 "launches_per_call": e.count / calls})
+            del op
+            torch.cuda.empty_cache()
+    print("| layer N x K | rank | kernel | device us per call | launches per call |\n|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['shape']} | {r['rank']} | {r['kernel']} | {r['us_per_call']:.2f} | {r['launches_per_call']:.1f} |")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", nargs="+", default=["Llama-2-7B", "Llama-3-8B"], choices=sorted(MODELS))
@@ -157,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variants", nargs="+", metavar="TEXT",
                     help="only the variants whose name contains one of these (e.g. 'fp16' 'ours 3-bit')")
     ap.add_argument("--cpu", action="store_true", help="time the CPU serving path instead")
+    ap.add_argument("--profile", action="store_true",
+                    help="device time per kernel of one layer per shape, 3-bit, rank 0 vs 64 (torch.profiler)")
     args = ap.parse_args(argv)
     if args.cpu:
         cpu_bench()
@@ -165,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
         print("bench/kernels.py needs a CUDA GPU; none found, nothing measured.")
         return 0
     dev = torch.cuda.get_device_name()
+    if args.profile:
+        prof = {m: kernel_profile(m) for m in args.model}
+        if args.json:
+            args.json.write_text(json.dumps({"device": dev, "profile": prof}, indent=1))
+        return 0
     bw = copy_bandwidth()
     print(f"# {dev}, torch {torch.__version__}; d2d copy {bw / 1e12:.2f} TB/s (read + write)")
     rows = []

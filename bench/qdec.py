@@ -7,7 +7,7 @@
    pinned cudaMemcpy of 256 MB for comparison.
 2. slowdown: one decode step's linear stack (per layer qkv, o, gate_up, down; base quant_matmul,
    3-bit g128, rank 0) alone vs with QDEC on each linear as served (fused selection + gather on the side
-   stream, cuda_ext.qdec_kernel) at k_chunk 8/16/32/64/128, in a CUDA graph and eagerly: the % slowdown
+   stream, cuda_ext.qdec_kernel) at k_chunk 1..128, in a CUDA graph and eagerly: the % slowdown
    per k_chunk, the tuned k_chunk (largest within 2.5 %) and the knee (first over 2.5 %), and the extra
    GPU memory, with the residual scales in pinned host memory and on the device.
 Times: CUDA events, median of the repetitions after warm-ups.  Nothing is estimated: on a machine
@@ -63,7 +63,7 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
     pinned host memory) and the peak of one eager step's temporaries, against the stack's weight bytes."""
     from bench.kernels import graph_ms
     from cuda_ext import quant_matmul
-    from cuda_ext.qdec_kernel import SideStream, qdec_select
+    from cuda_ext.qdec_kernel import SideStream, qdec_correction, qdec_select
     from cuda_ext.testing import random_packed
 
     lo, hi = 0.05, 3.0  # selection thresholds for N(0, 1) activations (calibrated per layer when served)
@@ -86,7 +86,7 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
                 acc = side.launch(x, lambda v: qdec_select(v, k_chunk, lo, hi), rc, rs)
             y = quant_matmul(x, w)
             if k_chunk:
-                y = y.float() + side.join(acc)
+                y.add_(side.join(acc))  # as engine.qdec's hook
 
     def peak_bytes(k_chunk: int) -> int:
         step(k_chunk)
@@ -96,6 +96,14 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
         step(k_chunk)
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+
+    def graphed_chain(k_chunk: int, gather: bool = True) -> float:
+        def chain() -> None:
+            for _, rc, rs, x in stack:
+                idx = qdec_select(x, k_chunk, lo, hi)
+                if gather:
+                    qdec_correction(x, idx, rc, rs)
+        return graph_ms(chain, 50)
 
     def graphed(k_chunk: int) -> float:  # NaN (with the error printed) if the capture fails
         try:
@@ -109,13 +117,17 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
            "resident_scale_bytes": scale_bytes, "graph_base_ms": graphed(0),
            "eager_base_ms": cuda_time(lambda: step(0), reps=20, warm=3) * 1e3, "k_chunk": {}}
     base_peak = peak_bytes(0)
-    for kc in (8, 16, 32, 64, 128):
+    for kc in (1, 2, 4, 8, 16, 32, 64, 128):
         g = graphed(kc)
         e = cuda_time(lambda: step(kc), reps=20, warm=3) * 1e3
         extra = scale_bytes + max(0, peak_bytes(kc) - base_peak)
         out["k_chunk"][kc] = {"graph_ms": g, "slowdown_pct": 100 * (g / out["graph_base_ms"] - 1),
                               "eager_ms": e, "eager_slowdown_pct": 100 * (e / out["eager_base_ms"] - 1),
                               "extra_gpu_bytes": extra, "extra_gpu_pct": 100 * extra / weight_bytes}
+    # where the time goes: QDEC's own work alone, serially on one stream (no base kernel, no overlap)
+    out["alone"] = {}
+    for kc in (8, 32):
+        out["alone"][kc] = {"select_ms": graphed_chain(kc, gather=False), "select_gather_ms": graphed_chain(kc)}
     within = [kc for kc, v in out["k_chunk"].items() if v["slowdown_pct"] <= 2.5]
     over = [kc for kc, v in out["k_chunk"].items() if v["slowdown_pct"] > 2.5]
     out["tuned_k_chunk_2.5pct"] = max(within) if within else 0
@@ -134,6 +146,9 @@ def slowdown_md(s: dict) -> list[str]:
                    f"{v['eager_slowdown_pct']:.1f}% | {v['extra_gpu_bytes'] / 1e6:.3f} MB ({v['extra_gpu_pct']:.4f}%) |")
     out.append(f"- tuned k_chunk (largest within 2.5%, graphed): {s['tuned_k_chunk_2.5pct']}; "
                f"knee (first over 2.5%): {s['knee_k_chunk_2.5pct']}")
+    for kc, v in s.get("alone", {}).items():
+        out.append(f"- QDEC's work alone (one stream, graphed) at k_chunk {kc}: selection {v['select_ms']:.3f} ms, "
+                   f"selection + gather {v['select_gather_ms']:.3f} ms")
     return out
 
 
@@ -150,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=sorted(SHAPES), default="llama2-7b")
     p.add_argument("--bits", type=int, default=3)
-    p.add_argument("--scales", nargs="+", choices=["host", "device"], default=["host", "device"],
+    p.add_argument("--scales", nargs="+", choices=["host", "device"], default=["host"],
                    help="where the per-output residual scales live (pinned host: zero-copy, no GPU memory)")
     p.add_argument("--json")
     args = p.parse_args(argv)

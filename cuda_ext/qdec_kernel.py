@@ -8,11 +8,14 @@ unified addressing, device-addressable), so the kernel reads only the selected r
 (zero-copy; a cudaMemcpy would need ~256 KB blocks to use the link, a row is ceil(N/2) bytes).
 Under TRITON_INTERPRET=1 everything is a plain CPU tensor.
 
-Grid (M, cdiv(S, BLOCK_S), cdiv(N, BLOCK_N)): a program owns BLOCK_S selected channels of one row and
-BLOCK_N output columns; it sums its channels in registers (fp32) and adds the partial into `acc` with
-fp32 atomics (tl.atomic_add on bf16 raises in the interpreter, and fp32 keeps the sum exact enough).
-Few programs (S / BLOCK_S * N / BLOCK_N, e.g. 8 x 3 for a 576-wide SmolLM2 layer at k_chunk 64), so
-it can run on its own stream beside the base GEMV.
+Grid (M, cdiv(S, BLOCK_S), cdiv(ceil(N/2), BLOCK_B)): a program owns BLOCK_S selected channels of one
+row and BLOCK_B bytes of their residual rows (2 * BLOCK_B output columns: the low nibbles are the even
+outputs, the high ones the odd); it sums its channels in registers (fp32) and adds the partial into
+`acc` with fp32 atomics (tl.atomic_add on bf16 raises in the interpreter, and fp32 keeps the sum exact
+enough). Contiguous 256-byte row pieces read 16 bytes per thread: zero-copy reads over PCIe go as
+wide requests (the first form read 64 bytes per row per program, each byte twice, and reached 8.6 GB/s
+of the H100 host's 55 GB/s link, bench/RESULTS.md). Few programs, so it runs on its own stream
+beside the base GEMV.
 
 qdec_select_kernel is the selection in one launch (no sort, no host sync): approx_topk's buckets.
 
@@ -34,26 +37,30 @@ from .qdec_reference import BUCKETS, CHUNK, selected_count
 
 @triton.jit
 def qdec_gather_kernel(x_ptr, idx_ptr, rc_ptr, rs_ptr, acc_ptr, S, N, NB, stride_xm, stride_im, stride_am,
-                       BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+                       BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
     """x: fp16/bf16/fp32 (M, K); idx: int32 (M, S); rc: uint8 (K, NB) with NB = ceil(N/2);
-    rs: fp16 (N,); acc: fp32 (M, N), added into atomically."""
+    rs: fp16 (N,); acc: fp32 (M, N), added into atomically.  A program reads BLOCK_B contiguous bytes
+    (2 * BLOCK_B outputs) of each of BLOCK_S selected rows: 16-byte loads, each byte once."""
     pid_m = tl.program_id(0)
     pid_s = tl.program_id(1)
-    pid_n = tl.program_id(2)
+    pid_b = tl.program_id(2)
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     smask = offs_s < S
-    nmask = offs_n < N
+    bmask = offs_b < NB
     ch = tl.load(idx_ptr + pid_m * stride_im + offs_s, mask=smask, other=0)  # (BLOCK_S,) channels
     xs = tl.load(x_ptr + pid_m * stride_xm + ch, mask=smask, other=0.0).to(tl.float32)
-    # one residual row per selected channel: bytes n // 2 of row ch; rows are read once (streamed)
-    byte = tl.load(rc_ptr + ch.to(tl.int64)[:, None] * NB + (offs_n // 2)[None, :],
-                   mask=smask[:, None] & nmask[None, :], other=0x88, eviction_policy="evict_first")
-    nib = (byte.to(tl.int32) >> ((offs_n % 2) * 4)[None, :]) & 0xF
-    code = (nib - 8).to(tl.float32)  # (BLOCK_S, BLOCK_N) in [-7, 7]
-    part = tl.sum(code * xs[:, None], axis=0)  # (BLOCK_N,)
-    s = tl.load(rs_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)
-    tl.atomic_add(acc_ptr + pid_m * stride_am + offs_n, part * s, mask=nmask)
+    # the selected rows' bytes, streamed once (evict_first); masked bytes are 0x88: codes 0
+    byte = tl.load(rc_ptr + ch.to(tl.int64)[:, None] * NB + offs_b[None, :],
+                   mask=smask[:, None] & bmask[None, :], other=0x88, eviction_policy="evict_first").to(tl.int32)
+    even = tl.sum(((byte & 0xF) - 8).to(tl.float32) * xs[:, None], axis=0)  # outputs 2b: low nibbles
+    odd = tl.sum(((byte >> 4) - 8).to(tl.float32) * xs[:, None], axis=0)  # outputs 2b + 1: high nibbles
+    n0 = 2 * offs_b
+    n1 = n0 + 1
+    s0 = tl.load(rs_ptr + n0, mask=n0 < N, other=0.0).to(tl.float32)
+    s1 = tl.load(rs_ptr + n1, mask=n1 < N, other=0.0).to(tl.float32)
+    tl.atomic_add(acc_ptr + pid_m * stride_am + n0, even * s0, mask=n0 < N)
+    tl.atomic_add(acc_ptr + pid_m * stride_am + n1, odd * s1, mask=n1 < N)
 
 
 @triton.jit
@@ -115,7 +122,7 @@ class HostPointer:
 
 
 def qdec_correction(x: torch.Tensor, idx: torch.Tensor, rcodes: torch.Tensor, rscales: torch.Tensor,
-                    acc: torch.Tensor | None = None, block_s: int = 32, block_n: int = 128) -> torch.Tensor:
+                    acc: torch.Tensor | None = None, block_s: int = 8, block_b: int = 256) -> torch.Tensor:
     """acc (M, N) fp32 (+)= the residual correction of rows x (M, K) at channels idx (M, S).
 
     x: fp16/bf16/fp32 (M, K) on the compute device (CUDA, or CPU under TRITON_INTERPRET=1).
@@ -153,9 +160,10 @@ def qdec_correction(x: torch.Tensor, idx: torch.Tensor, rcodes: torch.Tensor, rs
         rs = HostPointer(rscales)
     else:
         rs = rscales.to(x.device)  # N fp16: tiny, copied per call
-    grid = (m, triton.cdiv(s, block_s), triton.cdiv(n, block_n))
-    qdec_gather_kernel[grid](x, idx32, rc, rs, acc, s, n, (n + 1) // 2, x.stride(0), idx32.stride(0), acc.stride(0),
-                             BLOCK_S=block_s, BLOCK_N=block_n, num_warps=4)
+    nb = (n + 1) // 2
+    grid = (m, triton.cdiv(s, block_s), triton.cdiv(nb, block_b))
+    qdec_gather_kernel[grid](x, idx32, rc, rs, acc, s, n, nb, x.stride(0), idx32.stride(0), acc.stride(0),
+                             BLOCK_S=block_s, BLOCK_B=block_b, num_warps=4)
     return acc
 
 

@@ -138,7 +138,7 @@ def test_served_model_overlaps_qdec_on_cuda_and_matches_cpu(with_residuals):  # 
             model(tokens[:, :-1].to(dev), torch.arange(11, device=dev)[None], slots)
             logits[dev] = model(tokens[:, -1:].to(dev), torch.tensor([[11]], device=dev), slots).float().cpu()
         if dev == DEV:
-            assert q.side is not None and all(r.rcodes.is_pinned() for r in q.layers.values())
+            assert q.side is not None and all(r.rcodes.is_pinned() and r.rscales.is_pinned() for r in q.layers.values())
     err = float((logits[DEV] - logits["cpu"]).norm() / logits["cpu"].norm())
     record("qdec_engine_side_stream", rel_err=err)
     assert err < 1e-2, err
