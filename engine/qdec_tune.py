@@ -78,6 +78,31 @@ def step_time(model, device: torch.device, steps: int, graphs=None) -> float:
     return statistics.median(times)
 
 
+def _measure(model, q: qdec.Qdec, dev: torch.device, ks, steps: int, graphs
+             ) -> tuple[float, dict[str, LayerTypeTiming], str | None]:
+    """(base step seconds, timings per layer type, why a graph capture failed or None)."""
+    if graphs is None:
+        model.setup_cache(1, 128)  # a GraphDecoder sets up its own (with a scratch slot)
+    with torch.inference_mode():
+        model(torch.arange(64, device=dev)[None] % model.config.vocab_size, torch.arange(64, device=dev)[None],
+              torch.tensor([0], device=dev))
+    q.k_chunk = {t: 0 for t in TYPES}
+    base = step_time(model, dev, steps, graphs)
+    timings = {}
+    for t in TYPES:
+        added = []
+        for k in ks:
+            q.k_chunk = {**{u: 0 for u in TYPES}, t: k}
+            added.append(max(0.0, step_time(model, dev, steps, graphs) - base) if k else 0.0)
+            if graphs is not None and graphs.failed:
+                return base, timings, f"graph capture failed with k_chunk {k} on {t}: {graphs.failed}"
+        for i in range(1, len(added)):  # noise: time never falls with k
+            added[i] = max(added[i], added[i - 1])
+        timings[t] = LayerTypeTiming(k_chunk=list(ks), added_s=added)
+        log.info("%s: added seconds %s at k_chunk %s (base step %.4f s)", t, [f"{a:.5f}" for a in added], list(ks), base)
+    return base, timings, None
+
+
 def tune(model_dir: str, device: str = "auto", ks: list[int] = (0, 8, 16, 32, 64, 128), steps: int = 20,
          budget_pct: float = DEFAULT_BUDGET_PCT) -> QdecTuning:
     """Measure, choose for `budget_pct` and write CHECKPOINT/qdec_tuning.json; returns what was written."""
@@ -91,35 +116,21 @@ def tune(model_dir: str, device: str = "auto", ks: list[int] = (0, 8, 16, 32, 64
     q = qdec.attach(lm.model, lm.path if lm.quantization else None, mode="cpu", k_chunk=0)
     if not q.enabled:
         raise ValueError(f"QDEC unavailable for {model_dir}: {q.reason}")
-    graphs = None
+    graphs, how = None, "eager"
     if dev.type == "cuda":  # time what serving runs: the graphed decode step (QDEC captured in it)
         from engine.cuda_graph_decode import install
 
         graphs, why = install(lm.model, 1, 128)
-        if graphs is None:
-            log.warning("tune-qdec: timing eager decode steps (no CUDA graph: %s)", why)
-    if graphs is None:
-        lm.model.setup_cache(1, 128)
-    with torch.inference_mode():
-        lm.model(torch.arange(64, device=dev)[None] % lm.model.config.vocab_size, torch.arange(64, device=dev)[None],
-                 torch.tensor([0], device=dev))
-    q.k_chunk = {t: 0 for t in TYPES}
-    base = step_time(lm.model, dev, steps, graphs)
-    timings = {}
-    for t in TYPES:
-        added = []
-        for k in ks:
-            q.k_chunk = {**{u: 0 for u in TYPES}, t: k}
-            added.append(max(0.0, step_time(lm.model, dev, steps, graphs) - base) if k else 0.0)
-        for i in range(1, len(added)):  # noise: time never falls with k
-            added[i] = max(added[i], added[i - 1])
-        timings[t] = LayerTypeTiming(k_chunk=list(ks), added_s=added)
-        log.info("%s: added seconds %s at k_chunk %s (base step %.4f s)", t, [f"{a:.5f}" for a in added], list(ks), base)
+        how = "CUDA graph" if graphs is not None else f"eager (no CUDA graph: {why})"
+    base, timings, failed = _measure(lm.model, q, dev, ks, steps, graphs)
+    if failed:  # a capture failed: the timings would mix graphed and eager steps, so all are taken eagerly
+        log.warning("tune-qdec: %s; timing every configuration eagerly", failed)
+        how = f"eager ({failed})"
+        base, timings, _ = _measure(lm.model, q, dev, ks, steps, None)
     out = QdecTuning(device=dev.type, device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                      torch_threads=torch.get_num_threads(), selection=q.select, steps=steps, base_step_s=base,
                      layer_types=timings,
-                     note=f"median decode step (batch 1, {'CUDA graph' if graphs is not None else 'eager'}); "
-                          "added_s = step with QDEC on this layer type only - base")
+                     note=f"median decode step (batch 1, {how}); added_s = step with QDEC on this layer type only - base")
     out.chosen = TunedChoice(budget_pct=budget_pct, k_chunk=choose_k(out, budget_pct))
     (Path(lm.path) / TUNING_FILE).write_text(out.model_dump_json(indent=2) + "\n")
     return out

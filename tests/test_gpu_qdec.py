@@ -215,9 +215,11 @@ def test_tune_qdec_times_graphed_steps_on_cuda(with_residuals, tmp_path):  # noq
     ckpt = tmp_path / "ckpt"
     shutil.copytree(with_residuals, ckpt)
     out = tune(str(ckpt), device="cuda", ks=[0, 8, 64], steps=5, budget_pct=50.0)
-    record("tune_qdec_cuda", base_ms=out.base_step_s * 1e3, chosen=out.chosen.k_chunk,
+    record("tune_qdec_cuda", base_ms=out.base_step_s * 1e3, chosen=out.chosen.k_chunk, note=out.note,
            added_ms={t: [round(a * 1e3, 4) for a in v.added_s] for t, v in out.layer_types.items()})
-    assert out.device == "cuda" and "CUDA graph" in out.note, out.note
+    # every step replayed from a graph (a failed capture re-times everything eagerly and says why in the
+    # note: seen 2026-11-27, the added times were those of eager steps, bench/RESULTS.md)
+    assert out.device == "cuda" and out.note.startswith("median decode step (batch 1, CUDA graph)"), out.note
     model = load_model(str(ckpt), device=DEV, dtype=torch.float16).model
     q = qdec.attach(model, ckpt, mode="auto")
     assert q.k_source.startswith("tune-qdec choice"), q.k_source

@@ -208,3 +208,27 @@ def test_eval_cli_reports_qdec_perplexities(with_residuals, tmp_path) -> None:  
     # every channel corrected: far closer to the unquantized model than the quantized one
     assert runs[("approx", 96)]["gap_recovered"] > 0.5
     assert runs[("approx", 96)]["recall_vs_exact"] > 0.8  # all of the 96-wide inputs, 96 of 160 in down_proj
+
+
+def test_tuner_stops_timing_graphs_when_a_capture_fails(with_residuals) -> None:  # noqa: F811
+    """A graph decoder whose capture fails mid-way (as one did on an H100) makes _measure report why, so
+    tune() re-times every configuration eagerly instead of mixing graphed and eager steps."""
+    from engine import qdec_tune
+    from engine.cuda_graph_decode import GraphDecoder
+
+    lm = load_model(str(with_residuals), dtype=torch.float32)
+    q = qdec.attach(lm.model, with_residuals, mode="cpu", k_chunk=0)
+    graphs = GraphDecoder(lm.model, 1, 128, capture=False)  # the static step, eagerly (CPU)
+    real_step = graphs.step
+
+    def step(*args):
+        if any(q.k_chunk.values()):
+            graphs.failed = "capture failed for batch 1, length 128: RuntimeError('planted')"
+        return real_step(*args)
+
+    graphs.step = step
+    base, timings, failed = qdec_tune._measure(lm.model, q, torch.device("cpu"), [0, 8], 2, graphs)
+    assert base > 0 and failed == ("graph capture failed with k_chunk 8 on qkv: capture failed for batch 1, "
+                                   "length 128: RuntimeError('planted')")
+    base, timings, failed = qdec_tune._measure(lm.model, q, torch.device("cpu"), [0, 8], 2, None)
+    assert failed is None and set(timings) == set(qdec_tune.TYPES)
