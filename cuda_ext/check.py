@@ -6,8 +6,10 @@ STACK + LOCAL), shared memory (Triton's launch requirement, checked against the 
 the narrowest/widest global load of the weights, found by following the weight pointer parameter
 through the PTX (ld.global.v4.b32 = 16 bytes), and for gemv_kernel the SASS instructions of its
 K-block loop per weight (the math column's "N/w": that kernel is bound by instruction issue, so this is
-its cost).  Exit status 1 on a compile error, a spill, shared memory over the limit, or a weight load
-narrower than 16 bytes.  Then the static roofline: bytes
+its cost).  QDEC's two kernels (cuda_ext/qdec_kernel.py: the gather, whose "weights" are the residual
+rows in host memory, and the selection, which reads activations only) are compiled with their fixed
+launch parameters.  Exit status 1 on a compile error, a spill, shared memory over the limit, or a weight
+load narrower than 16 bytes.  Then the static roofline: bytes
 one call moves / ideal bytes (cuda_ext/roofline.py).
 
 Usage: python -m cuda_ext.check [--arch sm_90 ...] [--kind decode ...] [--full] [--jobs N] [--markdown]
@@ -34,6 +36,8 @@ RANK_P = 128  # the largest branch tile: the worst case for registers
 DEFAULT_VARIANTS = [(3, "bf16"), (4, "fp16")]  # the most planes / the fp32 dequant: worst registers
 FULL_VARIANTS = [(b, d) for b in (2, 3, 4) for d in ("fp16", "bf16")]
 MIN_WEIGHT_LOAD = 16
+QDEC_KINDS = ("qdec_gather", "qdec_select")  # QDEC's kernels (cuda_ext/qdec_kernel.py): fixed launch parameters
+ALL_KINDS = (*configs.KINDS, *QDEC_KINDS)
 GEMV_TAIL_ROWS = 8  # gemv_kernel is specialised on its tail block; 8 rows = Llama-2's K = 11008
 
 
@@ -61,12 +65,25 @@ class Result:
 
 
 def _kernel_source(job: Job):
-    """(ASTSource, index of the weight pointer parameter) for a job."""
+    """(ASTSource, index of the weight pointer parameter, or None: no weights) for a job."""
     from triton.compiler import ASTSource
 
     from .kernels import branch_down_kernel, gemv_kernel, qgemm_kernel
+    from .qdec_kernel import qdec_gather_kernel, qdec_select_kernel
     dt, r = job.dtype, job.rule
-    if job.kind == "branch_down":
+    if job.kind == "qdec_gather":  # the weights are the residual rows, read from pinned host memory
+        fn = qdec_gather_kernel
+        ptrs = {"x_ptr": f"*{dt}", "idx_ptr": "*i32", "rc_ptr": "*u8", "rs_ptr": "*fp16", "acc_ptr": "*fp32"}
+        consts = dict(BLOCK_S=r["block_s"], BLOCK_B=r["block_b"])
+        div16 = list(ptrs) + ["N", "NB", "stride_xm", "stride_im", "stride_am"]
+        weight = "rc_ptr"
+    elif job.kind == "qdec_select":  # reads activations only
+        fn = qdec_select_kernel
+        ptrs = {"x_ptr": f"*{dt}", "out_ptr": "*i32", "lo": "fp32", "width": "fp32"}
+        consts = dict(CHUNK=1024, BUCKETS=32)
+        div16 = ["x_ptr", "out_ptr", "K", "stride_xm", "stride_om"]
+        weight = None
+    elif job.kind == "branch_down":
         fn = branch_down_kernel
         ptrs = {"x_ptr": f"*{dt}", "a_ptr": "*fp16", "t_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
         consts = dict(BLOCK_M=r["block_m"], BLOCK_K=r["block_k"], RANK_P=RANK_P, USE_WS=True, INTERP_BF16=False,
@@ -91,7 +108,7 @@ def _kernel_source(job: Job):
     names = fn.arg_names
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
-    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), names.index(weight)
+    return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), weight and names.index(weight)
 
 
 _LOAD = re.compile(r"^\s*(?:@!?%\w+\s+)?(ld\.global[\w.:]*|cp\.async[\w.:]*)\s+(.*);")
@@ -207,7 +224,7 @@ def compile_job(job: Job) -> Result:
                            options={"num_warps": job.rule["num_warps"], "num_stages": job.rule["num_stages"]})
         res.regs, res.spill = _resource_usage(k.asm["cubin"])
         res.smem = int(k.metadata.shared)
-        res.loads = weight_load_widths(k.asm["ptx"], weight_idx)
+        res.loads = weight_load_widths(k.asm["ptx"], weight_idx) if weight_idx is not None else []
         ptx = k.asm["ptx"]
         res.math = "wgmma" if "wgmma." in ptx else "mma" if "mma.sync" in ptx else "fma"
         if job.kind == "decode" and job.rule["block_m"] < 16:
@@ -245,16 +262,24 @@ def run_jobs(jobs: list[Job], workers: int) -> list[Result]:
     return [done[i] for i in range(len(jobs))]
 
 
+def _rules(arch: str, kind: str) -> list[dict]:
+    """The configs shipped for a kind on an arch: the arch's table, or QDEC's fixed launch parameters."""
+    if kind in QDEC_KINDS:
+        from .qdec_kernel import GATHER_CONFIG, SELECT_CONFIG
+        return [{"m_max": None, **(GATHER_CONFIG if kind == "qdec_gather" else SELECT_CONFIG)}]
+    return configs.load_table(arch)[kind]
+
+
 def _jobs(archs: list[str], full: bool, kinds: list[str]) -> tuple[list[Job], list[str]]:
     jobs, notes = [], []
     for arch in archs:
         for kind in kinds:
-            for no, rule in enumerate(configs.load_table(arch)[kind]):
-                variants = [(0, d) for d in ("fp16", "bf16")] if kind == "branch_down" else (
+            for no, rule in enumerate(_rules(arch, kind)):
+                variants = [(0, d) for d in ("fp16", "bf16")] if kind in ("branch_down", *QDEC_KINDS) else (
                     FULL_VARIANTS if full else DEFAULT_VARIANTS)
                 for bits, dt in variants:
                     if dt == "bf16" and arch == "sm_75":
-                        if full or kind == "branch_down":
+                        if full or kind in ("branch_down", *QDEC_KINDS):
                             notes.append(f"{arch} {kind}#{no} {bits or ''}{'b ' if bits else ''}bf16: skipped, "
                                          "bf16 needs sm_80+ (the launcher refuses it)")
                             continue
@@ -264,6 +289,10 @@ def _jobs(archs: list[str], full: bool, kinds: list[str]) -> tuple[list[Job], li
 
 
 def _config_label(kind: str, rule: dict) -> str:
+    if kind == "qdec_gather":
+        return f"rows {rule['block_s']} x {rule['block_b']} B w{rule['num_warps']}"
+    if kind == "qdec_select":
+        return f"1024-channel chunk w{rule['num_warps']}"
     if kind == "branch_down":
         tile = f"m{rule['block_m']} k{rule['block_k']}"
     else:
@@ -292,7 +321,7 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
             problems.append("spills")
         if smem > limit:
             problems.append(f"smem > {limit}")
-        if not errs and (not loads or min(loads) < MIN_WEIGHT_LOAD):
+        if not errs and kind != "qdec_select" and (not loads or min(loads) < MIN_WEIGHT_LOAD):
             problems.append(f"weight loads < {MIN_WEIGHT_LOAD} B" if loads else "no weight load found")
         ok_all &= not problems
         variants = ",".join(f"{r.job.bits}b{r.job.dtype}" if r.job.bits else r.job.dtype for r in rs)
@@ -333,7 +362,7 @@ def _roofline(arch: str, markdown: bool) -> list[str]:
 def _add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--arch", action="append", choices=sorted(ARCH_CC, key=ARCH_CC.get),
                     help="arch to compile for (repeatable; default: all)")
-    ap.add_argument("--kind", action="append", choices=configs.KINDS, help="kernel kind (repeatable; default: all)")
+    ap.add_argument("--kind", action="append", choices=ALL_KINDS, help="kernel kind (repeatable; default: all)")
     ap.add_argument("--full", action="store_true", help="every bits x dtype variant (slower)")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="parallel compiles")
     ap.add_argument("--markdown", action="store_true", help="Markdown tables (for bench/RESULTS.md)")
@@ -356,7 +385,7 @@ def run(args: argparse.Namespace) -> int:
         return subprocess.call([sys.executable, "-m", "cuda_ext.check", *_argv_of(args)], env=env)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # Triton 3.9's default, stated (silences a warning)
     archs = args.arch or list(ARCH_CC)
-    jobs, notes = _jobs(archs, args.full, args.kind or list(configs.KINDS))
+    jobs, notes = _jobs(archs, args.full, args.kind or list(ALL_KINDS))
     print(f"triton {triton.__version__}; ptxas {_tool_version('ptxas')} (< sm_90), "
           f"{_tool_version('ptxas-blackwell')} (sm_90+); {len(jobs)} compiles on {args.jobs} processes")
     t0 = time.time()

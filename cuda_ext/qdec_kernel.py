@@ -17,7 +17,10 @@ wide requests (the first form read 64 bytes per row per program, each byte twice
 of the H100 host's 55 GB/s link, bench/RESULTS.md). Few programs, so it runs on its own stream
 beside the base GEMV.
 
-qdec_select_kernel is the selection in one launch (no sort, no host sync): approx_topk's buckets.
+qdec_select_kernel is the selection in one launch (no sort, no host sync): approx_topk's buckets. Its
+first form (a 1024 x 32 compare matrix, two scans, 4 warps: 1768 SASS instructions per thread on sm_90)
+took ~18 us per layer on an H100, as long as the base kernel; this one (a histogram, one packed scan, 16
+warps: 416 per thread, compiled here with Triton 3.9) is not yet timed on a GPU.
 
 GPU status: tests/test_gpu_qdec.py passed compiled on an H100 (2026-11-27, two sessions): the zero-copy
 gather from pinned rows and scales, the SideStream launch/join, qdec_select equal to approx_topk, and the
@@ -35,6 +38,11 @@ import triton.language as tl
 
 from .launch import interpreting
 from .qdec_reference import BUCKETS, CHUNK, selected_count
+
+
+# Launch parameters, the same on every arch (`fbserve kernels check` compiles them for each)
+GATHER_CONFIG = {"block_s": 8, "block_b": 256, "num_warps": 4, "num_stages": 1}
+SELECT_CONFIG = {"num_warps": 16, "num_stages": 1}
 
 
 @triton.jit
@@ -70,7 +78,8 @@ def qdec_select_kernel(x_ptr, out_ptr, K, stride_xm, stride_om, k_chunk, lo, wid
                        CHUNK: tl.constexpr, BUCKETS: tl.constexpr):
     """The approximate per-chunk top-k of |x| (cuda_ext.qdec_reference.approx_topk), one program per
     (row, 1024-channel chunk): no sort, no host sync. out: int32 (M, S), this chunk's channels written in
-    channel order at columns chunk * min(k_chunk, CHUNK) onwards."""
+    channel order at columns chunk * min(k_chunk, CHUNK) onwards.  One histogram and one scan (the counts
+    above and inside the threshold bucket packed in one int32)."""
     pid_m = tl.program_id(0)
     pid_c = tl.program_id(1)
     offs = pid_c * CHUNK + tl.arange(0, CHUNK)
@@ -78,16 +87,21 @@ def qdec_select_kernel(x_ptr, out_ptr, K, stride_xm, stride_om, k_chunk, lo, wid
     a = tl.abs(tl.load(x_ptr + pid_m * stride_xm + offs, mask=inside, other=0.0).to(tl.float32))
     b = tl.math.div_rn(a - lo, width)  # IEEE division, as torch's
     b = tl.minimum(tl.maximum(tl.floor(b), 0.0), BUCKETS - 1).to(tl.int32)
-    b = tl.where(inside, b, -1)  # channels past K: in no bucket
-    kk = tl.minimum(k_chunk, tl.minimum(K - pid_c * CHUNK, CHUNK))
+    b = tl.where(inside, b, 0)  # channels past K counted in bucket 0, taken off below
+    c = tl.minimum(K - pid_c * CHUNK, CHUNK)  # channels in this chunk
+    kk = tl.minimum(k_chunk, c)
     j = tl.arange(0, BUCKETS)
-    above = tl.sum((b[:, None] >= j[None, :]).to(tl.int32), axis=0)  # (BUCKETS,) channels in buckets >= j
+    hist = tl.histogram(b, BUCKETS) - tl.where(j == 0, CHUNK - c, 0)
+    above = tl.cumsum(hist, axis=0, reverse=True)  # channels in buckets >= j
     t = tl.max(tl.where(above >= kk, j, 0), axis=0)  # the threshold bucket
-    strictly = tl.sum(tl.where(j == t + 1, above, 0), axis=0)  # taken whole: buckets above t
-    in_t = b == t
-    rank_in_t = tl.cumsum(in_t.to(tl.int32), axis=0)
-    take = (b > t) | (in_t & (rank_in_t <= kk - strictly))
-    pos = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    need = kk - tl.sum(tl.where(j == t + 1, above, 0), axis=0)  # taken from bucket t, in channel order
+    gt = ((b > t) & inside).to(tl.int32)
+    in_t = ((b == t) & inside).to(tl.int32)
+    both = tl.cumsum(gt * 65536 + in_t, axis=0)  # inclusive counts (<= 1024 each) in one scan
+    before_gt = (both >> 16) - gt
+    before_in = (both & 65535) - in_t
+    take = (gt == 1) | ((in_t == 1) & (before_in < need))
+    pos = before_gt + tl.minimum(before_in, need)  # taken channels before this one
     base = pid_c * tl.minimum(k_chunk, CHUNK)
     tl.store(out_ptr + pid_m * stride_om + base + pos, offs, mask=take)
 
@@ -107,7 +121,8 @@ def qdec_select(x: torch.Tensor, k_chunk: int, lo: float, hi: float) -> torch.Te
         return out
     x = x if x.stride(1) == 1 else x.contiguous()
     qdec_select_kernel[(m, triton.cdiv(k, CHUNK))](x, out, k, x.stride(0), out.stride(0), k_chunk, float(lo),
-                                                   (hi - lo) / BUCKETS, CHUNK=CHUNK, BUCKETS=BUCKETS, num_warps=4)
+                                                   (hi - lo) / BUCKETS, CHUNK=CHUNK, BUCKETS=BUCKETS,
+                                                   num_warps=SELECT_CONFIG["num_warps"])
     return out
 
 
@@ -124,7 +139,7 @@ class HostPointer:
 
 
 def qdec_correction(x: torch.Tensor, idx: torch.Tensor, rcodes: torch.Tensor, rscales: torch.Tensor,
-                    acc: torch.Tensor | None = None, block_s: int = 8, block_b: int = 256) -> torch.Tensor:
+                    acc: torch.Tensor | None = None) -> torch.Tensor:
     """acc (M, N) fp32 (+)= the residual correction of rows x (M, K) at channels idx (M, S).
 
     x: fp16/bf16/fp32 (M, K) on the compute device (CUDA, or CPU under TRITON_INTERPRET=1).
@@ -163,9 +178,10 @@ def qdec_correction(x: torch.Tensor, idx: torch.Tensor, rcodes: torch.Tensor, rs
     else:
         rs = rscales.to(x.device)  # N fp16: tiny, copied per call
     nb = (n + 1) // 2
-    grid = (m, triton.cdiv(s, block_s), triton.cdiv(nb, block_b))
+    cfg = GATHER_CONFIG
+    grid = (m, triton.cdiv(s, cfg["block_s"]), triton.cdiv(nb, cfg["block_b"]))
     qdec_gather_kernel[grid](x, idx32, rc, rs, acc, s, n, nb, x.stride(0), idx32.stride(0), acc.stride(0),
-                             BLOCK_S=block_s, BLOCK_B=block_b, num_warps=4)
+                             BLOCK_S=cfg["block_s"], BLOCK_B=cfg["block_b"], num_warps=cfg["num_warps"])
     return acc
 
 

@@ -94,6 +94,16 @@ def test_kernels_check_decode_on_sm90():
     assert main(["--arch", "sm_90", "--kind", "decode", "--jobs", "2"]) == 0
 
 
+def test_kernels_check_compiles_qdec_kernels(capfd):
+    """QDEC's gather and selection kernels are part of the check: rows for both, 16-byte residual-row
+    loads for the gather (the selection reads activations only)."""
+    from cuda_ext.check import main
+    assert main(["--arch", "sm_86", "--kind", "qdec_gather", "--kind", "qdec_select", "--jobs", "2"]) == 0
+    rows = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("qdec_")]  # a subprocess prints
+    assert [r.split()[0] for r in rows] == ["qdec_gather", "qdec_select"]
+    assert rows[0].split()[-2:] == ["16-16", "ok"] and rows[1].split()[-2:] == ["-", "ok"]
+
+
 @pytest.mark.parametrize("arch", configs.ARCHS)
 def test_one_row_decodes_on_cuda_cores_and_more_rows_on_tensor_cores(arch):
     """m = 1 runs gemv_kernel (block_m 1; measured faster on an H100), m = 2..16 the tensor-core
