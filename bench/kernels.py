@@ -100,6 +100,23 @@ def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int, config: Gemm
     return ops
 
 
+def with_tile_branch(ops: list[Callable]) -> list[Callable]:
+    """ops whose m = 1 branch runs branch_down_kernel's 16-row tile (the path before branch_gemv_kernel),
+    for comparison rows: configs.branch_config is asked for 2 rows while each op runs (also in a capture)."""
+    from cuda_ext import configs
+
+    def wrap(op: Callable) -> Callable:
+        def call(x):
+            orig = configs.branch_config
+            configs.branch_config = lambda arch, m: orig(arch, max(m, 2))
+            try:
+                return op(x)
+            finally:
+                configs.branch_config = orig
+        return call
+    return [wrap(op) for op in ops]
+
+
 def run_stack(ops: list[Callable], shapes: list[tuple[int, int]], m: int, dtype: torch.dtype, reps: int) -> float:
     xs = {k: torch.randn(m, k, device="cuda", dtype=dtype) for _, k in shapes}
     ks = [k for _ in range(LAYERS) for _, k in shapes]
@@ -214,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
                      for b in (4, 3, 2) for r in (0, 32, 64)]
         variants += [(f"ours 3-bit g128 r{r} tensor-core decode",
                       lambda r=r: ours_stack(shapes, 3, r, TENSOR_CORE_DECODE), torch.float16, 3, r) for r in (0, 64)]
+        variants += [("ours 3-bit g128 r64 16-row branch_down",
+                      lambda: with_tile_branch(ours_stack(shapes, 3, 64)), torch.float16, 3, 64)]
         if args.variants:
             variants = [v for v in variants if any(t in v[0] for t in args.variants)]
         base: dict[tuple[str, int], float] = {}

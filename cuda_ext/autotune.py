@@ -63,7 +63,8 @@ def tune_branch(shapes: list[tuple[int, int]], m: int, rank: int = 64) -> tuple[
     table = configs.load_table(arch)
     saved = table["branch_down"]
     try:
-        for bm, bk, w, sp in itertools.product([16] if m <= 16 else [32, 64], [64, 128, 256], [4, 8], [16, 64, 128]):
+        rows = [1] if m == 1 else [16] if m <= 16 else [32, 64]  # 1: branch_gemv_kernel
+        for bm, bk, w, sp in itertools.product(rows, [64, 128, 256], [4, 8], [16, 64, 128]):
             cfg = BranchConfig(bm, bk, w, 1, sp)
             table["branch_down"] = [configs.as_rule(cfg)]
             ms = sum(cuda_median_ms(lambda a=a, x=x: branch_down(x, a)) for a, x in zip(a_s, xs))
@@ -96,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, ms = tune_gemm(shapes, m, args.bits)
         print(f"{arch} {kind} m={m}: {cfg} {ms:.3f} ms per layer stack")
         rules.append((kind, configs.as_rule(cfg, m_max=m_max)))
-    for m, m_max in ((1, 16), (512, None)) if not args.decode_m else ():
+    for m, m_max in ((1, 1), (16, 16), (512, None)) if not args.decode_m else ():
         bcfg, ms = tune_branch(shapes, m)
         print(f"{arch} branch_down m={m}: {bcfg} {ms:.3f} ms")
         rules.append(("branch_down", configs.as_rule(bcfg, m_max=m_max)))

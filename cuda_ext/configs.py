@@ -107,7 +107,12 @@ def gemm_config(arch: str, m: int, bits: int) -> tuple[str, GemmConfig]:
 
 
 def branch_config(arch: str, m: int) -> BranchConfig:
-    return BranchConfig(**_fields(BranchConfig, _match(load_table(arch)["branch_down"], m, 0)))
+    """branch_down's config for m rows: block_m 1 is branch_gemv_kernel (one row only), else
+    branch_down_kernel's row tile."""
+    cfg = BranchConfig(**_fields(BranchConfig, _match(load_table(arch)["branch_down"], m, 0)))
+    if cfg.block_m == 1 and m > 1:
+        raise ValueError(f"{arch}: branch_down rule block_m=1 matched m={m}: its m_max must be 1")
+    return cfg
 
 
 def all_configs(arch: str) -> list[tuple[str, dict]]:

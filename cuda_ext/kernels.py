@@ -8,6 +8,8 @@ qgemm_kernel   y = x @ dequant(Wq)^T (+ t @ B^T) (+ bias).  Decode (m <= 16): BL
 branch_down_kernel  t = x @ A^T (fp32), split over K the same way; the one small extra launch of
                the low-rank branch.  qgemm's epilogue then adds t @ B^T for its column tile, so B is
                read once and the (m, N) result never makes a round trip.
+branch_gemv_kernel  the same t for one row (decode at batch 1) on CUDA cores; its last program sums
+               every split-K partial from one tile load.
 
 Weights are dequantized in registers chunk by chunk (16 k x BLOCK_N) and fed to tl.dot, so tensor
 cores do the math at every m.  Weight loads are 16 bytes wide (4 neighbouring columns, see
@@ -257,6 +259,44 @@ def branch_down_kernel(x_ptr, a_ptr, t_ptr, ws_ptr, cnt_ptr, M, K, rank, stride_
             tl.store(tp, total, mask=mmask & rmask)
     else:
         tl.store(tp, acc, mask=mmask & rmask)
+
+
+@triton.jit
+def branch_gemv_kernel(x_ptr, a_ptr, t_ptr, ws_ptr, cnt_ptr, K, rank,
+                       BLOCK_K: tl.constexpr, RANK_P: tl.constexpr, SPLIT_P: tl.constexpr, USE_WS: tl.constexpr):
+    """t (1, rank) fp32 = x (1, K) @ A^T on CUDA cores: branch_down for one row (decode at batch 1).
+
+    Grid: (split,), split <= SPLIT_P; program s covers one K slice.  With split > 1 USE_WS must be set,
+    ws fp32 (split, RANK_P) and cnt int32 (1,) zero: the last program to finish loads every partial in
+    one (SPLIT_P, RANK_P) tile and sums it (one L2 round trip; branch_down_kernel's 16-row tiles took one
+    per 4 partials, 6-9.5 us a call on an H100).  fp32 products of fp16 A and x in fp32: no tl.dot."""
+    pid = tl.program_id(0)
+    n_split = tl.num_programs(0)
+    rr = tl.arange(0, RANK_P)
+    rmask = rr < rank
+    kps = tl.cdiv(tl.cdiv(K, n_split), BLOCK_K) * BLOCK_K
+    k0 = pid * kps
+    k1 = tl.minimum(k0 + kps, K)
+    acc = tl.zeros((RANK_P,), dtype=tl.float32)
+    for kk in range(k0, k1, BLOCK_K):
+        k = kk + tl.arange(0, BLOCK_K)
+        kmask = k < k1
+        xk = tl.load(x_ptr + k, mask=kmask, other=0.0).to(tl.float32)
+        ak = tl.load(a_ptr + rr[:, None] * K + k[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0,
+                     eviction_policy="evict_first").to(tl.float32)
+        acc += tl.sum(ak * xk[None, :], axis=1)
+    if USE_WS:
+        tl.store(ws_ptr + pid * RANK_P + rr, acc)
+        tl.debug_barrier()  # every thread's partial is written before the release below
+        done = tl.atomic_add(cnt_ptr, 1, sem="acq_rel", scope="gpu")
+        if done == n_split - 1:
+            ss = tl.arange(0, SPLIT_P)
+            parts = tl.load(ws_ptr + ss[:, None] * RANK_P + rr[None, :], mask=(ss < n_split)[:, None], other=0.0,
+                            cache_modifier=".cg")
+            tl.store(t_ptr + rr, tl.sum(parts, axis=0), mask=rmask)
+            tl.atomic_xchg(cnt_ptr, 0)
+    else:
+        tl.store(t_ptr + rr, acc, mask=rmask)
 
 
 def gemv_magic(bits: int) -> int:

@@ -103,6 +103,11 @@ def branch_grid(m: int, k: int, cfg: configs.BranchConfig, num_sms: int) -> tupl
     return max(1, min(_cdiv(k, cfg.block_k), cfg.max_split, _cdiv(num_sms, grid_m))), grid_m
 
 
+def gemv_block_k(cfg: configs.BranchConfig, rank_p: int) -> int:
+    """branch_gemv_kernel's K tile: the config's, capped so the (RANK_P, BLOCK_K) fp32 tile stays 8192."""
+    return max(16, min(cfg.block_k, 8192 // rank_p))
+
+
 def rank_pad(r: int) -> int:
     """RANK_P: the rank rounded up to a power of two >= 16 (tl.dot's minimum)."""
     return _pow2_at_least(r, 16)
@@ -139,6 +144,15 @@ def branch_down(x2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     split, grid_m = branch_grid(m, k, cfg, tgt.num_sms)
     t = torch.empty((m, r), dtype=torch.float32, device=x2.device)
     ws = cnt = t
+    if cfg.block_m == 1:  # one row (configs.branch_config checks m): branch_gemv_kernel, CUDA cores
+        if split > 1:
+            ws = torch.empty((split, rank_p), dtype=torch.float32, device=x2.device)
+            cnt = _counters(x2.device, 1)
+        _kernels().branch_gemv_kernel[(split,)](
+            x2, a, t, ws, cnt, k, r, BLOCK_K=gemv_block_k(cfg, rank_p), RANK_P=rank_p,
+            SPLIT_P=_pow2_at_least(cfg.max_split, 1), USE_WS=split > 1,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return t
     if split > 1:
         ws = torch.empty((split, grid_m * cfg.block_m, rank_p), dtype=torch.float32, device=x2.device)
         cnt = _counters(x2.device, grid_m)

@@ -114,6 +114,22 @@ def test_one_row_decodes_on_cuda_cores_and_more_rows_on_tensor_cores(arch):
         assert kind == "decode" and cfg.block_m == 16
 
 
+@pytest.mark.parametrize("arch", configs.ARCHS)
+def test_one_row_branch_runs_branch_gemv(arch):
+    """m = 1 computes t = x @ A^T with branch_gemv_kernel (block_m 1: branch_down_kernel's 16-row tiles and
+    their reduction took 6-9.5 us a call on an H100), more rows with branch_down_kernel."""
+    assert configs.branch_config(arch, 1).block_m == 1
+    assert all(configs.branch_config(arch, m).block_m >= 16 for m in (2, 16, 300))
+
+
+def test_one_row_branch_rule_matching_more_rows_is_refused(monkeypatch):
+    table = configs.load_table("sm_90")
+    bad = dict(table, branch_down=[dict(table["branch_down"][0], m_max=4)] + table["branch_down"][1:])
+    monkeypatch.setattr(configs, "load_table", lambda arch: bad)
+    with pytest.raises(ValueError, match="block_m=1 matched m=3"):
+        configs.branch_config("sm_90", 3)
+
+
 def test_decode_rule_with_too_few_rows_is_refused(tmp_path, monkeypatch):
     table = configs.load_table("sm_90")
     bad = dict(table, decode=[{"m_max": 4, "block_m": 2, "block_n": 64, "num_warps": 4, "num_stages": 1}]

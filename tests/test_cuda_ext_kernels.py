@@ -84,7 +84,7 @@ def test_bias_and_batched_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,rank", [(1, 8), (5, 64), (40, 128)])
+@pytest.mark.parametrize("m,rank", [(1, 8), (1, 64), (1, 128), (5, 64), (40, 128)])
 def test_branch_down_matches_reference(m, rank, dtype):
     a = (torch.randn(rank, 576) * 0.05).half().to(DEV)
     x = torch.randn(m, 576, device=DEV).to(dtype)

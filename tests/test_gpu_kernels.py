@@ -202,7 +202,7 @@ def test_fused_branch_equals_unfused(m, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp16", "bf16"])
-@pytest.mark.parametrize("m,rank", pick([(1, 8), (16, 64), (40, 128), (300, 64)], [(1, 8), (40, 16)]))
+@pytest.mark.parametrize("m,rank", pick([(1, 8), (1, 64), (1, 128), (16, 64), (40, 128), (300, 64)], [(1, 8), (40, 16)]))
 def test_branch_down(m, rank, dtype):
     k = pick(4096, 576)
     a = (torch.randn(rank, k) * 0.05).half().to(DEV)
