@@ -63,7 +63,7 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
     pinned host memory) and the peak of one eager step's temporaries, against the stack's weight bytes."""
     from bench.kernels import graph_ms
     from cuda_ext import quant_matmul
-    from cuda_ext.qdec_kernel import SideStream, qdec_correction, qdec_select
+    from cuda_ext.qdec_kernel import GATHER_CONFIG, SELECT_CONFIG, SideStream, qdec_correction, qdec_select
     from cuda_ext.testing import random_packed
 
     lo, hi = 0.05, 3.0  # selection thresholds for N(0, 1) activations (calibrated per layer when served)
@@ -128,6 +128,21 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
     out["alone"] = {}
     for kc in (8, 32):
         out["alone"][kc] = {"select_ms": graphed_chain(kc, gather=False), "select_gather_ms": graphed_chain(kc)}
+    # launch parameters of both kernels (cuda_ext.qdec_kernel's shipped ones first), alone at k_chunk 8
+    out["sweep"] = []
+    for what, cfg, values in (("select", SELECT_CONFIG, [{"num_warps": w} for w in (16, 4, 8, 32)]),
+                              ("gather", GATHER_CONFIG, [{"block_s": s_, "block_b": b_} for s_, b_ in
+                                                         ((8, 256), (4, 512), (16, 256), (2, 1024), (32, 64))])):
+        shipped = dict(cfg)
+        for v in values:
+            cfg.update(v)
+            try:
+                ms = graphed_chain(8, gather=what == "gather")
+            except Exception as e:  # noqa: BLE001 - a config that fails to compile or run is reported
+                ms, v = float("nan"), {**v, "error": repr(e)[:120]}
+            out["sweep"].append({"kernel": what, **v, "ms": ms})
+            cfg.clear()
+            cfg.update(shipped)
     within = [kc for kc, v in out["k_chunk"].items() if v["slowdown_pct"] <= 2.5]
     over = [kc for kc, v in out["k_chunk"].items() if v["slowdown_pct"] > 2.5]
     out["tuned_k_chunk_2.5pct"] = max(within) if within else 0
@@ -149,6 +164,12 @@ def slowdown_md(s: dict) -> list[str]:
     for kc, v in s.get("alone", {}).items():
         out.append(f"- QDEC's work alone (one stream, graphed) at k_chunk {kc}: selection {v['select_ms']:.3f} ms, "
                    f"selection + gather {v['select_gather_ms']:.3f} ms")
+    if s.get("sweep"):
+        out += ["", "Launch parameters, QDEC alone at k_chunk 8 (graphed; the first row of each kernel is shipped; "
+                "gather rows include the selection):", "", "| kernel | parameters | ms |", "|---|---|---|"]
+        for r in s["sweep"]:
+            params = ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("kernel", "ms"))
+            out.append(f"| {r['kernel']} | {params} | {r['ms']:.3f} |")
     return out
 
 
