@@ -68,9 +68,8 @@ def _kernel_source(job: Job):
     """(ASTSource, index of the weight pointer parameter, or None: no weights) for a job."""
     from triton.compiler import ASTSource
 
-    from .configs import BranchConfig
     from .kernels import branch_down_kernel, branch_gemv_kernel, gemv_kernel, qgemm_kernel
-    from .launch import gemv_block_k
+    from .launch import branch_gemv_tiles
     from .qdec_kernel import qdec_gather_kernel, qdec_select_kernel
     dt, r = job.dtype, job.rule
     if job.kind == "qdec_gather":  # the weights are the residual rows, read from pinned host memory
@@ -88,9 +87,8 @@ def _kernel_source(job: Job):
     elif job.kind == "branch_down" and r["block_m"] == 1:  # one row: branch_gemv_kernel
         fn = branch_gemv_kernel
         ptrs = {"x_ptr": f"*{dt}", "a_ptr": "*fp16", "t_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-        consts = dict(BLOCK_K=gemv_block_k(BranchConfig(**{k: r[k] for k in BranchConfig.__dataclass_fields__}),
-                                           RANK_P), RANK_P=RANK_P,
-                      SPLIT_P=1 << (r["max_split"] - 1).bit_length(), USE_WS=True)
+        consts = dict(RANK_P=RANK_P, USE_WS=True, **branch_gemv_tiles(configs.BranchConfig(
+            **{k: v for k, v in r.items() if k in configs.BranchConfig.__dataclass_fields__}), RANK_P))
         div16 = list(ptrs) + ["K", "rank"]
         weight = "a_ptr"
     elif job.kind == "branch_down":

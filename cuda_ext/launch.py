@@ -103,9 +103,10 @@ def branch_grid(m: int, k: int, cfg: configs.BranchConfig, num_sms: int) -> tupl
     return max(1, min(_cdiv(k, cfg.block_k), cfg.max_split, _cdiv(num_sms, grid_m))), grid_m
 
 
-def gemv_block_k(cfg: configs.BranchConfig, rank_p: int) -> int:
-    """branch_gemv_kernel's K tile: the config's, capped so the (RANK_P, BLOCK_K) fp32 tile stays 8192."""
-    return max(16, min(cfg.block_k, 8192 // rank_p))
+def branch_gemv_tiles(cfg: configs.BranchConfig, rank_p: int) -> dict[str, int]:
+    """branch_gemv_kernel's constexpr tiles: BLOCK_K (the config's, capped so the (RANK_P, BLOCK_K) fp32
+    tile stays 8192 values) and SPLIT_P (the partials tile: max_split rounded up to a power of two)."""
+    return {"BLOCK_K": max(16, min(cfg.block_k, 8192 // rank_p)), "SPLIT_P": _pow2_at_least(cfg.max_split, 1)}
 
 
 def rank_pad(r: int) -> int:
@@ -149,8 +150,7 @@ def branch_down(x2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
             ws = torch.empty((split, rank_p), dtype=torch.float32, device=x2.device)
             cnt = _counters(x2.device, 1)
         _kernels().branch_gemv_kernel[(split,)](
-            x2, a, t, ws, cnt, k, r, BLOCK_K=gemv_block_k(cfg, rank_p), RANK_P=rank_p,
-            SPLIT_P=_pow2_at_least(cfg.max_split, 1), USE_WS=split > 1,
+            x2, a, t, ws, cnt, k, r, RANK_P=rank_p, USE_WS=split > 1, **branch_gemv_tiles(cfg, rank_p),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return t
     if split > 1:

@@ -149,14 +149,14 @@ def _launch(q: Qdec, layer: QdecLayer, x: torch.Tensor) -> torch.Tensor | None:
     if k_chunk <= 0:
         return None
     x2 = x.reshape(-1, x.shape[-1])
+    count = selected_count(x2.shape[1], k_chunk) * x2.shape[0]  # every selection takes this many
+    q.counters.channels += count
+    q.counters.bytes += count * layer.rcodes.shape[1]
     if x2.device.type == "cuda" and layer.dense is None and not q.measure_recall and q.select in ("approx", "exact"):
         from cuda_ext.qdec_kernel import SideStream, qdec_select
 
         if q.side is None:
             q.side = SideStream(x2.device)
-        count = selected_count(x2.shape[1], k_chunk) * x2.shape[0]
-        q.counters.channels += count
-        q.counters.bytes += count * layer.rcodes.shape[1]
         if q.select == "approx":  # the fused selection kernel, on the side stream with the gather
             select = lambda v: qdec_select(v, k_chunk, layer.lo, layer.hi)  # noqa: E731
         else:
@@ -168,8 +168,6 @@ def _launch(q: Qdec, layer: QdecLayer, x: torch.Tensor) -> torch.Tensor | None:
         hit = torch.zeros_like(x2, dtype=torch.bool).scatter_(1, idx, True).gather(1, exact)
         q.recall_hits += int(hit.sum())
         q.recall_total += exact.numel()
-    q.counters.channels += idx.numel()
-    q.counters.bytes += idx.numel() * layer.rcodes.shape[1]
     return correction(x2, idx, layer)
 
 
