@@ -13,7 +13,7 @@
 #   tests    pytest, compiled (TRITON_INTERPRET=0): tests/test_gpu_kernels.py, test_gpu_qdec.py, test_gpu_engine.py and the
 #            kernel tests that also run on CUDA (test_cuda_ext_kernels, test_qdec_kernel, test_quant_linear);
 #            pytest-xdist spreads the Triton compiles over the CPUs when it is installed
-#   kernels  bench/kernels.py, 13 variants at m = $KERNELS_M (default "1"; "1 4 16" for all), Llama-2-7B
+#   kernels  bench/kernels.py, 14 variants at m = $KERNELS_M (default "1"; "1 4 16" for all), Llama-2-7B
 #   engine   bench/gpu_engine.py (random-weights SmolLM2-shaped model through QuantLinear + Engine)
 #   profile  bench/kernels.py --profile: device time per kernel, one Llama-2-7B layer per shape, r0 vs r64
 #   kernels  then Llama-3-8B
@@ -136,12 +136,10 @@ main() {
   step env 60 "$PYTHON" bench/gpu_env.py --json "$OUT/env.json"
   export -f run_tests
   export PYTHON OUT WORK DRY
-  # timings first (the 2026-11-27 session ran out of budget after the tests); Triton compiles of the
-  # benchmark's ~40 kernel variants take most of its step
+  # QDEC and the tests first, then the kernels' m = 1 rows (m = 4 and 16 run the tensor-core kernel,
+  # unchanged since the first lease: KERNELS_M="1 4 16" adds them); Triton compiles of the benchmark's
+  # kernel variants take most of its step. bench/qdec.py exits 2 without CUDA (expected in the dry run)
   local kjson=("$WORK/kernels-Llama-2-7B.json" "$WORK/kernels-Llama-3-8B.json")
-  # 2026-11-27 (second lease): QDEC as served (fused selection, graphed) and the tests of the new code
-  # first; the kernels' m = 4 and 16 rows (tensor-core kernel, unchanged since run 1) are left out
-  # bench/qdec.py exits 2 without CUDA (expected in the dry run)
   step qdec 150 "$PYTHON" bench/qdec.py --model llama2-7b --bits 3 --json "$OUT/qdec.json"
   step tests 180 bash -c run_tests
   kernels Llama-2-7B
