@@ -11,7 +11,7 @@
 #   env      bench/gpu_env.py: nvidia-smi, torch/triton/ptxas versions, missing packages
 #   qdec     bench/qdec.py (zero-copy gather table; slowdown vs k_chunk graphed and eager; extra GPU memory)
 #   tests    pytest, compiled (TRITON_INTERPRET=0): tests/test_gpu_kernels.py, test_gpu_qdec.py, test_gpu_engine.py and the
-#            kernel tests that also run on CUDA (test_cuda_ext_kernels, test_qdec_kernel, test_quant_linear);
+#            kernel tests that also run on CUDA (test_cuda_ext_kernels, test_qdec_kernel, test_quant_linear, test_fused_ops);
 #            pytest-xdist spreads the Triton compiles over the CPUs when it is installed
 #   kernels  bench/kernels.py, 14 variants at m = $KERNELS_M (default "1"; "1 4 16" for all), Llama-2-7B
 #   engine   bench/gpu_engine.py (random-weights SmolLM2-shaped model through QuantLinear + Engine)
@@ -94,7 +94,7 @@ run_tests() {  # pytest into $OUT/tests.log (its tail also goes to the session l
     tee "$OUT/tests.log"; return 3; }
   "$PYTHON" -c "import pytest_timeout" 2>/dev/null && args+=(--timeout 150)
   local gpu=(tests/test_gpu_kernels.py tests/test_gpu_qdec.py tests/test_gpu_engine.py)
-  local old=(tests/test_cuda_ext_kernels.py tests/test_qdec_kernel.py tests/test_quant_linear.py)
+  local old=(tests/test_cuda_ext_kernels.py tests/test_qdec_kernel.py tests/test_quant_linear.py tests/test_fused_ops.py)
   local rc=0
   if [[ $DRY == 1 ]]; then
     "$PYTHON" -m pytest "${args[@]}" "${gpu[@]}" >"$OUT/tests.log" 2>&1 || rc=$?

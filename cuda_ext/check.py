@@ -7,8 +7,8 @@ the narrowest/widest global load of the weights, found by following the weight p
 through the PTX (ld.global.v4.b32 = 16 bytes), and for gemv_kernel the SASS instructions of its
 K-block loop per weight (the math column's "N/w": that kernel is bound by instruction issue, so this is
 its cost).  QDEC's two kernels (cuda_ext/qdec_kernel.py: the gather, whose "weights" are the residual
-rows in host memory, and the selection, which reads activations only) are compiled with their fixed
-launch parameters.  Exit status 1 on a compile error, a spill, shared memory over the limit, or a weight
+rows in host memory, and the selection, which reads activations only) and the fused RMSNorm and rotary
+kernels (cuda_ext/fused.py, no weights) are compiled with their fixed launch parameters.  Exit status 1 on a compile error, a spill, shared memory over the limit, or a weight
 load narrower than 16 bytes.  Then the static roofline: bytes
 one call moves / ideal bytes (cuda_ext/roofline.py).
 
@@ -37,7 +37,10 @@ DEFAULT_VARIANTS = [(3, "bf16"), (4, "fp16")]  # the most planes / the fp32 dequ
 FULL_VARIANTS = [(b, d) for b in (2, 3, 4) for d in ("fp16", "bf16")]
 MIN_WEIGHT_LOAD = 16
 QDEC_KINDS = ("qdec_gather", "qdec_select")  # QDEC's kernels (cuda_ext/qdec_kernel.py): fixed launch parameters
-ALL_KINDS = (*configs.KINDS, *QDEC_KINDS)
+FUSED_KINDS = ("rms_norm", "rope")  # cuda_ext/fused.py: fixed launch parameters, no weights
+FIXED_KINDS = (*QDEC_KINDS, *FUSED_KINDS)
+NO_WEIGHTS = ("qdec_select", *FUSED_KINDS)  # kernels the 16-byte weight-load check does not apply to
+ALL_KINDS = (*configs.KINDS, *FIXED_KINDS)
 GEMV_TAIL_ROWS = 8  # gemv_kernel is specialised on its tail block; 8 rows = Llama-2's K = 11008
 
 
@@ -70,6 +73,7 @@ def _kernel_source(job: Job):
 
     from .kernels import branch_down_kernel, branch_gemv_kernel, gemv_kernel, qgemm_kernel
     from .launch import branch_gemv_tiles
+    from .fused import rms_norm_kernel, rope_kernel
     from .qdec_kernel import qdec_gather_kernel, qdec_select_kernel
     dt, r = job.dtype, job.rule
     if job.kind == "qdec_gather":  # the weights are the residual rows, read from pinned host memory
@@ -83,6 +87,18 @@ def _kernel_source(job: Job):
         ptrs = {"x_ptr": f"*{dt}", "out_ptr": "*i32", "lo": "fp32", "width": "fp32"}
         consts = dict(CHUNK=1024, BUCKETS=32)
         div16 = ["x_ptr", "out_ptr", "K", "stride_xm", "stride_om"]
+        weight = None
+    elif job.kind == "rms_norm":  # Llama-3-8B's hidden size, the widest row block shipped models use
+        fn = rms_norm_kernel
+        ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "y_ptr": f"*{dt}", "eps": "fp32"}
+        consts = dict(BLOCK=r["block"])
+        div16 = ["x_ptr", "w_ptr", "y_ptr", "N", "stride_x", "stride_y"]
+        weight = None
+    elif job.kind == "rope":
+        fn = rope_kernel
+        ptrs = {"q_ptr": f"*{dt}", "k_ptr": f"*{dt}", "cos_ptr": f"*{dt}", "sin_ptr": f"*{dt}"}
+        consts = dict(D=r["head_dim"], BLOCK_D=r["head_dim"])
+        div16 = list(ptrs) + ["stride_q", "stride_k", "stride_c"]
         weight = None
     elif job.kind == "branch_down" and r["block_m"] == 1:  # one row: branch_gemv_kernel
         fn = branch_gemv_kernel
@@ -271,10 +287,13 @@ def run_jobs(jobs: list[Job], workers: int) -> list[Result]:
 
 
 def _rules(arch: str, kind: str) -> list[dict]:
-    """The configs shipped for a kind on an arch: the arch's table, or QDEC's fixed launch parameters."""
-    if kind in QDEC_KINDS:
-        from .qdec_kernel import GATHER_CONFIG, SELECT_CONFIG
-        return [{"m_max": None, **(GATHER_CONFIG if kind == "qdec_gather" else SELECT_CONFIG)}]
+    """The configs shipped for a kind on an arch: the arch's table, or a kernel's fixed launch parameters."""
+    from . import fused, qdec_kernel
+    fixed = {"qdec_gather": qdec_kernel.GATHER_CONFIG, "qdec_select": qdec_kernel.SELECT_CONFIG,
+             "rms_norm": {"block": 4096, "num_warps": fused.RMS_NORM_WARPS, "num_stages": 1},
+             "rope": {"head_dim": 128, "num_warps": fused.ROPE_WARPS, "num_stages": 1}}
+    if kind in fixed:
+        return [{"m_max": None, **fixed[kind]}]
     return configs.load_table(arch)[kind]
 
 
@@ -283,11 +302,11 @@ def _jobs(archs: list[str], full: bool, kinds: list[str]) -> tuple[list[Job], li
     for arch in archs:
         for kind in kinds:
             for no, rule in enumerate(_rules(arch, kind)):
-                variants = [(0, d) for d in ("fp16", "bf16")] if kind in ("branch_down", *QDEC_KINDS) else (
+                variants = [(0, d) for d in ("fp16", "bf16")] if kind in ("branch_down", *FIXED_KINDS) else (
                     FULL_VARIANTS if full else DEFAULT_VARIANTS)
                 for bits, dt in variants:
-                    if dt == "bf16" and arch == "sm_75":
-                        if full or kind in ("branch_down", *QDEC_KINDS):
+                    if dt == "bf16" and arch == "sm_75" and kind not in FUSED_KINDS:  # fused: any dtype
+                        if full or kind in ("branch_down", *FIXED_KINDS):
                             notes.append(f"{arch} {kind}#{no} {bits or ''}{'b ' if bits else ''}bf16: skipped, "
                                          "bf16 needs sm_80+ (the launcher refuses it)")
                             continue
@@ -301,6 +320,10 @@ def _config_label(kind: str, rule: dict) -> str:
         return f"rows {rule['block_s']} x {rule['block_b']} B w{rule['num_warps']}"
     if kind == "qdec_select":
         return f"1024-channel chunk w{rule['num_warps']}"
+    if kind == "rms_norm":
+        return f"row of {rule['block']} w{rule['num_warps']}"
+    if kind == "rope":
+        return f"head dim {rule['head_dim']} w{rule['num_warps']}"
     if kind == "branch_down":
         tile = f"m{rule['block_m']} k{rule['block_k']}"
     else:
@@ -329,7 +352,7 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
             problems.append("spills")
         if smem > limit:
             problems.append(f"smem > {limit}")
-        if not errs and kind != "qdec_select" and (not loads or min(loads) < MIN_WEIGHT_LOAD):
+        if not errs and kind not in NO_WEIGHTS and (not loads or min(loads) < MIN_WEIGHT_LOAD):
             problems.append(f"weight loads < {MIN_WEIGHT_LOAD} B" if loads else "no weight load found")
         ok_all &= not problems
         variants = ",".join(f"{r.job.bits}b{r.job.dtype}" if r.job.bits else r.job.dtype for r in rs)

@@ -24,6 +24,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.is_cuda and not torch.is_grad_enabled():  # the same in one launch (cuda_ext/fused.py; no backward)
+            from cuda_ext.fused import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
         # Normalise in fp32 as transformers does, then cast back before the scale.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -121,9 +125,14 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D)
-        q = (q * cos + rotate_half(q) * sin).to(v.dtype)
-        k = (k * cos + rotate_half(k) * sin).to(v.dtype)
+        if x.is_cuda and not torch.is_grad_enabled():  # the same in one launch, in place (cuda_ext/fused.py)
+            from cuda_ext.fused import rope
+
+            q, k = rope(q, k, cos, sin)
+        else:
+            cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, D)
+            q = (q * cos + rotate_half(q) * sin).to(v.dtype)
+            k = (k * cos + rotate_half(k) * sin).to(v.dtype)
         q = q.transpose(1, 2)  # (B, H, T, D)
         if self.kv_cache is None or positions is None:
             # No cache: one causal window (evaluation, calibration).

@@ -94,14 +94,16 @@ def test_kernels_check_decode_on_sm90():
     assert main(["--arch", "sm_90", "--kind", "decode", "--jobs", "2"]) == 0
 
 
-def test_kernels_check_compiles_qdec_kernels(capfd):
-    """QDEC's gather and selection kernels are part of the check: rows for both, 16-byte residual-row
-    loads for the gather (the selection reads activations only)."""
+def test_kernels_check_compiles_qdec_and_fused_kernels(capfd):
+    """QDEC's gather and selection kernels and the fused RMSNorm/rotary kernels are part of the check:
+    a row each, 16-byte residual-row loads for the gather (the others read no weights)."""
     from cuda_ext.check import main
-    assert main(["--arch", "sm_86", "--kind", "qdec_gather", "--kind", "qdec_select", "--jobs", "2"]) == 0
-    rows = [ln for ln in capfd.readouterr().out.splitlines() if ln.startswith("qdec_")]  # a subprocess prints
-    assert [r.split()[0] for r in rows] == ["qdec_gather", "qdec_select"]
-    assert rows[0].split()[-2:] == ["16-16", "ok"] and rows[1].split()[-2:] == ["-", "ok"]
+    kinds = ["qdec_gather", "qdec_select", "rms_norm", "rope"]
+    assert main(["--arch", "sm_86", *[a for k in kinds for a in ("--kind", k)], "--jobs", "2"]) == 0
+    out = capfd.readouterr().out  # the check runs in a subprocess under the interpreter
+    rows = [ln for ln in out.splitlines() if ln.split() and ln.split()[0] in kinds]
+    assert [r.split()[0] for r in rows] == kinds
+    assert rows[0].split()[-2:] == ["16-16", "ok"] and all(r.split()[-2:] == ["-", "ok"] for r in rows[1:])
 
 
 @pytest.mark.parametrize("arch", configs.ARCHS)
