@@ -135,7 +135,26 @@ class EngineCollector:
         card = self._model_card(engine)
         if card is not None and card.quantization is not None:
             bpw.add_metric([card.id, card.quantization.method], card.quantization.bits_per_weight)
-        return [running, waiting, kv_ratio, memory, weights, residual, channels, fetched, kernel, bpw]
+        paths = GaugeMetricFamily("fbserve_path_enabled", "Optional serving paths (qdec, cuda_graph, cpu_decode): "
+                                  "1 when live, 0 with the reason why not.", labels=["path", "reason"])
+        for name, status in self._path_status(engine).items():
+            paths.add_metric([name, str(status.get("reason") or "")], 1 if status.get("enabled") else 0)
+        return [running, waiting, kv_ratio, memory, weights, residual, channels, fetched, kernel, bpw, paths]
+
+    def _path_status(self, engine: Any) -> dict[str, dict]:
+        """/health's status objects of the optional paths (empty before the model is loaded)."""
+        if engine is None:
+            return {}
+        out = {"cuda_graph": self._call(engine, "cuda_graph_status", {}),
+               "cpu_decode": self._call(engine, "cpu_decode_status", {})}
+        if hasattr(engine, "model"):
+            from engine import qdec
+
+            try:
+                out["qdec"] = qdec.health(engine.model)
+            except Exception:
+                log.exception("qdec.health failed during a metrics scrape")
+        return {k: v for k, v in out.items() if v}
 
     @staticmethod
     def _model_card(engine: Any) -> Any:

@@ -57,6 +57,7 @@ CONTRACT_OTHER = {
     "fbserve_qdec_residual_bytes",
     "fbserve_kernel_info",
     "fbserve_model_bits_per_weight",
+    "fbserve_path_enabled",
 }
 CONTRACT_SERIES = CONTRACT_OTHER | {f"{h}_{s}" for h in CONTRACT_HISTOGRAMS for s in ("bucket", "sum", "count")}
 

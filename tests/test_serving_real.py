@@ -117,6 +117,18 @@ def test_memory_metrics_by_kind(server):
     assert server.metric("fbserve_kv_cache_usage_ratio") == 0
 
 
+def test_optional_paths_are_exported_with_their_reason(server):
+    """fbserve_path_enabled says which optional path is live, and why not, as /health does."""
+    text = httpx.get(f"{server.url}/metrics", timeout=60).text
+    rows = {path: (reason, float(v)) for path, reason, v in
+            re.findall(r'^fbserve_path_enabled\{path="(\w+)",reason="([^"]*)"\} (\S+)$', text, re.MULTILINE)}
+    health = httpx.get(f"{server.url}/health", timeout=60).json()
+    assert set(rows) == {"qdec", "cuda_graph", "cpu_decode"}, rows
+    for path in rows:
+        assert rows[path] == (health[path].get("reason") or "", 1.0 if health[path]["enabled"] else 0.0), path
+    assert rows["cuda_graph"] == ("not a CUDA device", 0.0)
+
+
 def test_sigterm_finishes_streams_refuses_new_requests_and_exits_0(server):
     """Runs last: it ends the module's server."""
     body = _completion("Count from one to twenty:", max_tokens=24, temperature=0, stream=True)
