@@ -145,8 +145,8 @@ class EngineCollector:
         """/health's status objects of the optional paths (empty before the model is loaded)."""
         if engine is None:
             return {}
-        out = {"cuda_graph": self._call(engine, "cuda_graph_status", {}),
-               "cpu_decode": self._call(engine, "cpu_decode_status", {})}
+        out = {path: self._call(engine, f"{path}_status", {}) for path in ("cuda_graph", "cpu_decode")
+               if hasattr(engine, f"{path}_status")}
         if hasattr(engine, "model"):
             from engine import qdec
 
