@@ -97,28 +97,31 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
 
+    def graphed(fn, what: str) -> float:  # NaN (with the error printed) if the capture fails
+        try:
+            return graph_ms(fn, 50)
+        except Exception as e:  # noqa: BLE001 - reported in the table, the other columns still measured
+            print(f"graph capture failed ({what}): {e!r}", flush=True)
+            torch.cuda.synchronize()
+            return float("nan")
+
+    def graphed_step(k_chunk: int) -> float:
+        return graphed(lambda: step(k_chunk), f"step, k_chunk {k_chunk}")
+
     def graphed_chain(k_chunk: int, gather: bool = True) -> float:
         def chain() -> None:
             for _, rc, rs, x in stack:
                 idx = qdec_select(x, k_chunk, lo, hi)
                 if gather:
                     qdec_correction(x, idx, rc, rs)
-        return graph_ms(chain, 50)
-
-    def graphed(k_chunk: int) -> float:  # NaN (with the error printed) if the capture fails
-        try:
-            return graph_ms(lambda: step(k_chunk), 50)
-        except Exception as e:  # noqa: BLE001 - reported in the table, the eager column still measured
-            print(f"graph capture failed at k_chunk {k_chunk}: {e!r}", flush=True)
-            torch.cuda.synchronize()
-            return float("nan")
+        return graphed(chain, f"QDEC alone, k_chunk {k_chunk}, gather {gather}")
 
     out = {"model": model, "bits": bits, "scales_on": scales_on, "weight_bytes": weight_bytes,
-           "resident_scale_bytes": scale_bytes, "graph_base_ms": graphed(0),
+           "resident_scale_bytes": scale_bytes, "graph_base_ms": graphed_step(0),
            "eager_base_ms": cuda_time(lambda: step(0), reps=20, warm=3) * 1e3, "k_chunk": {}}
     base_peak = peak_bytes(0)
     for kc in (1, 2, 4, 8, 16, 32, 64, 128):
-        g = graphed(kc)
+        g = graphed_step(kc)
         e = cuda_time(lambda: step(kc), reps=20, warm=3) * 1e3
         extra = scale_bytes + max(0, peak_bytes(kc) - base_peak)
         out["k_chunk"][kc] = {"graph_ms": g, "slowdown_pct": 100 * (g / out["graph_base_ms"] - 1),
