@@ -209,6 +209,38 @@ def engine_run(model: Transformer, vocab: int, requests: int, max_tokens: int, w
 
 
 @torch.no_grad()
+def graphed_profile(model: Transformer, dev: torch.device, vocab: int, steps: int = 20, rows: int = 12) -> dict:
+    """A batch-1 decode step replayed from its CUDA graph: wall ms per step (replay + logits to the host),
+    device busy ms, kernels launched per step and the kernels with the most device time (torch.profiler
+    sees the kernels inside a graph replay)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from engine.cuda_graph_decode import GraphDecoder
+
+    dec = GraphDecoder(model, max_batch=1, max_seq_len=256, capture=True)
+    model(torch.randint(0, vocab, (1, 100), device=dev), torch.arange(100, device=dev)[None],
+          torch.tensor([0], device=dev))
+    for i in range(3):  # capture, then warm replays
+        dec.step([1], [100], [0])
+    sync(dev)
+    t0 = time.perf_counter()
+    for i in range(steps):
+        dec.step([1 + i % 7], [100], [0])  # rewrites position 100: every step the same length
+    wall = (time.perf_counter() - t0) / steps
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            dec.step([1 + i % 7], [100], [0])
+        sync(dev)
+    events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
+    ranked = sorted(events, key=lambda e: e.self_device_time_total, reverse=True)[:rows]
+    return {"wall_ms_per_step": wall * 1e3, "steps": steps,
+            "device_busy_ms_per_step": sum(e.self_device_time_total for e in events) / steps / 1e3,
+            "kernels_per_step": sum(e.count for e in events) / steps,
+            "by_device": [{"kernel": e.key[:60], "calls_per_step": e.count / steps,
+                           "device_us": e.self_device_time_total / steps} for e in ranked], **dec.status()}
+
+
+@torch.no_grad()
 def graph_consistency(model: Transformer, dev: torch.device, vocab: int, capture: bool) -> dict:
     """GraphDecoder.step (replayed graphs; `capture` False: the same static step eager) vs the module path
     on a second cache of the same model state: worst rel_err / top-1 agreement over batch 1, 2, 3."""
@@ -290,6 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - reported in the JSON
         out["graph_vs_eager"] = {"error": f"{type(e).__name__}: {e}"[:300]}
     if cuda:
+        try:  # diagnostics only, as decode_profile
+            out["graphed_profile"] = graphed_profile(model, dev, cfg.vocab_size)
+        except Exception as e:  # noqa: BLE001 - reported in the JSON
+            out["graphed_profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
         out["engine"] = engine_run(model, cfg.vocab_size, 4, 64, decode_graphs=False)
         out["engine_batch1"] = engine_run(model, cfg.vocab_size, 1, 64, warm=False, decode_graphs=False)  # compiled
         out["engine_graphs"] = engine_run(model, cfg.vocab_size, 4, 64)

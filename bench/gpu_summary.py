@@ -151,7 +151,20 @@ def engine_md(data: dict | None) -> list[str]:
             *(f"- {k}: {e.get('requests')} requests x {e.get('max_tokens')} tokens, "
               f"{e.get('tokens_per_s', 0):.1f} tok/s, finish {e.get('finish_reasons')}, errors {e.get('errors')}, "
               f"CUDA graph {e.get('cuda_graph')}" for k, e in runs),
-            *profile_md(data.get("decode_profile"))]
+            *profile_md(data.get("decode_profile")), *graphed_profile_md(data.get("graphed_profile"))]
+
+
+def graphed_profile_md(prof: dict | None) -> list[str]:
+    """The graphed batch-1 step's profile (bench/gpu_engine.py graphed_profile)."""
+    if not prof:
+        return []
+    if "error" in prof:
+        return [f"- graphed step profile failed: {prof['error']}"]
+    out = [f"- graphed decode step: {prof['wall_ms_per_step']:.2f} ms wall per step, device busy "
+           f"{prof['device_busy_ms_per_step']:.2f} ms, {prof['kernels_per_step']:.0f} kernels per step", "",
+           "| top kernels in the graphed step | calls/step | device us |", "|---|---|---|"]
+    out += [f"| {r['kernel']} | {r['calls_per_step']:.0f} | {r['device_us']:.0f} |" for r in prof["by_device"]]
+    return out
 
 
 def profile_md(prof: dict | None) -> list[str]:
