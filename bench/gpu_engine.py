@@ -236,7 +236,7 @@ def graphed_profile(model: Transformer, dev: torch.device, vocab: int, steps: in
     return {"wall_ms_per_step": wall * 1e3, "steps": steps,
             "device_busy_ms_per_step": sum(e.self_device_time_total for e in events) / steps / 1e3,
             "kernels_per_step": sum(e.count for e in events) / steps,
-            "by_device": [{"kernel": e.key[:60], "calls_per_step": e.count / steps,
+            "by_device": [{"op": e.key[:60], "calls_per_step": e.count / steps,
                            "device_us": e.self_device_time_total / steps} for e in ranked], **dec.status()}
 
 

@@ -151,36 +151,27 @@ def engine_md(data: dict | None) -> list[str]:
             *(f"- {k}: {e.get('requests')} requests x {e.get('max_tokens')} tokens, "
               f"{e.get('tokens_per_s', 0):.1f} tok/s, finish {e.get('finish_reasons')}, errors {e.get('errors')}, "
               f"CUDA graph {e.get('cuda_graph')}" for k, e in runs),
-            *profile_md(data.get("decode_profile")), *graphed_profile_md(data.get("graphed_profile"))]
+            *profile_md(data.get("decode_profile"), "eager decode step (profiled)"),
+            *profile_md(data.get("graphed_profile"), "graphed decode step")]
 
 
-def graphed_profile_md(prof: dict | None) -> list[str]:
-    """The graphed batch-1 step's profile (bench/gpu_engine.py graphed_profile)."""
+def profile_md(prof: dict | None, name: str) -> list[str]:
+    """A decode step's profile (bench/gpu_engine.py decode_profile or graphed_profile) as short tables."""
     if not prof:
         return []
     if "error" in prof:
-        return [f"- graphed step profile failed: {prof['error']}"]
-    out = [f"- graphed decode step: {prof['wall_ms_per_step']:.2f} ms wall per step, device busy "
-           f"{prof['device_busy_ms_per_step']:.2f} ms, {prof['kernels_per_step']:.0f} kernels per step", "",
-           "| top kernels in the graphed step | calls/step | device us |", "|---|---|---|"]
-    out += [f"| {r['kernel']} | {r['calls_per_step']:.0f} | {r['device_us']:.0f} |" for r in prof["by_device"]]
-    return out
-
-
-def profile_md(prof: dict | None) -> list[str]:
-    """The batch-1 decode step's profile (bench/gpu_engine.py decode_profile) as two short tables."""
-    if not prof:
-        return []
-    if "error" in prof:
-        return [f"- decode profile failed: {prof['error']}"]
-    out = [f"- decode step profiled: {prof['wall_ms_per_step_profiled']:.2f} ms wall per step, device busy "
-           f"{prof['device_busy_ms_per_step']:.2f} ms", "",
-           "| top ops by self CPU us/step | calls/step | self CPU us | device us |", "|---|---|---|---|"]
-    out += [f"| {r['op']} | {r['calls_per_step']:.0f} | {r['self_cpu_us']:.0f} | {r['device_us']:.0f} |"
-            for r in prof["by_cpu"]]
-    out += ["", "| top ops by device us/step | calls/step | self CPU us | device us |", "|---|---|---|---|"]
-    out += [f"| {r['op']} | {r['calls_per_step']:.0f} | {r['self_cpu_us']:.0f} | {r['device_us']:.0f} |"
-            for r in prof["by_device"]]
+        return [f"- {name} profile failed: {prof['error']}"]
+    wall = prof.get("wall_ms_per_step", prof.get("wall_ms_per_step_profiled", float("nan")))
+    facts = [f"{wall:.2f} ms wall per step", f"device busy {prof['device_busy_ms_per_step']:.2f} ms"]
+    if "kernels_per_step" in prof:
+        facts.append(f"{prof['kernels_per_step']:.0f} kernels per step")
+    out = [f"- {name}: " + ", ".join(facts)]
+    for key, title in (("by_cpu", "top ops by self CPU us/step"), ("by_device", "top ops by device us/step")):
+        if prof.get(key):
+            out += ["", f"| {title} | calls/step | self CPU us | device us |", "|---|---|---|---|"]
+            out += [f"| {r['op']} | {r['calls_per_step']:.0f} | "
+                    f"{'-' if r.get('self_cpu_us') is None else format(r['self_cpu_us'], '.0f')} | "
+                    f"{r['device_us']:.0f} |" for r in prof[key]]
     return out
 
 
