@@ -4,7 +4,7 @@
         [--checkpoint DIR ...] [--quantize] [--proxy 4,3] [--repeats 3] [--profile] [--json OUT] [--markdown OUT]
 
 Every row greedy-decodes the default model (SmolLM2-135M-Instruct) for `--tokens` tokens (EOS ignored)
-from the same prompt token ids: the opening of WikiText-2's test split (../shared/data, beside the
+from the same prompt token ids: the opening of WikiText-2's test split ($FBSERVE_DATA or ../shared/data, beside the
 repository), cut to `--prompt-tokens`. Each row runs in its own subprocess, so its peak RSS
 (ru_maxrss: model load plus generation) is its own; each does one short warm-up generation, then
 `--repeats` measured ones, and reports the median.
@@ -38,7 +38,6 @@ sys.path.insert(0, str(ROOT))
 
 from bench import _llamacpp_env  # noqa: E402  (after the path set-up: bench/ is not an installed package)
 
-PROMPT_FILE = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 WORKERS = Path(__file__).with_name("_decode_workers.py")
 ENGINES = ("ours", "transformers", "llamacpp")
 # The issue's targets: llama.cpp on the Q4_1 GGUF measured 57.7 tok/s on this machine type (2 cores).
@@ -64,11 +63,15 @@ class Row:
 
 
 # ---- inputs -------------------------------------------------------------------------------------------
-def prompt_text(path: Path = PROMPT_FILE) -> str:
-    """The first article's body paragraphs (headings `= ... =` dropped) of WikiText-2 test."""
+def prompt_text(path: Path | None = None) -> str:
+    """The first article's body paragraphs (headings `= ... =` dropped) of WikiText-2 test, from the shared
+    data folder ($FBSERVE_DATA, else ../shared/data beside the repository: quant.calibration.data_dir)."""
+    from quant.calibration import data_dir
+
+    path = path or data_dir() / "wikitext-2-raw" / "wiki.test.raw"
     if not path.is_file():
-        raise SystemExit(f"bench/decode.py: prompt data missing: {path} (WikiText-2 raw test split, expected in "
-                         "../shared/data beside the repository)")
+        raise SystemExit(f"bench/decode.py: prompt data missing: {path} (WikiText-2 raw test split; set "
+                         "FBSERVE_DATA to the folder holding wikitext-2-raw/, or put it in ../shared/data)")
     lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()[:200]]
     return "\n".join(ln for ln in lines if ln and not ln.startswith("="))
 
