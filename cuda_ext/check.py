@@ -34,6 +34,8 @@ ARCH_CC = {"sm_75": 75, "sm_80": 80, "sm_86": 86, "sm_87": 87, "sm_89": 89, "sm_
 GROUP = 128  # the group size is one constant in the code; it does not change registers or loads
 RANK_P = 128  # the largest branch tile: the worst case for registers
 DEFAULT_VARIANTS = [(3, "bf16"), (4, "fp16")]  # the most planes / the fp32 dequant: worst registers
+# decode also compiles 3-bit fp16: at m = 1 fp16 runs gemv_kernel's half2 path, a code path of its own
+DECODE_VARIANTS = [(3, "fp16"), *DEFAULT_VARIANTS]
 FULL_VARIANTS = [(b, d) for b in (2, 3, 4) for d in ("fp16", "bf16")]
 MIN_WEIGHT_LOAD = 16
 QDEC_KINDS = ("qdec_gather", "qdec_select")  # QDEC's kernels (cuda_ext/qdec_kernel.py): fixed launch parameters
@@ -121,7 +123,8 @@ def _kernel_source(job: Job):
                       USE_WS=r.get("max_split_k", 1) > 1, HAS_BRANCH=True, HAS_BIAS=True, INTERP_BF16=False)
         if r["block_m"] < 16:  # CUDA-core decode kernel; a tail block of 8 rows (K = 11008) compiled in
             fn = gemv_kernel
-            consts = dict(common, MR=r["block_m"], TAIL_ROWS=GEMV_TAIL_ROWS)
+            consts = dict(common, MR=r["block_m"], TAIL_ROWS=GEMV_TAIL_ROWS,
+                          HALF2=r["block_m"] == 1 and dt == "fp16")  # as launch.quant_matmul picks it
         else:
             fn = qgemm_kernel
             consts = dict(common, BLOCK_M=r["block_m"], BRANCH_TF32=ARCH_CC[job.arch] >= 80,
@@ -303,7 +306,7 @@ def _jobs(archs: list[str], full: bool, kinds: list[str]) -> tuple[list[Job], li
         for kind in kinds:
             for no, rule in enumerate(_rules(arch, kind)):
                 variants = [(0, d) for d in ("fp16", "bf16")] if kind in ("branch_down", *FIXED_KINDS) else (
-                    FULL_VARIANTS if full else DEFAULT_VARIANTS)
+                    FULL_VARIANTS if full else DECODE_VARIANTS if kind == "decode" else DEFAULT_VARIANTS)
                 for bits, dt in variants:
                     if dt == "bf16" and arch == "sm_75" and kind not in FUSED_KINDS:  # fused: any dtype
                         if full or kind in ("branch_down", *FIXED_KINDS):
@@ -311,7 +314,9 @@ def _jobs(archs: list[str], full: bool, kinds: list[str]) -> tuple[list[Job], li
                                          "bf16 needs sm_80+ (the launcher refuses it)")
                             continue
                         dt = "fp16"
-                    jobs.append(Job(arch, kind, no, rule, bits, dt))
+                    if not any(j.arch == arch and j.kind == kind and j.rule_no == no and (j.bits, j.dtype) == (bits, dt)
+                               for j in jobs):  # sm_75's stand-in fp16 may already be there
+                        jobs.append(Job(arch, kind, no, rule, bits, dt))
     return jobs, notes
 
 
@@ -339,7 +344,7 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
         groups.setdefault((r.job.kind, r.job.rule_no, r.job.arch), []).append(r)
     head = ["kernel", "config", "arch", "variants", "math", "regs", "spill B", "smem B", "weight load B", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if markdown else [
-        f"{head[0]:<12} {head[1]:<40} {head[2]:<7} {head[3]:<14} {head[4]:<10} {head[5]:>4} {head[6]:>7} "
+        f"{head[0]:<12} {head[1]:<40} {head[2]:<7} {head[3]:<20} {head[4]:<26} {head[5]:>4} {head[6]:>7} "
         f"{head[7]:>7} {head[8]:>13}  {head[9]}"]
     ok_all = True
     for (kind, no, arch), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], ARCH_CC[kv[0][2]])):
@@ -360,12 +365,15 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
         status = "ok" if not problems else "FAIL: " + "; ".join(problems)
         cfg = _config_label(kind, rs[0].job.rule)
         math = "/".join(sorted({r.math for r in rs if r.math})) or "-"
-        per_weight = [r.loop_per_weight for r in rs if r.loop_per_weight]
-        if per_weight:  # gemv_kernel: the loop's instructions per weight, worst variant
-            math += f" {max(per_weight):.1f}/w"
+        per_weight: dict[str, float] = {}  # gemv_kernel: the loop's instructions per weight, worst per dtype
+        for r in rs:
+            if r.loop_per_weight:
+                per_weight[r.job.dtype] = max(per_weight.get(r.job.dtype, 0.0), r.loop_per_weight)
+        if per_weight:
+            math += " " + " ".join(f"{v:.1f}/w {d}" for d, v in sorted(per_weight.items(), reverse=True))
         cells = [kind, cfg, arch, variants, math, str(regs), str(spill), str(smem), width, status]
         lines.append("| " + " | ".join(cells) + " |" if markdown else
-                     f"{kind:<12} {cfg:<40} {arch:<7} {variants:<14} {math:<10} {regs:>4} {spill:>7} {smem:>7} "
+                     f"{kind:<12} {cfg:<40} {arch:<7} {variants:<20} {math:<26} {regs:>4} {spill:>7} {smem:>7} "
                      f"{width:>13}  {status}")
     return lines, ok_all
 

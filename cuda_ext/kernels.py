@@ -5,6 +5,8 @@ qgemm_kernel   y = x @ dequant(Wq)^T (+ t @ B^T) (+ bias).  Decode (m <= 16): BL
                counter) sums the partials in a fixed order (deterministic, no memset, no second
                launch) and runs the epilogue.  Prefill (m > 16): BLOCK_M 32..128 tiles, split-K
                only where the config table allows it.
+gemv_kernel    the same for 1-4 rows on CUDA cores (decode at batch 1): (code - zero) exactly from the
+               packed words, fp32 sums; one fp16 row in packed half2 math (_gemv_block_h2).
 branch_down_kernel  t = x @ A^T (fp32), split over K the same way; the one small extra launch of
                the low-rank branch.  qgemm's epilogue then adds t @ B^T for its column tile, so B is
                read once and the (m, N) result never makes a round trip.
@@ -438,12 +440,100 @@ def _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb,
 
 
 @triton.jit
+def _half_pairs(v):
+    """(16, BLOCK_N) int32 words whose two 16-bit halves are fp16 bit patterns -> (16, BLOCK_N, 2) fp16."""
+    return tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).to(tl.float16, bitcast=True)
+
+
+@triton.jit
+def _h2_x(x_ptr, kv, kmask, MASKED: tl.constexpr):
+    """x[0, kv] as fp16 times 1/16 (exact): the scale that keeps a group's fp16 partial sums far
+    from overflow (|x| up to ~1.8e4 at 3 bits g128); gemv_kernel multiplies the sum back by 16."""
+    if MASKED:
+        x = tl.load(x_ptr + kv, mask=kmask, other=0.0, eviction_policy="evict_last")
+    else:
+        x = tl.load(x_ptr + kv, eviction_policy="evict_last")
+    return x * 0.0625
+
+
+@triton.jit
+def _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, K, Np, G,
+                   BITS: tl.constexpr, GROUP: tl.constexpr, RR: tl.constexpr):
+    """acc (16, BLOCK_N, 2) fp32 += one fp16 row of x times dequant(W) over one K block, in packed
+    half2 math: one AND-OR puts two chunks' codes on the mantissas of two fp16 1024s, one add of
+    -(1024 + zero) per half gives (code - zero) exactly (zeros are integers), one half2 FMA adds
+    x * (code - zero) into an fp16 partial sum of the group, and the group's end adds that partial,
+    scaled, into fp32.  Pair i holds chunks c0 = 2D * (i // D) + i % D and c0 + D in a word's two
+    halves: D = 4 at 4 bits and 8 at 2 bits (a plane word's fields f and f + 16 / FB); at 3 bits
+    D = 16, the two low planes' words rearranged once per block so that chunk c's and c + 16's fields
+    share bit positions, and the high-bit plane's bits c and c + 16 moved to bit 2 of each half."""
+    D: tl.constexpr = 4 if BITS == 4 else (8 if BITS == 2 else 16)
+    MASK: tl.constexpr = 0x000F000F if BITS == 4 else 0x00030003
+    FB: tl.constexpr = 4 if BITS == 4 else 2
+    TAIL: tl.constexpr = RR < 16
+    r = tl.arange(0, 16)
+    rmask = r < RR
+    nmask = offs_n < Np
+    wmask = rmask[:, None] & nmask[None, :]
+    wp = qw_ptr + (rb + r)[:, None] * Np + offs_n[None, :]
+    w = tl.zeros((16, offs_n.shape[0]), dtype=tl.int32)
+    w_odd = w
+    h = w
+    if BITS == 3:
+        w0 = tl.load(wp, mask=wmask, other=0, eviction_policy="evict_first")
+        w1 = tl.load(wp + RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
+        h = tl.load(wp + 2 * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
+        w = (w0 & 0xFFFF) | (w1 << 16)  # chunks 0..7 | 16..23
+        w_odd = ((w0 >> 16) & 0xFFFF) | (w1 & -65536)  # chunks 8..15 | 24..31
+    part = tl.zeros((16, offs_n.shape[0], 2), dtype=tl.float16)
+    s = tl.zeros((16, offs_n.shape[0], 2), dtype=tl.float32)
+    zz = tl.zeros((16, offs_n.shape[0], 2), dtype=tl.float16)
+    for i in tl.static_range(16):
+        # a group starts (half 0's group, relative to the block, is ((2D * (i // D) + i % D) * RR) // GROUP;
+        # half 1's changes at the same pairs): both halves' scales and zeros, in the weight tile's shape
+        if i == 0 or (((2 * D * (i // D) + i % D) * RR) // GROUP
+                      != ((2 * D * ((i - 1) // D) + (i - 1) % D) * RR) // GROUP):
+            s0, z0 = _load_sz(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D) * RR) // GROUP, offs_n, r,
+                              Np, G, tl.float16)
+            s1, z1 = _load_sz(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n,
+                              r, Np, G, tl.float16)
+            s = tl.join(s0, s1).to(tl.float32)
+            zz = -tl.join(z0, z1)  # _load_sz gave zero + 1024
+        if BITS != 3 and i % D == 0:  # a new plane word
+            w = tl.load(wp + (i // D) * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
+        if BITS == 3:
+            src = w if i < 8 else w_odd
+            if i >= 2:
+                hb = (h >> (i - 2)) & 0x00040004
+            else:
+                hb = (h << (2 - i)) & 0x00040004
+            v = ((src >> (FB * (i % 8))) & MASK) | hb | 0x64006400
+        else:
+            v = ((w >> (FB * (i % D))) & MASK) | 0x64006400
+        c0k = kb + (2 * D * (i // D) + i % D) * RR + r  # (16,): k of half 0's rows
+        x0 = _h2_x(x_ptr, c0k, rmask & (c0k < K), TAIL)
+        x1 = _h2_x(x_ptr, c0k + D * RR, rmask & (c0k + D * RR < K), TAIL)
+        term = tl.join(x0, x1)[:, None, :] * (_half_pairs(v) + zz)
+        if i == 0 or (((2 * D * (i // D) + i % D) * RR) // GROUP
+                      != ((2 * D * ((i - 1) // D) + (i - 1) % D) * RR) // GROUP):
+            part = term  # a group's first pair
+        else:
+            part += term
+        if i == 15 or (((2 * D * (i // D) + i % D) * RR) // GROUP
+                       != ((2 * D * ((i + 1) // D) + (i + 1) % D) * RR) // GROUP):
+            acc += part.to(tl.float32) * s
+    return acc
+
+
+@triton.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
                 M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic,
                 BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr,
                 TAIL_ROWS: tl.constexpr, RANK_P: tl.constexpr, USE_WS: tl.constexpr,
-                HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr):
+                HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr,
+                HALF2: tl.constexpr = False):
     """y (M, N) = x (M, K) @ dequant(qweight)^T (+ t @ B^T) (+ bias) for M <= MR rows on CUDA cores.
+    HALF2 (one fp16 row, MR = 1): the packed half2 math of _gemv_block_h2, else fp32 (_gemv_block).
 
     Same arguments and split-K protocol as qgemm_kernel (grid (cdiv(N, BLOCK_N), 1, split_k));
     the tail block's row count is a compile-time constant here (TAIL_ROWS, 0 = none), so every
@@ -456,26 +546,38 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_pt
     per = tl.cdiv(n_blocks, n_split)
     b0 = pid_k * per
     b1 = tl.minimum(b0 + per, n_blocks)
-    acc0 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
-    acc1 = acc0
-    acc2 = acc0
-    acc3 = acc0
-    for b in range(b0, tl.minimum(b1, n_full)):
-        acc0, acc1, acc2, acc3 = _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, b * 512,
-                                             b * (BITS * 16), M, K, Np, G, stride_xm, magic, BITS, GROUP, MR, 16)
-    if TAIL_ROWS > 0:
-        if b1 > n_full:
-            acc0, acc1, acc2, acc3 = _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n,
-                                                 n_full * 512, n_full * (BITS * 16), M, K, Np, G, stride_xm,
-                                                 magic, BITS, GROUP, MR, TAIL_ROWS)
-    # (MR, BLOCK_N): row i of x is row i of the partial result
     sel = offs_m[:, None]
-    part = tl.where(sel == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
-    if MR > 1:
-        part += tl.where(sel == 1, tl.sum(acc1, axis=0)[None, :], 0.0)
-    if MR > 2:
-        part += tl.where(sel == 2, tl.sum(acc2, axis=0)[None, :], 0.0)
-        part += tl.where(sel == 3, tl.sum(acc3, axis=0)[None, :], 0.0)
+    if HALF2:  # one fp16 row: packed half2 math (_gemv_block_h2)
+        acc = tl.zeros((16, BLOCK_N, 2), dtype=tl.float32)
+        for b in range(b0, tl.minimum(b1, n_full)):
+            acc = _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, b * 512, b * (BITS * 16), K, Np, G,
+                                 BITS, GROUP, 16)
+        if TAIL_ROWS > 0:
+            if b1 > n_full:
+                acc = _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, n_full * 512, n_full * (BITS * 16),
+                                     K, Np, G, BITS, GROUP, TAIL_ROWS)
+        part = tl.where(sel == 0, tl.sum(tl.sum(acc, axis=2), axis=0)[None, :] * 16.0, 0.0)  # undoes x / 16
+    else:
+        acc0 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
+        acc1 = acc0
+        acc2 = acc0
+        acc3 = acc0
+        for b in range(b0, tl.minimum(b1, n_full)):
+            acc0, acc1, acc2, acc3 = _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n,
+                                                 b * 512, b * (BITS * 16), M, K, Np, G, stride_xm, magic, BITS,
+                                                 GROUP, MR, 16)
+        if TAIL_ROWS > 0:
+            if b1 > n_full:
+                acc0, acc1, acc2, acc3 = _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n,
+                                                     n_full * 512, n_full * (BITS * 16), M, K, Np, G, stride_xm,
+                                                     magic, BITS, GROUP, MR, TAIL_ROWS)
+        # (MR, BLOCK_N): row i of x is row i of the partial result
+        part = tl.where(sel == 0, tl.sum(acc0, axis=0)[None, :], 0.0)
+        if MR > 1:
+            part += tl.where(sel == 1, tl.sum(acc1, axis=0)[None, :], 0.0)
+        if MR > 2:
+            part += tl.where(sel == 2, tl.sum(acc2, axis=0)[None, :], 0.0)
+            part += tl.where(sel == 3, tl.sum(acc3, axis=0)[None, :], 0.0)
     if USE_WS:
         is_last, total = _last_of_split(part, ws_ptr, cnt_ptr, pid_n, pid_k, n_split, offs_m, offs_n, M,
                                         MR, tl.num_programs(0) * BLOCK_N)

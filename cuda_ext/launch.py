@@ -214,7 +214,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
             kernels.gemv_magic(packed.bits), BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m,
             BLOCK_N=config.block_n, TAIL_ROWS=d["tail_rows"], RANK_P=rank_pad(r), USE_WS=split > 1,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, INTERP_BF16=interpreting() and x.dtype == torch.bfloat16,
-            num_warps=config.num_warps, num_stages=config.num_stages)
+            HALF2=config.block_m == 1 and x.dtype == torch.float16, num_warps=config.num_warps, num_stages=config.num_stages)
         return y.reshape(*x.shape[:-1], n)
     _kernels().qgemm_kernel[(grid_n, grid_m, split)](
         x2, packed.qweight, packed.scales, packed.zeros, y, ws, cnt, t,

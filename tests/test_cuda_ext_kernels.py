@@ -1,7 +1,8 @@
 """Triton kernels against cuda_ext.reference, on CPU under TRITON_INTERPRET=1 (or on CUDA).
 
 Error bounds (relative error = mean |y - ref| / mean |ref|, ref in fp32):
-  fp16: 2e-3  (the dequantized weight and y are rounded to fp16; measured ~3e-4)
+  fp16: 2e-3  (the dequantized weight and y are rounded to fp16; measured ~3e-4; gemv's half2 path
+              for one fp16 row, fp16 products and group sums: measured 2-6e-4)
   bf16: 1e-2  (the same in bf16; measured ~2e-3)
 The interpreter computes bf16 through fp32 dots on the same bf16 operand values (its bf16 tl.dot
 is wrong), see cuda_ext/README.md for what only a GPU run confirms.
@@ -15,9 +16,9 @@ if not torch.cuda.is_available():  # before anything imports triton (see cuda_ex
 
 import pytest  # noqa: E402
 
-from cuda_ext import branch_down, branch_down_ref, quant_matmul, quant_matmul_ref  # noqa: E402
+from cuda_ext import branch_down, branch_down_ref, pack, quant_matmul, quant_matmul_ref  # noqa: E402
 from cuda_ext.configs import GemmConfig  # noqa: E402
-from cuda_ext.testing import random_layer, rel_err  # noqa: E402
+from cuda_ext.testing import random_codes, random_layer, rel_err  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 BOUND = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -135,6 +136,33 @@ def test_gemv_matches_reference(case, dtype):
     block_m, m, n, k, bits, group, rank, bias, split = case
     cfg = GemmConfig(block_m=block_m, block_n=32, num_warps=4, num_stages=1, waves=64, max_split_k=split)
     _check(m, n, k, bits, group, dtype, rank, seed=sum(case[:6]), bias=bias, config=cfg)
+
+
+@pytest.mark.parametrize("group", [32, 64, 128])
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_gemv_half2_every_bits_and_group(bits, group):
+    """One fp16 row runs gemv_kernel's packed half2 path (code - zero exact, fp16 products and group
+    sums, fp32 across groups): every bits x group, with a tail block of 1, 2 or 8 rows."""
+    k = (1056, 576, 11008 // 4 + 8)[(bits + group // 32) % 3]  # tail blocks of 1, 2 and 8 rows (200 of 256 values)
+    cfg = GemmConfig(block_m=1, block_n=32, num_warps=4, num_stages=1, waves=64, max_split_k=2)
+    _check(1, 48, k, bits, group, torch.float16, rank=8 * (bits - 2), seed=bits * group, config=cfg)
+
+
+def test_gemv_half2_large_activations_stay_finite():
+    """|x| = 2000 over a whole group (an LLM outlier run) against codes 7 and zero 0: the group's fp16
+    partial sum would be 8 x 2000 x 7 = 112,000 > 65,504 (inf); x is scaled by 1/16 before the fp16
+    products, so it stays 7,000 and exact enough."""
+    codes, scales, zeros = random_codes(64, 1024, 3, 128, seed=11)
+    codes[:, :128] = 7
+    zeros[:, 0] = 0
+    packed = pack(codes, scales, zeros, 3, 128).to(DEV)
+    x = torch.randn(1, 1024)
+    x[0, :128] = 2000.0
+    x = x.half().to(DEV)
+    cfg = GemmConfig(block_m=1, block_n=32, num_warps=4, num_stages=1, waves=64, max_split_k=1)
+    y = quant_matmul(x, packed, config=cfg)
+    assert torch.isfinite(y).all()
+    assert rel_err(y, quant_matmul_ref(x, packed)) < BOUND[torch.float16]
 
 
 def test_gemv_split_k_is_deterministic():
