@@ -86,6 +86,16 @@ def torch_int4_stack(shapes: list[tuple[int, int]]) -> list[Callable]:
 TENSOR_CORE_DECODE = GemmConfig(block_m=16, block_n=128, num_warps=4, num_stages=1, waves=2, max_split_k=16)
 
 
+def m1_config(**change: bool) -> GemmConfig:
+    """This GPU's table config for m = 1 at 3 bits with fields changed (comparison rows: `half2=False`
+    runs one fp16 row through the fp32 gemv form, `fused_branch=True` makes t inside gemv's launch)."""
+    from dataclasses import replace
+
+    from cuda_ext import configs
+    arch = configs.arch_of(torch.cuda.get_device_capability())
+    return replace(configs.gemm_config(arch, 1, 3)[1], **change)
+
+
 def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int, config: GemmConfig | None = None,
                layers: int = LAYERS) -> list[Callable]:
     ops = []
@@ -233,6 +243,12 @@ def main(argv: list[str] | None = None) -> int:
                       lambda r=r: ours_stack(shapes, 3, r, TENSOR_CORE_DECODE), torch.float16, 3, r) for r in (0, 64)]
         variants += [("ours 3-bit g128 r64 16-row branch_down",
                       lambda: with_tile_branch(ours_stack(shapes, 3, 64)), torch.float16, 3, 64)]
+        # m = 1 only (a one-row config): the same-run baselines of this session's untimed changes
+        variants += [(f"ours 3-bit g128 r{r} fp32 gemv (m=1)",
+                      lambda r=r: ours_stack(shapes, 3, r, m1_config(half2=False)), torch.float16, 3, r)
+                     for r in (0, 64)]
+        variants += [("ours 3-bit g128 r64 fused branch (m=1)",
+                      lambda: ours_stack(shapes, 3, 64, m1_config(fused_branch=True)), torch.float16, 3, 64)]
         if args.variants:
             variants = [v for v in variants if any(t in v[0] for t in args.variants)]
         base: dict[tuple[str, int], float] = {}
@@ -243,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{model} {name}: unavailable ({type(e).__name__}: {e})")
                 continue
             for m in args.m:
-                if "tensor-core" in name and m > 16:
+                if ("tensor-core" in name and m > 16) or ("(m=1)" in name and m > 1):
                     continue
                 ms = run_stack(ops, shapes, m, dtype, args.reps)
                 ideal = stack_ideal_bytes(shapes, m, bits, rank)

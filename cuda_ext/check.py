@@ -74,7 +74,7 @@ def _kernel_source(job: Job):
     from triton.compiler import ASTSource
 
     from .kernels import branch_down_kernel, branch_gemv_kernel, gemv_kernel, qgemm_kernel
-    from .launch import branch_gemv_tiles
+    from .launch import branch_gemv_tiles, fused_branch_block_k
     from .fused import rms_norm_kernel, rope_kernel
     from .qdec_kernel import qdec_gather_kernel, qdec_select_kernel
     dt, r = job.dtype, job.rule
@@ -118,13 +118,15 @@ def _kernel_source(job: Job):
         weight = "a_ptr"
     else:
         ptrs = {"x_ptr": f"*{dt}", "qw_ptr": "*i32", "s_ptr": "*fp16", "z_ptr": "*fp16", "y_ptr": f"*{dt}",
-                "ws_ptr": "*fp32", "cnt_ptr": "*i32", "t_ptr": "*fp32", "b_ptr": "*fp16", "bias_ptr": f"*{dt}"}
+                "ws_ptr": "*fp32", "cnt_ptr": "*i32", "t_ptr": "*fp32", "b_ptr": "*fp16", "bias_ptr": f"*{dt}",
+                "a_ptr": "*fp16", "tws_ptr": "*fp32"}
         common = dict(BITS=job.bits, GROUP=GROUP, BLOCK_N=r["block_n"], RANK_P=RANK_P,
                       USE_WS=r.get("max_split_k", 1) > 1, HAS_BRANCH=True, HAS_BIAS=True, INTERP_BF16=False)
         if r["block_m"] < 16:  # CUDA-core decode kernel; a tail block of 8 rows (K = 11008) compiled in
             fn = gemv_kernel
             consts = dict(common, MR=r["block_m"], TAIL_ROWS=GEMV_TAIL_ROWS,
                           HALF2=r["block_m"] == 1 and dt == "fp16")  # as launch.quant_matmul picks it
+            consts.update(FUSED_BRANCH=bool(r.get("fused_branch")), PARTS_P=32, BLOCK_KA=fused_branch_block_k(RANK_P))
         else:
             fn = qgemm_kernel
             consts = dict(common, BLOCK_M=r["block_m"], BRANCH_TF32=ARCH_CC[job.arch] >= 80,
@@ -133,6 +135,7 @@ def _kernel_source(job: Job):
         div16 = list(ptrs) + ["N", "Np", "K", "rank", "stride_xm", "stride_ym"]
         weight = "qw_ptr"
     names = fn.arg_names
+    div16 = [n for n in div16 if n in names]  # qgemm_kernel has no a_ptr / tws_ptr
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in names}
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in div16}
     return ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs), weight and names.index(weight)
@@ -297,7 +300,10 @@ def _rules(arch: str, kind: str) -> list[dict]:
              "rope": {"head_dim": 128, "num_warps": fused.ROPE_WARPS, "num_stages": 1}}
     if kind in fixed:
         return [{"m_max": None, **fixed[kind]}]
-    return configs.load_table(arch)[kind]
+    rules = configs.load_table(arch)[kind]
+    if kind == "decode":  # gemv's fused branch is a config choice: compiled whether or not the table makes it
+        rules = rules + [{**r, "fused_branch": True} for r in rules if r["block_m"] == 1 and not r.get("fused_branch")]
+    return rules
 
 
 def _jobs(archs: list[str], full: bool, kinds: list[str]) -> tuple[list[Job], list[str]]:
@@ -333,6 +339,7 @@ def _config_label(kind: str, rule: dict) -> str:
         tile = f"m{rule['block_m']} k{rule['block_k']}"
     else:
         tile = f"m{rule['block_m']} n{rule['block_n']} splitK<={rule.get('max_split_k', 1)}"
+        tile += " fused branch" if rule.get("fused_branch") else ""
     when = f"m<={rule['m_max']}" if rule.get("m_max") is not None else "any m"
     return f"{when}: {tile} w{rule['num_warps']} s{rule['num_stages']}"
 
@@ -344,7 +351,7 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
         groups.setdefault((r.job.kind, r.job.rule_no, r.job.arch), []).append(r)
     head = ["kernel", "config", "arch", "variants", "math", "regs", "spill B", "smem B", "weight load B", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] if markdown else [
-        f"{head[0]:<12} {head[1]:<40} {head[2]:<7} {head[3]:<20} {head[4]:<26} {head[5]:>4} {head[6]:>7} "
+        f"{head[0]:<12} {head[1]:<46} {head[2]:<7} {head[3]:<20} {head[4]:<26} {head[5]:>4} {head[6]:>7} "
         f"{head[7]:>7} {head[8]:>13}  {head[9]}"]
     ok_all = True
     for (kind, no, arch), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1], ARCH_CC[kv[0][2]])):
@@ -373,7 +380,7 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
             math += " " + " ".join(f"{v:.1f}/w {d}" for d, v in sorted(per_weight.items(), reverse=True))
         cells = [kind, cfg, arch, variants, math, str(regs), str(spill), str(smem), width, status]
         lines.append("| " + " | ".join(cells) + " |" if markdown else
-                     f"{kind:<12} {cfg:<40} {arch:<7} {variants:<20} {math:<26} {regs:>4} {spill:>7} {smem:>7} "
+                     f"{kind:<12} {cfg:<46} {arch:<7} {variants:<20} {math:<26} {regs:>4} {spill:>7} {smem:>7} "
                      f"{width:>13}  {status}")
     return lines, ok_all
 

@@ -38,6 +38,8 @@ class GemmConfig:
     num_stages: int
     waves: float = 1.0
     max_split_k: int = 1
+    fused_branch: bool = False  # block_m 1: the branch's x @ A^T inside gemv_kernel's launch (no branch_down)
+    half2: bool = True  # block_m 1, fp16: gemv_kernel's packed half2 math (False: its fp32 form)
 
 
 @dataclass(frozen=True)

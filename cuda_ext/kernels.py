@@ -117,9 +117,11 @@ def _block_dot(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, rr, M, 
 @triton.jit
 def _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
               RANK_P: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
-              BRANCH_TF32: tl.constexpr, INTERP_BF16: tl.constexpr, BRANCH_DOT: tl.constexpr = True):
+              BRANCH_TF32: tl.constexpr, INTERP_BF16: tl.constexpr, BRANCH_DOT: tl.constexpr = True,
+              T_CG: tl.constexpr = False):
     """y tile = acc (+ t @ B^T) (+ bias), stored in y's dtype.  t: fp32 (M, rank); B: fp16 (N, rank).
-    BRANCH_DOT: t @ B^T with tl.dot (qgemm, 16+ rows); else on CUDA cores in fp32 (gemv, 1-4 rows)."""
+    BRANCH_DOT: t @ B^T with tl.dot (qgemm, 16+ rows); else on CUDA cores in fp32 (gemv, 1-4 rows).
+    T_CG: t was written during this launch (gemv's fused branch): read it from L2, never a stale L1 line."""
     mmask = offs_m < M
     nmask = offs_n < N
     if HAS_BRANCH:
@@ -127,8 +129,12 @@ def _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, st
         for r0 in tl.static_range(0, RANK_P, RC):
             rr = r0 + tl.arange(0, RC)
             rmask = rr < rank
-            t = tl.load(t_ptr + offs_m[:, None] * rank + rr[None, :], mask=mmask[:, None] & rmask[None, :],
-                        other=0.0)
+            if T_CG:
+                t = tl.load(t_ptr + offs_m[:, None] * rank + rr[None, :], mask=mmask[:, None] & rmask[None, :],
+                            other=0.0, cache_modifier=".cg")
+            else:
+                t = tl.load(t_ptr + offs_m[:, None] * rank + rr[None, :], mask=mmask[:, None] & rmask[None, :],
+                            other=0.0)
             bt = tl.load(b_ptr + offs_n[None, :] * rank + rr[:, None], mask=rmask[:, None] & nmask[None, :],
                          other=0.0).to(tl.float32)
             if not BRANCH_DOT:
@@ -526,21 +532,14 @@ def _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, K, Np, G,
 
 
 @triton.jit
-def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
-                M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic,
-                BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr,
-                TAIL_ROWS: tl.constexpr, RANK_P: tl.constexpr, USE_WS: tl.constexpr,
-                HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr,
-                HALF2: tl.constexpr = False):
-    """y (M, N) = x (M, K) @ dequant(qweight)^T (+ t @ B^T) (+ bias) for M <= MR rows on CUDA cores.
-    HALF2 (one fp16 row, MR = 1): the packed half2 math of _gemv_block_h2, else fp32 (_gemv_block).
-
-    Same arguments and split-K protocol as qgemm_kernel (grid (cdiv(N, BLOCK_N), 1, split_k));
-    the tail block's row count is a compile-time constant here (TAIL_ROWS, 0 = none), so every
-    field position, group start and shift is resolved at compile time."""
-    pid_n = tl.program_id(0)
-    pid_k = tl.program_id(2)
-    n_split = tl.num_programs(2)
+def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
+               M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic, pid_n, pid_k, n_split, n_tiles,
+               BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr,
+               TAIL_ROWS: tl.constexpr, RANK_P: tl.constexpr, USE_WS: tl.constexpr, HAS_BRANCH: tl.constexpr,
+               HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, HALF2: tl.constexpr, FUSED_BRANCH: tl.constexpr):
+    """gemv_kernel's work for column tile pid_n and K split pid_k (of n_split), then the tile's epilogue
+    by the last split to finish.  FUSED_BRANCH: the epilogue first waits for t (_wait_for_t) and then
+    reports the tile done (_tile_done)."""
     offs_m = tl.arange(0, MR)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     per = tl.cdiv(n_blocks, n_split)
@@ -580,10 +579,108 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_pt
             part += tl.where(sel == 3, tl.sum(acc3, axis=0)[None, :], 0.0)
     if USE_WS:
         is_last, total = _last_of_split(part, ws_ptr, cnt_ptr, pid_n, pid_k, n_split, offs_m, offs_n, M,
-                                        MR, tl.num_programs(0) * BLOCK_N)
+                                        MR, n_tiles * BLOCK_N)
         if is_last:
+            if FUSED_BRANCH:
+                _wait_for_t(cnt_ptr + n_tiles)
             _epilogue(total, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                      RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False)
+                      RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False, T_CG=FUSED_BRANCH)
+            if FUSED_BRANCH:
+                _tile_done(cnt_ptr + n_tiles, n_tiles)
     else:
+        if FUSED_BRANCH:
+            _wait_for_t(cnt_ptr + n_tiles)
         _epilogue(part, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                  RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False)
+                  RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False, T_CG=FUSED_BRANCH)
+        if FUSED_BRANCH:
+            _tile_done(cnt_ptr + n_tiles, n_tiles)
+
+
+# The fused branch's four counters, after the split-K tile counters (cnt + n_tiles): tickets handed out,
+# branch parts written, t ready (0/1), column tiles finished.  All four are 0 between launches.
+@triton.jit
+def _branch_part(x_ptr, a_ptr, tws_ptr, t_ptr, c_ptr, part, n_parts, K, rank,
+                 RANK_P: tl.constexpr, BLOCK_KA: tl.constexpr, PARTS_P: tl.constexpr):
+    """Branch part `part` of n_parts: tws[part] = A[:, K slice] @ x[0, K slice] (fp32); the last part to
+    finish sums every part in order into t (deterministic) and raises the t-ready flag."""
+    rr = tl.arange(0, RANK_P)
+    kk = tl.arange(0, BLOCK_KA)
+    span = tl.cdiv(tl.cdiv(K, n_parts), BLOCK_KA) * BLOCK_KA
+    k0 = part * span
+    k1 = tl.minimum(k0 + span, K)
+    acc = tl.zeros((RANK_P, BLOCK_KA), dtype=tl.float32)
+    for kb in range(k0, k1, BLOCK_KA):
+        kv = kb + kk
+        km = kv < k1
+        xv = tl.load(x_ptr + kv, mask=km, other=0.0).to(tl.float32)
+        av = tl.load(a_ptr + rr[:, None] * K + kv[None, :], mask=(rr < rank)[:, None] & km[None, :], other=0.0,
+                     eviction_policy="evict_first")
+        acc += av.to(tl.float32) * xv[None, :]
+    tl.store(tws_ptr + part * RANK_P + rr, tl.sum(acc, axis=1))
+    tl.debug_barrier()  # every thread's part is written before the release below
+    if tl.atomic_add(c_ptr + 1, 1, sem="acq_rel", scope="gpu") == n_parts - 1:
+        pp = tl.arange(0, PARTS_P)
+        parts = tl.load(tws_ptr + pp[:, None] * RANK_P + rr[None, :], mask=(pp < n_parts)[:, None], other=0.0,
+                        cache_modifier=".cg")
+        tl.store(t_ptr + rr, tl.sum(parts, axis=0), mask=rr < rank)
+        tl.debug_barrier()
+        tl.atomic_xchg(c_ptr + 2, 1, sem="release", scope="gpu")
+
+
+@triton.jit
+def _wait_for_t(c_ptr):
+    """Spin until the last branch part has written t.  Branch parts hold lower tickets than any tile's
+    programs and wait for nothing, so they run to completion whatever the GPU schedules."""
+    ready = tl.atomic_add(c_ptr + 2, 0, sem="acquire", scope="gpu")
+    while ready == 0:
+        ready = tl.atomic_add(c_ptr + 2, 0, sem="acquire", scope="gpu")
+
+
+@triton.jit
+def _tile_done(c_ptr, n_tiles):
+    """Count a finished column tile; the last one resets the four counters for the next launch (every
+    ticket is taken by then: each tile's last split arrived, and branch parts hold the lowest tickets)."""
+    if tl.atomic_add(c_ptr + 3, 1, sem="acq_rel", scope="gpu") == n_tiles - 1:
+        tl.atomic_xchg(c_ptr, 0)
+        tl.atomic_xchg(c_ptr + 1, 0)
+        tl.atomic_xchg(c_ptr + 2, 0)
+        tl.atomic_xchg(c_ptr + 3, 0)
+
+
+@triton.jit
+def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
+                M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic,
+                a_ptr, tws_ptr, n_tiles, n_split, n_parts,
+                BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr,
+                TAIL_ROWS: tl.constexpr, RANK_P: tl.constexpr, USE_WS: tl.constexpr,
+                HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr,
+                HALF2: tl.constexpr = False, FUSED_BRANCH: tl.constexpr = False, BLOCK_KA: tl.constexpr = 128,
+                PARTS_P: tl.constexpr = 32):
+    """y (M, N) = x (M, K) @ dequant(qweight)^T (+ t @ B^T) (+ bias) for M <= MR rows on CUDA cores.
+    HALF2 (one fp16 row, MR = 1): the packed half2 math of _gemv_block_h2, else fp32 (_gemv_block).
+
+    Without FUSED_BRANCH: grid (n_tiles, 1, n_split), t computed before by branch_down, and the same
+    split-K protocol as qgemm_kernel.  FUSED_BRANCH (one row): the branch's t = x @ A^T is made inside
+    this launch, no branch_down: a 1-D grid of n_parts + n_tiles * n_split programs, each taking a
+    ticket (an atomic counter) as it starts; tickets below n_parts compute a K slice of t
+    (_branch_part), the others a tile's split as usual, and a tile's epilogue waits for t.  Taking
+    roles by ticket, not by program id, is what makes the wait safe: a program that holds a ticket is
+    running, so every branch part is running or done by the time any tile waits.
+    The tail block's row count is a compile-time constant (TAIL_ROWS, 0 = none), so every field
+    position, group start and shift is resolved at compile time."""
+    if FUSED_BRANCH:
+        ticket = tl.atomic_add(cnt_ptr + n_tiles, 1, sem="relaxed", scope="gpu")
+        if ticket < n_parts:
+            _branch_part(x_ptr, a_ptr, tws_ptr, t_ptr, cnt_ptr + n_tiles, ticket, n_parts, K, rank,
+                         RANK_P, BLOCK_KA, PARTS_P)
+        else:
+            w = ticket - n_parts
+            _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
+                       M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic, w % n_tiles,
+                       w // n_tiles, n_split, n_tiles, BITS, GROUP, MR, BLOCK_N, TAIL_ROWS, RANK_P, USE_WS,
+                       HAS_BRANCH, HAS_BIAS, INTERP_BF16, HALF2, True)
+    else:
+        _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
+                   M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic, tl.program_id(0),
+                   tl.program_id(2), tl.num_programs(2), tl.num_programs(0), BITS, GROUP, MR, BLOCK_N, TAIL_ROWS,
+                   RANK_P, USE_WS, HAS_BRANCH, HAS_BIAS, INTERP_BF16, HALF2, False)

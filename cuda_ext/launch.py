@@ -109,6 +109,17 @@ def branch_gemv_tiles(cfg: configs.BranchConfig, rank_p: int) -> dict[str, int]:
     return {"BLOCK_K": max(16, min(cfg.block_k, 8192 // rank_p)), "SPLIT_P": _pow2_at_least(cfg.max_split, 1)}
 
 
+def fused_branch_parts(k: int) -> int:
+    """gemv_kernel's fused branch: how many programs share t = x @ A^T (about 256 k each, 1..32)."""
+    return max(1, min(32, _cdiv(k, 256)))
+
+
+def fused_branch_block_k(rank_p: int) -> int:
+    """The fused branch's K step: a (RANK_P, BLOCK_KA) fp32 tile of 4096 values (32 registers per thread
+    at 4 warps), so the branch parts need no more registers than the weight tiles."""
+    return max(16, 4096 // rank_p)
+
+
 def rank_pad(r: int) -> int:
     """RANK_P: the rank rounded up to a power of two >= 16 (tl.dot's minimum)."""
     return _pow2_at_least(r, 16)
@@ -200,21 +211,35 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
     d = packed.dims
     n_blocks = d["n_full"] + (1 if d["tail_rows"] else 0)
     grid_n, grid_m, split = gemm_grid(m, n, n_blocks, config, tgt.num_sms)
-    t = branch_down(x2, a.contiguous()) if r else y
+    fused = config.fused_branch and r > 0 and config.block_m == 1  # t made inside gemv_kernel's launch
+    if fused:
+        t = torch.empty((1, r), dtype=torch.float32, device=x.device)
+    else:
+        t = branch_down(x2, a.contiguous()) if r else y
     ws = cnt = y
     if split > 1:
         ws = torch.empty((split, grid_m * config.block_m, grid_n * config.block_n), dtype=torch.float32,
                          device=x.device)
         cnt = _counters(x.device, grid_m * grid_n)
     if config.block_m < 16:  # the CUDA-core kernel for a few rows
-        _kernels().gemv_kernel[(grid_n, 1, split)](
+        rank_p = rank_pad(r)
+        grid, tws, n_parts, extra = (grid_n, 1, split), y, 0, {}
+        if fused:
+            n_parts = fused_branch_parts(k)
+            tws = torch.empty((n_parts, rank_p), dtype=torch.float32, device=x.device)
+            cnt = _counters(x.device, grid_n + 4)  # split-K tile counters, then the branch's four
+            grid = (n_parts + grid_n * split, 1, 1)
+            extra = {"BLOCK_KA": fused_branch_block_k(rank_p), "PARTS_P": _pow2_at_least(n_parts, 1)}
+        _kernels().gemv_kernel[grid](
             x2, packed.qweight, packed.scales, packed.zeros, y, ws, cnt, t,
             b.contiguous() if r else y, bias.contiguous() if bias is not None else y,
             m, n, d["n_pad"], k, packed.groups, d["n_full"], n_blocks, r, x2.stride(0), y.stride(0),
-            kernels.gemv_magic(packed.bits), BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m,
-            BLOCK_N=config.block_n, TAIL_ROWS=d["tail_rows"], RANK_P=rank_pad(r), USE_WS=split > 1,
+            kernels.gemv_magic(packed.bits), a.contiguous() if fused else y, tws, grid_n, split, n_parts,
+            BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m,
+            BLOCK_N=config.block_n, TAIL_ROWS=d["tail_rows"], RANK_P=rank_p, USE_WS=split > 1,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, INTERP_BF16=interpreting() and x.dtype == torch.bfloat16,
-            HALF2=config.block_m == 1 and x.dtype == torch.float16, num_warps=config.num_warps, num_stages=config.num_stages)
+            HALF2=config.half2 and config.block_m == 1 and x.dtype == torch.float16, FUSED_BRANCH=fused, **extra,
+            num_warps=config.num_warps, num_stages=config.num_stages)
         return y.reshape(*x.shape[:-1], n)
     _kernels().qgemm_kernel[(grid_n, grid_m, split)](
         x2, packed.qweight, packed.scales, packed.zeros, y, ws, cnt, t,

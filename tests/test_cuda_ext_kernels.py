@@ -17,6 +17,7 @@ if not torch.cuda.is_available():  # before anything imports triton (see cuda_ex
 import pytest  # noqa: E402
 
 from cuda_ext import branch_down, branch_down_ref, pack, quant_matmul, quant_matmul_ref  # noqa: E402
+from cuda_ext import launch  # noqa: E402
 from cuda_ext.configs import GemmConfig  # noqa: E402
 from cuda_ext.testing import random_codes, random_layer, rel_err  # noqa: E402
 
@@ -163,6 +164,35 @@ def test_gemv_half2_large_activations_stay_finite():
     y = quant_matmul(x, packed, config=cfg)
     assert torch.isfinite(y).all()
     assert rel_err(y, quant_matmul_ref(x, packed)) < BOUND[torch.float16]
+
+
+FUSED_CASES = [  # (N, K, bits, group, rank, split): t made inside gemv_kernel's launch (no branch_down)
+    (64, 576, 3, 128, 8, 1),  # one branch part of 576 k with a tail, no split-K
+    (80, 1024, 4, 32, 64, 2),
+    (48, 1056, 2, 64, 128, 3),
+    (64, 11008 // 4, 3, 64, 32, 5),  # 11 parts, a partial last one
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: f"{c[0]}x{c[1]}-{c[2]}b-g{c[3]}-r{c[4]}-split{c[5]}")
+def test_gemv_fused_branch_matches_reference_and_leaves_counters_at_zero(case, dtype):
+    """The fused branch is right, deterministic, equal in value to the two-launch path, and leaves every
+    counter at 0 (the next launch, or a CUDA graph replay, starts clean)."""
+    n, k, bits, group, rank, split = case
+    cfg = GemmConfig(block_m=1, block_n=32, num_warps=4, num_stages=1, waves=64, max_split_k=split,
+                     fused_branch=True)
+    y = _check(1, n, k, bits, group, dtype, rank, seed=n + k + rank, config=cfg)
+    packed, a, b = random_layer(n, k, bits, group, rank=rank, seed=n + k + rank, device=DEV)
+    x = torch.randn(1, k, device=DEV).to(dtype)
+    y1 = quant_matmul(x, packed, a, b, config=cfg)
+    assert torch.equal(y1, quant_matmul(x, packed, a, b, config=cfg))
+    two_launch = quant_matmul(x, packed, a, b, config=GemmConfig(**{**cfg.__dict__, "fused_branch": False}))
+    assert rel_err(y1, two_launch) < 1e-3
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+    assert all(int(c.abs().sum()) == 0 for c in launch._COUNTERS.values())
+    assert y.shape == (1, n)
 
 
 def test_gemv_split_k_is_deterministic():
