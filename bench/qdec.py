@@ -6,8 +6,9 @@
    residual (one layer, 4096 outputs -> 2 KB rows) for k = 16..1024; effective PCIe bandwidth;
    pinned cudaMemcpy of 256 MB for comparison.
 2. slowdown: one decode step's linear stack (per layer qkv, o, gate_up, down; base quant_matmul,
-   3-bit g128, rank 0) alone vs with QDEC on each linear as served (fused selection + gather on the side
-   stream, cuda_ext.qdec_kernel) at k_chunk 1..128, in a CUDA graph and eagerly: the % slowdown
+   3-bit g128, rank 0) alone vs with QDEC on each linear as served (selection + gather in one launch on
+   the side stream, one add after the base kernel; cuda_ext.qdec_kernel) at k_chunk 1..128 (and the
+   two-launch form at 1, 8, 32), in a CUDA graph and eagerly: the % slowdown
    per k_chunk, the tuned k_chunk (largest within 2.5 %) and the knee (first over 2.5 %), and the extra
    GPU memory, with the residual scales in pinned host memory and on the device.
 Times: CUDA events, median of the repetitions after warm-ups.  Nothing is estimated: on a machine
@@ -63,7 +64,8 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
     pinned host memory) and the peak of one eager step's temporaries, against the stack's weight bytes."""
     from bench.kernels import graph_ms
     from cuda_ext import quant_matmul
-    from cuda_ext.qdec_kernel import GATHER_CONFIG, SELECT_CONFIG, SideStream, qdec_correction, qdec_select
+    from cuda_ext.qdec_kernel import (FUSED_CONFIG, GATHER_CONFIG, SELECT_CONFIG, SideStream, qdec_add,
+                                      qdec_correction, qdec_select, qdec_select_gather)
     from cuda_ext.testing import random_packed
 
     lo, hi = 0.05, 3.0  # selection thresholds for N(0, 1) activations (calibrated per layer when served)
@@ -80,13 +82,17 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
             stack.append((w, rc, rs, torch.randn(1, k, device="cuda").half()))
     side = SideStream(torch.device("cuda"))
 
-    def step(k_chunk: int) -> None:
+    def step(k_chunk: int, fused: bool = True) -> None:
         for w, rc, rs, x in stack:
-            if k_chunk:
-                acc = side.launch(x, lambda v: qdec_select(v, k_chunk, lo, hi), rc, rs)
+            if k_chunk and fused:  # as engine.qdec's hooks: one launch beside the base kernel, one add after
+                part = side.launch(x, lambda v: qdec_select_gather(v, k_chunk, lo, hi, rc, rs))
+            elif k_chunk:  # the form timed in the second GPU session: select + zeroed acc + gather, then add
+                acc = side.launch(x, lambda v: qdec_correction(v, qdec_select(v, k_chunk, lo, hi), rc, rs))
             y = quant_matmul(x, w)
-            if k_chunk:
-                y.add_(side.join(acc))  # as engine.qdec's hook
+            if k_chunk and fused:
+                qdec_add(y, side.join(part))
+            elif k_chunk:
+                y.add_(side.join(acc))
 
     def peak_bytes(k_chunk: int) -> int:
         step(k_chunk)
@@ -108,13 +114,16 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
     def graphed_step(k_chunk: int) -> float:
         return graphed(lambda: step(k_chunk), f"step, k_chunk {k_chunk}")
 
-    def graphed_chain(k_chunk: int, gather: bool = True) -> float:
+    def graphed_chain(k_chunk: int, gather: bool = True, fused: bool = False) -> float:
         def chain() -> None:
             for _, rc, rs, x in stack:
+                if fused:
+                    qdec_select_gather(x, k_chunk, lo, hi, rc, rs)
+                    continue
                 idx = qdec_select(x, k_chunk, lo, hi)
                 if gather:
                     qdec_correction(x, idx, rc, rs)
-        return graphed(chain, f"QDEC alone, k_chunk {k_chunk}, gather {gather}")
+        return graphed(chain, f"QDEC alone, k_chunk {k_chunk}, gather {gather}, fused {fused}")
 
     out = {"model": model, "bits": bits, "scales_on": scales_on, "weight_bytes": weight_bytes,
            "resident_scale_bytes": scale_bytes, "graph_base_ms": graphed_step(0),
@@ -127,19 +136,25 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
         out["k_chunk"][kc] = {"graph_ms": g, "slowdown_pct": 100 * (g / out["graph_base_ms"] - 1),
                               "eager_ms": e, "eager_slowdown_pct": 100 * (e / out["eager_base_ms"] - 1),
                               "extra_gpu_bytes": extra, "extra_gpu_pct": 100 * extra / weight_bytes}
+        if kc in (1, 8, 32):  # the same step with the two-launch form, same run
+            out["k_chunk"][kc]["two_launch_graph_ms"] = graphed(lambda: step(kc, fused=False), f"two-launch {kc}")
     # where the time goes: QDEC's own work alone, serially on one stream (no base kernel, no overlap)
     out["alone"] = {}
     for kc in (8, 32):
-        out["alone"][kc] = {"select_ms": graphed_chain(kc, gather=False), "select_gather_ms": graphed_chain(kc)}
+        out["alone"][kc] = {"select_ms": graphed_chain(kc, gather=False), "select_gather_ms": graphed_chain(kc),
+                            "fused_ms": graphed_chain(kc, fused=True)}
     # launch parameters of both kernels (cuda_ext.qdec_kernel's shipped ones first), alone at k_chunk 8
     out["sweep"] = []
     for what, cfg, values in (("select", SELECT_CONFIG, [{"num_warps": w} for w in (16, 4, 8, 32)]),
                               ("gather", GATHER_CONFIG, [{"block_s": s_, "block_b": b_} for s_, b_ in
-                                                         ((8, 256), (4, 512), (16, 256), (2, 1024), (32, 64))])):
+                                                         ((8, 256), (4, 512), (16, 256), (2, 1024), (32, 64))]),
+                              ("fused", FUSED_CONFIG, [{"num_warps": w, "block_s": s_} for w, s_ in
+                                                       ((8, 16), (4, 8), (16, 32), (8, 8), (8, 32))])):
         shipped = dict(cfg)
         for v in values:
             cfg.update(v)  # a config that fails to compile or run times as NaN (the error is printed)
-            out["sweep"].append({"kernel": what, **v, "ms": graphed_chain(8, gather=what == "gather")})
+            out["sweep"].append({"kernel": what, **v, "ms": graphed_chain(8, gather=what != "select",
+                                                                          fused=what == "fused")})
             cfg.clear()
             cfg.update(shipped)
     within = [kc for kc, v in out["k_chunk"].items() if v["slowdown_pct"] <= 2.5]
@@ -156,13 +171,18 @@ def slowdown_md(s: dict) -> list[str]:
            "| k_chunk | graphed ms | slowdown | eager ms | eager slowdown | extra GPU memory |",
            "|---|---|---|---|---|---|"]
     for kc, v in s["k_chunk"].items():
+        mem = f"{v['extra_gpu_bytes'] / 1e6:.3f} MB ({v['extra_gpu_pct']:.4f}%)"
         out.append(f"| {kc} | {v['graph_ms']:.3f} | {v['slowdown_pct']:.2f}% | {v['eager_ms']:.3f} | "
-                   f"{v['eager_slowdown_pct']:.1f}% | {v['extra_gpu_bytes'] / 1e6:.3f} MB ({v['extra_gpu_pct']:.4f}%) |")
+                   f"{v['eager_slowdown_pct']:.1f}% | {mem} |")
     out.append(f"- tuned k_chunk (largest within 2.5%, graphed): {s['tuned_k_chunk_2.5pct']}; "
                f"knee (first over 2.5%): {s['knee_k_chunk_2.5pct']}")
+    for kc, v in s["k_chunk"].items():
+        if "two_launch_graph_ms" in v:
+            out.append(f"- k_chunk {kc}, the same step with the two-launch form (select, zeroed acc, gather, add): "
+                       f"{v['two_launch_graph_ms']:.3f} ms graphed (fused: {v['graph_ms']:.3f})")
     for kc, v in s.get("alone", {}).items():
         out.append(f"- QDEC's work alone (one stream, graphed) at k_chunk {kc}: selection {v['select_ms']:.3f} ms, "
-                   f"selection + gather {v['select_gather_ms']:.3f} ms")
+                   f"selection + gather {v['select_gather_ms']:.3f} ms, fused {v.get('fused_ms', float('nan')):.3f} ms")
     if s.get("sweep"):
         out += ["", "Launch parameters, QDEC alone at k_chunk 8 (graphed; the first row of each kernel is shipped; "
                 "gather rows include the selection):", "", "| kernel | parameters | ms |", "|---|---|---|"]

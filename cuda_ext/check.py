@@ -38,10 +38,11 @@ DEFAULT_VARIANTS = [(3, "bf16"), (4, "fp16")]  # the most planes / the fp32 dequ
 DECODE_VARIANTS = [(3, "fp16"), *DEFAULT_VARIANTS]
 FULL_VARIANTS = [(b, d) for b in (2, 3, 4) for d in ("fp16", "bf16")]
 MIN_WEIGHT_LOAD = 16
-QDEC_KINDS = ("qdec_gather", "qdec_select")  # QDEC's kernels (cuda_ext/qdec_kernel.py): fixed launch parameters
+# QDEC's kernels (cuda_ext/qdec_kernel.py): fixed launch parameters
+QDEC_KINDS = ("qdec_gather", "qdec_select", "qdec_fused", "qdec_add")
 FUSED_KINDS = ("rms_norm", "rope")  # cuda_ext/fused.py: fixed launch parameters, no weights
 FIXED_KINDS = (*QDEC_KINDS, *FUSED_KINDS)
-NO_WEIGHTS = ("qdec_select", *FUSED_KINDS)  # kernels the 16-byte weight-load check does not apply to
+NO_WEIGHTS = ("qdec_select", "qdec_add", *FUSED_KINDS)  # kernels the 16-byte weight-load check does not apply to
 ALL_KINDS = (*configs.KINDS, *FIXED_KINDS)
 GEMV_TAIL_ROWS = 8  # gemv_kernel is specialised on its tail block; 8 rows = Llama-2's K = 11008
 
@@ -76,7 +77,7 @@ def _kernel_source(job: Job):
     from .kernels import branch_down_kernel, branch_gemv_kernel, gemv_kernel, qgemm_kernel
     from .launch import branch_gemv_tiles, fused_branch_block_k
     from .fused import rms_norm_kernel, rope_kernel
-    from .qdec_kernel import qdec_gather_kernel, qdec_select_kernel
+    from .qdec_kernel import qdec_add_kernel, qdec_fused_kernel, qdec_gather_kernel, qdec_select_kernel
     dt, r = job.dtype, job.rule
     if job.kind == "qdec_gather":  # the weights are the residual rows, read from pinned host memory
         fn = qdec_gather_kernel
@@ -84,6 +85,19 @@ def _kernel_source(job: Job):
         consts = dict(BLOCK_S=r["block_s"], BLOCK_B=r["block_b"])
         div16 = list(ptrs) + ["N", "NB", "stride_xm", "stride_im", "stride_am"]
         weight = "rc_ptr"
+    elif job.kind == "qdec_fused":  # selection + gather in one launch; weights: the residual rows
+        fn = qdec_fused_kernel
+        ptrs = {"x_ptr": f"*{dt}", "idx_ptr": "*i32", "rc_ptr": "*u8", "rs_ptr": "*fp16", "part_ptr": "*fp32",
+                "lo": "fp32", "width": "fp32"}
+        consts = dict(CHUNK=1024, BUCKETS=32, BLOCK_S=r["block_s"], BLOCK_B=r["block_b"])
+        div16 = ["x_ptr", "idx_ptr", "rc_ptr", "rs_ptr", "part_ptr", "K", "N", "NB", "stride_xm", "stride_im"]
+        weight = "rc_ptr"
+    elif job.kind == "qdec_add":  # y += the chunks' partial sums; no weights
+        fn = qdec_add_kernel
+        ptrs = {"y_ptr": f"*{dt}", "part_ptr": "*fp32"}
+        consts = dict(BLOCK=r["block"])
+        div16 = ["y_ptr", "part_ptr", "N", "stride_ym"]
+        weight = None
     elif job.kind == "qdec_select":  # reads activations only
         fn = qdec_select_kernel
         ptrs = {"x_ptr": f"*{dt}", "out_ptr": "*i32", "lo": "fp32", "width": "fp32"}
@@ -296,6 +310,8 @@ def _rules(arch: str, kind: str) -> list[dict]:
     """The configs shipped for a kind on an arch: the arch's table, or a kernel's fixed launch parameters."""
     from . import fused, qdec_kernel
     fixed = {"qdec_gather": qdec_kernel.GATHER_CONFIG, "qdec_select": qdec_kernel.SELECT_CONFIG,
+             "qdec_fused": qdec_kernel.FUSED_CONFIG,
+             "qdec_add": {"block": qdec_kernel.ADD_BLOCK, "num_warps": qdec_kernel.ADD_WARPS, "num_stages": 1},
              "rms_norm": {"block": 4096, "num_warps": fused.RMS_NORM_WARPS, "num_stages": 1},
              "rope": {"head_dim": 128, "num_warps": fused.ROPE_WARPS, "num_stages": 1}}
     if kind in fixed:
@@ -331,6 +347,10 @@ def _config_label(kind: str, rule: dict) -> str:
         return f"rows {rule['block_s']} x {rule['block_b']} B w{rule['num_warps']}"
     if kind == "qdec_select":
         return f"1024-channel chunk w{rule['num_warps']}"
+    if kind == "qdec_fused":
+        return f"chunk, {rule['block_s']} rows x {rule['block_b']} B w{rule['num_warps']}"
+    if kind == "qdec_add":
+        return f"{rule['block']} outputs w{rule['num_warps']}"
     if kind == "rms_norm":
         return f"row of {rule['block']} w{rule['num_warps']}"
     if kind == "rope":

@@ -5,8 +5,9 @@
     stats(model)    -> {"qdec_residual_bytes", "qdec_channels_fetched", "qdec_bytes_fetched"}  (metrics)
 
 Each QuantLinear gets a forward pre-hook, which selects the step's channels and starts their correction
-(on CUDA on a side stream, so the residual rows cross PCIe while the base low-bit kernel runs), and a
-forward hook, which adds it to the output; the layer itself is unchanged (its state dict, path, kernel).
+(on CUDA on a side stream, so the residual rows cross PCIe while the base low-bit kernel runs: selection
+and gather in one launch, cuda_ext.qdec_kernel.qdec_select_gather), and a forward hook, which adds it to
+the output (qdec_add on CUDA); the layer itself is unchanged (its state dict, path, kernel).
 Residuals (quant.qdec) stay in host memory: pinned when CUDA is available (the kernel reads the
 selected rows zero-copy), plain CPU memory otherwise.  Only rows of T == 1 are corrected (decode);
 prefill is not, unless `all_positions` is set (the evaluation protocol: every position as a decode step).
@@ -153,15 +154,17 @@ def _launch(q: Qdec, layer: QdecLayer, x: torch.Tensor) -> torch.Tensor | None:
     q.counters.channels += count
     q.counters.bytes += count * layer.rcodes.shape[1]
     if x2.device.type == "cuda" and layer.dense is None and not q.measure_recall and q.select in ("approx", "exact"):
-        from cuda_ext.qdec_kernel import SideStream, qdec_select
+        from cuda_ext.qdec_kernel import SideStream, qdec_correction, qdec_select_gather
 
         if q.side is None:
             q.side = SideStream(x2.device)
-        if q.select == "approx":  # the fused selection kernel, on the side stream with the gather
-            select = lambda v: qdec_select(v, k_chunk, layer.lo, layer.hi)  # noqa: E731
-        else:
-            select = lambda v: exact_topk(v, k_chunk)  # noqa: E731
-        return q.side.launch(x2, select, layer.rcodes, layer.rscales)
+        rc, rs = layer.rcodes, layer.rscales
+
+        def work(v: torch.Tensor) -> torch.Tensor:  # on the side stream: (M, chunks, N) fp32 partials
+            if q.select == "approx":  # selection and gather in one launch
+                return qdec_select_gather(v, k_chunk, layer.lo, layer.hi, rc, rs)
+            return qdec_correction(v, exact_topk(v, k_chunk), rc, rs)[:, None]
+        return q.side.launch(x2, work)
     idx = select_channels(x2, layer, k_chunk, q.select, q.generator)
     if q.measure_recall:
         exact = exact_topk(x2, k_chunk)
@@ -184,7 +187,10 @@ def _hooks(q: Qdec, layer: QdecLayer):
         if acc is None:
             return None
         if acc.device.type == "cuda" and layer.dense is None and q.side is not None:  # launched on the side stream
-            acc = q.side.join(acc)
+            from cuda_ext.qdec_kernel import qdec_add
+
+            qdec_add(y.view(-1, y.shape[-1]), q.side.join(acc))  # one kernel: fp32 sum, rounded once to y's dtype
+            return y
         return y.add_(acc.view(*y.shape))  # one kernel: fp32 add, rounded once to y's dtype
     return pre_hook, forward_hook
 

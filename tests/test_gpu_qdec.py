@@ -96,7 +96,7 @@ def test_unpinned_host_residual_raises():
 def test_side_stream_overlap_matches_serial():
     """SideStream.launch (correction on its own stream) + base quant_matmul + join == the serial result."""
     from cuda_ext import quant_matmul, quant_matmul_ref
-    from cuda_ext.qdec_kernel import SideStream
+    from cuda_ext.qdec_kernel import SideStream, qdec_correction
     from cuda_ext.testing import random_packed
 
     n, k = 4096, 4096
@@ -109,7 +109,7 @@ def test_side_stream_overlap_matches_serial():
     for step in range(5):
         x = torch.randn(1, k, device=DEV).half()
         idx = exact_topk(x, 32)
-        acc = side.launch(x, idx, rc, rs)
+        acc = side.launch(x, lambda v: qdec_correction(v, idx, rc, rs))
         y = quant_matmul(x, packed, a, b)
         y = y.float() + side.join(acc)
         torch.cuda.synchronize()
@@ -163,10 +163,11 @@ def test_fused_selection_matches_reference(m, k, k_chunk, dtype):
 
 @cuda_only
 def test_side_stream_captured_in_a_cuda_graph_matches_eager():
-    """Fused selection + gather on the side stream, forked and joined inside a CUDA graph capture around
-    the base kernel: each replay on new inputs equals the eager reference (what graphed QDEC decode does)."""
+    """Selection + gather in one launch on the side stream, forked and joined inside a CUDA graph capture
+    around the base kernel, then qdec_add: each replay on new inputs equals the eager reference (what
+    graphed QDEC decode does)."""
     from cuda_ext import quant_matmul, quant_matmul_ref
-    from cuda_ext.qdec_kernel import SideStream, qdec_select
+    from cuda_ext.qdec_kernel import SideStream, qdec_add, qdec_select_gather
     from cuda_ext.qdec_reference import approx_topk
     from cuda_ext.testing import random_packed
 
@@ -178,9 +179,9 @@ def test_side_stream_captured_in_a_cuda_graph_matches_eager():
     x = torch.zeros(1, k, device=DEV, dtype=torch.float16)
 
     def step():
-        acc = side.launch(x, lambda v: qdec_select(v, k_chunk, 0.05, 2.5), rc, rs)
+        part = side.launch(x, lambda v: qdec_select_gather(v, k_chunk, 0.05, 2.5, rc, rs))
         y = quant_matmul(x, packed)
-        return y.float() + side.join(acc)
+        return qdec_add(y, side.join(part)).float()
 
     warm = torch.cuda.Stream()
     warm.wait_stream(torch.cuda.current_stream())

@@ -128,3 +128,30 @@ def test_approx_topk_takes_k_chunk_per_chunk_in_channel_order() -> None:
         part = idx[:, 8 * c:8 * c + 8]
         assert bool(((part >= c0) & (part < min(c0 + 1024, 2500))).all())
         assert bool((part[:, 1:] > part[:, :-1]).all())
+
+
+@pytest.mark.parametrize("m,k,n,k_chunk,dtype", [(1, 576, 960, 8, torch.float16), (2, 2100, 577, 16, torch.bfloat16),
+                                                 (1, 4096, 300, 64, torch.float16), (3, 100, 64, 200, torch.float32),
+                                                 (1, 2048, 33, 0, torch.float16)])
+def test_select_gather_in_one_launch_matches_reference(m, k, n, k_chunk, dtype) -> None:
+    """qdec_select_gather (selection + gather, one launch, per-chunk partials) sums to the reference
+    correction at approx_topk's channels; qdec_add adds the chunks to y and rounds once."""
+    from cuda_ext.qdec_kernel import qdec_add, qdec_select_gather
+
+    rc, rs = _residual(k, n, seed=k + n)
+    x = _activations(m, k, seed=k + k_chunk).to(dtype)
+    lo, hi = 0.05, 2.5
+    ref = qdec_correction_ref(x, approx_topk(x, k_chunk, lo, hi), rc, rs)
+    if DEV == "cuda":
+        rc, rs = rc.pin_memory(), rs.pin_memory()
+    part = qdec_select_gather(x.to(DEV), k_chunk, lo, hi, rc, rs)
+    chunks = -(-k // 1024)
+    assert part.dtype == torch.float32 and part.shape == (m, chunks, n)
+    assert torch.allclose(part.sum(1).cpu(), ref, rtol=1e-4, atol=1e-5)
+    y = torch.randn(m, n, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    added = qdec_add(y.clone().to(DEV), part).cpu()
+    assert torch.equal(added, (y.float() + part.sum(1).cpu()).half())  # fp32 sum in chunk order, one rounding
+    with pytest.raises(ValueError, match="lo < hi"):
+        qdec_select_gather(x.to(DEV), k_chunk, 1.0, 1.0, rc, rs)
+    with pytest.raises(ValueError, match="rcodes"):
+        qdec_select_gather(x.to(DEV), k_chunk, lo, hi, rc[:, :2], rs)
