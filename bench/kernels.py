@@ -87,13 +87,37 @@ TENSOR_CORE_DECODE = GemmConfig(block_m=16, block_n=128, num_warps=4, num_stages
 
 
 def m1_config(**change: bool) -> GemmConfig:
-    """This GPU's table config for m = 1 at 3 bits with fields changed (comparison rows: `half2=False`
-    runs one fp16 row through the fp32 gemv form, `fused_branch=True` makes t inside gemv's launch)."""
+    """This GPU's table config for m = 1 at 3 bits with fields changed (the comparison row
+    `fused_branch=True` makes t inside gemv's launch)."""
     from dataclasses import replace
 
     from cuda_ext import configs
     arch = configs.arch_of(torch.cuda.get_device_capability())
     return replace(configs.gemm_config(arch, 1, 3)[1], **change)
+
+
+def without_half2(ops: list[Callable]) -> list[Callable]:
+    """ops whose table configs have `half2` off (the fp32 gemv form at m = 1, chunk-by-chunk K = 16 dots at
+    m = 2..16): the same-run baseline of the half2 paths; configs.gemm_config is patched while each op runs."""
+    from dataclasses import replace
+
+    from cuda_ext import configs
+
+    orig = configs.gemm_config
+
+    def no_half2(arch: str, m: int, bits: int) -> tuple[str, GemmConfig]:
+        kind, cfg = orig(arch, m, bits)
+        return kind, replace(cfg, half2=False)
+
+    def wrap(op: Callable) -> Callable:
+        def call(x):
+            configs.gemm_config = no_half2
+            try:
+                return op(x)
+            finally:
+                configs.gemm_config = orig
+        return call
+    return [wrap(op) for op in ops]
 
 
 def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int, config: GemmConfig | None = None,
@@ -244,9 +268,8 @@ def main(argv: list[str] | None = None) -> int:
         variants += [("ours 3-bit g128 r64 16-row branch_down",
                       lambda: with_tile_branch(ours_stack(shapes, 3, 64)), torch.float16, 3, 64)]
         # m = 1 only (a one-row config): the same-run baselines of this session's untimed changes
-        variants += [(f"ours 3-bit g128 r{r} fp32 gemv (m=1)",
-                      lambda r=r: ours_stack(shapes, 3, r, m1_config(half2=False)), torch.float16, 3, r)
-                     for r in (0, 64)]
+        variants += [(f"ours 3-bit g128 r{r} without half2",
+                      lambda r=r: without_half2(ours_stack(shapes, 3, r)), torch.float16, 3, r) for r in (0, 64)]
         variants += [("ours 3-bit g128 r64 fused branch (m=1)",
                       lambda: ours_stack(shapes, 3, 64, m1_config(fused_branch=True)), torch.float16, 3, 64)]
         if args.variants:

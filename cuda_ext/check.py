@@ -144,7 +144,8 @@ def _kernel_source(job: Job):
         else:
             fn = qgemm_kernel
             consts = dict(common, BLOCK_M=r["block_m"], BRANCH_TF32=ARCH_CC[job.arch] >= 80,
-                          FP32_DOT=ARCH_CC[job.arch] < 80)
+                          FP32_DOT=ARCH_CC[job.arch] < 80, TAIL_ROWS=GEMV_TAIL_ROWS,
+                          HALF2=dt == "fp16" and r["block_m"] <= 16)  # as launch.quant_matmul picks it
         # what the JIT specializes for LLM shapes (multiples of 16): enables the 16-byte loads
         div16 = list(ptrs) + ["N", "Np", "K", "rank", "stride_xm", "stride_ym"]
         weight = "qw_ptr"
@@ -271,7 +272,9 @@ def compile_job(job: Job) -> Result:
         res.loads = weight_load_widths(k.asm["ptx"], weight_idx) if weight_idx is not None else []
         ptx = k.asm["ptx"]
         res.math = "wgmma" if "wgmma." in ptx else "mma" if "mma.sync" in ptx else "fma"
-        if job.kind == "decode" and job.rule["block_m"] < 16:
+        # gemv_kernel, and qgemm_kernel's fp16 decode path: one flat loop over K blocks (the other qgemm
+        # paths nest run-time loops, where the largest loop is not a K block)
+        if job.kind == "decode" and (job.rule["block_m"] < 16 or job.dtype == "fp16"):
             weights = 512 * job.rule["block_n"] // (32 * job.rule["num_warps"])  # per thread per K block
             res.loop_per_weight = len(loop_body(_sass(k.asm["cubin"]))) / weights
     except Exception as e:  # noqa: BLE001 - reported in the table, exit status 1

@@ -39,7 +39,7 @@ class GemmConfig:
     waves: float = 1.0
     max_split_k: int = 1
     fused_branch: bool = False  # block_m 1: the branch's x @ A^T inside gemv_kernel's launch (no branch_down)
-    half2: bool = True  # block_m 1, fp16: gemv_kernel's packed half2 math (False: its fp32 form)
+    half2: bool = True  # decode, fp16: packed half2 dequantization (False: gemv's fp32 form, qgemm's K=16 dots)
 
 
 @dataclass(frozen=True)

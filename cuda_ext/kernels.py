@@ -115,6 +115,49 @@ def _block_dot(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, rr, M, 
 
 
 @triton.jit
+def _block_dot_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, M, K, Np, G, stride_xm,
+                  BITS: tl.constexpr, GROUP: tl.constexpr, RR: tl.constexpr, FP32_DOT: tl.constexpr):
+    """_block_dot for fp16 x in packed half2 math (the pairs of _gemv_block_h2): per pair of chunks
+    (c0, c0 + D) one AND-OR, one HADD2 of -(1024 + zero) and one HMUL2 by the scale give both chunks'
+    weights, the same fp16 values as _block_dot's, and one tl.dot with K = 32 takes them (x's columns
+    gathered in the same order).  RR: rows per plane tile, a compile-time constant (16, or the tail's)."""
+    D: tl.constexpr = 4 if BITS == 4 else (8 if BITS == 2 else 16)
+    r = tl.arange(0, 16)
+    rmask = r < RR
+    nmask = offs_n < Np
+    wmask = rmask[:, None] & nmask[None, :]
+    wp = qw_ptr + (rb + r)[:, None] * Np + offs_n[None, :]
+    j = tl.arange(0, 32)  # the dot's k index: chunk c0's 16 rows, then chunk c0 + D's
+    w, w_odd, h = _h2_planes(wp, wmask, Np, BITS, RR)
+    r0 = tl.arange(0, 1)
+    s = tl.zeros((1, offs_n.shape[0], 2), dtype=tl.float16)
+    zz = s
+    for i in tl.static_range(16):
+        if i == 0 or (((2 * D * (i // D) + i % D) * RR) // GROUP
+                      != ((2 * D * ((i - 1) // D) + (i - 1) % D) * RR) // GROUP):
+            s0, z0 = _load_sz(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D) * RR) // GROUP, offs_n, r0,
+                              Np, G, tl.float16)
+            s1, z1 = _load_sz(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n,
+                              r0, Np, G, tl.float16)
+            s = tl.join(s0, s1)
+            zz = -tl.join(z0, z1)
+        if BITS != 3 and i % D == 0:  # a new plane word
+            w = tl.load(wp + (i // D) * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
+        v = _h2_word(w, w_odd, h, i, BITS)
+        wq = (_half_pairs(v) + zz) * s  # (16, BLOCK_N, 2): chunk c0 | chunk c0 + D
+        w32 = tl.reshape(tl.permute(wq, (2, 0, 1)), (32, offs_n.shape[0]))
+        kj = kb + (2 * D * (i // D) + i % D + D * (j // 16)) * RR + j % 16
+        xc = tl.load(x_ptr + offs_m[:, None] * stride_xm + kj[None, :],
+                     mask=(offs_m < M)[:, None] & ((j % 16 < RR) & (kj < K))[None, :], other=0.0,
+                     eviction_policy="evict_last")
+        if FP32_DOT:
+            acc = tl.dot(xc.to(tl.float32), w32.to(tl.float32), acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xc, w32, acc)
+    return acc
+
+
+@triton.jit
 def _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
               RANK_P: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
               BRANCH_TF32: tl.constexpr, INTERP_BF16: tl.constexpr, BRANCH_DOT: tl.constexpr = True,
@@ -186,7 +229,7 @@ def qgemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_p
                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  RANK_P: tl.constexpr, USE_WS: tl.constexpr, HAS_BRANCH: tl.constexpr,
                  HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, BRANCH_TF32: tl.constexpr,
-                 FP32_DOT: tl.constexpr):
+                 FP32_DOT: tl.constexpr, HALF2: tl.constexpr = False, TAIL_ROWS: tl.constexpr = 0):
     """y (M, N) = x (M, K) @ dequant(qweight)^T (+ t @ B^T) (+ bias).
 
     x: fp16/bf16 (M, K), row stride stride_xm, unit column stride.  qweight: int32 fbq1 layout
@@ -206,10 +249,19 @@ def qgemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_p
     b0 = pid_k * per
     b1 = tl.minimum(b0 + per, n_blocks)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for b in range(b0, b1):
-        rr = tl.where(b < n_full, 16, tail_rows)
-        acc = _block_dot(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, b * 512, b * (BITS * 16), rr,
-                         M, K, Np, G, stride_xm, BITS, GROUP, INTERP_BF16, FP32_DOT)
+    if HALF2:  # fp16 x: packed half2 dequantization, K = 32 dots (_block_dot_h2)
+        for b in range(b0, tl.minimum(b1, n_full)):
+            acc = _block_dot_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, b * 512, b * (BITS * 16),
+                                M, K, Np, G, stride_xm, BITS, GROUP, 16, FP32_DOT)
+        if TAIL_ROWS > 0:
+            if b1 > n_full:
+                acc = _block_dot_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, n_full * 512,
+                                    n_full * (BITS * 16), M, K, Np, G, stride_xm, BITS, GROUP, TAIL_ROWS, FP32_DOT)
+    else:
+        for b in range(b0, b1):
+            rr = tl.where(b < n_full, 16, tail_rows)
+            acc = _block_dot(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, b * 512, b * (BITS * 16), rr,
+                             M, K, Np, G, stride_xm, BITS, GROUP, INTERP_BF16, FP32_DOT)
     if USE_WS:
         tile = pid_m * tl.num_programs(0) + pid_n
         ld_m = tl.num_programs(1) * BLOCK_M
@@ -446,6 +498,41 @@ def _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb,
 
 
 @triton.jit
+def _h2_planes(wp, wmask, Np, BITS: tl.constexpr, RR: tl.constexpr):
+    """The half2 paths' 3-bit words for one K block: (w, w_odd, h) = the two low planes' words rearranged
+    so that chunks c and c + 16 share bit positions (w: chunks 0..7 | 16..23, w_odd: 8..15 | 24..31, low
+    | high half) and the high-bit plane.  Other bit widths load a plane word per pair group instead:
+    zeros here."""
+    w = tl.zeros(wp.shape, dtype=tl.int32)
+    w_odd = w
+    h = w
+    if BITS == 3:
+        w0 = tl.load(wp, mask=wmask, other=0, eviction_policy="evict_first")
+        w1 = tl.load(wp + RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
+        h = tl.load(wp + 2 * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
+        w = (w0 & 0xFFFF) | (w1 << 16)
+        w_odd = ((w0 >> 16) & 0xFFFF) | (w1 & -65536)
+    return w, w_odd, h
+
+
+@triton.jit
+def _h2_word(w, w_odd, h, I: tl.constexpr, BITS: tl.constexpr):
+    """Pair I's two codes on the mantissas of two fp16 1024s (one int32: fp16 bit patterns in both halves).
+    w: the plane word holding pair I (4/2 bits: fields I % D and I % D + D; 3 bits: see _h2_planes)."""
+    if BITS == 3:
+        src = w if I < 8 else w_odd
+        if I >= 2:
+            hb = (h >> (I - 2)) & 0x00040004  # high bits of chunks I and I + 16 to bit 2 of each half
+        else:
+            hb = (h << (2 - I)) & 0x00040004
+        return ((src >> (2 * (I % 8))) & 0x00030003) | hb | 0x64006400
+    elif BITS == 4:
+        return ((w >> (4 * (I % 4))) & 0x000F000F) | 0x64006400
+    else:
+        return ((w >> (2 * (I % 8))) & 0x00030003) | 0x64006400
+
+
+@triton.jit
 def _half_pairs(v):
     """(16, BLOCK_N) int32 words whose two 16-bit halves are fp16 bit patterns -> (16, BLOCK_N, 2) fp16."""
     return tl.join(v.to(tl.int16), (v >> 16).to(tl.int16)).to(tl.float16, bitcast=True)
@@ -474,23 +561,13 @@ def _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, K, Np, G,
     D = 16, the two low planes' words rearranged once per block so that chunk c's and c + 16's fields
     share bit positions, and the high-bit plane's bits c and c + 16 moved to bit 2 of each half."""
     D: tl.constexpr = 4 if BITS == 4 else (8 if BITS == 2 else 16)
-    MASK: tl.constexpr = 0x000F000F if BITS == 4 else 0x00030003
-    FB: tl.constexpr = 4 if BITS == 4 else 2
     TAIL: tl.constexpr = RR < 16
     r = tl.arange(0, 16)
     rmask = r < RR
     nmask = offs_n < Np
     wmask = rmask[:, None] & nmask[None, :]
     wp = qw_ptr + (rb + r)[:, None] * Np + offs_n[None, :]
-    w = tl.zeros((16, offs_n.shape[0]), dtype=tl.int32)
-    w_odd = w
-    h = w
-    if BITS == 3:
-        w0 = tl.load(wp, mask=wmask, other=0, eviction_policy="evict_first")
-        w1 = tl.load(wp + RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
-        h = tl.load(wp + 2 * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
-        w = (w0 & 0xFFFF) | (w1 << 16)  # chunks 0..7 | 16..23
-        w_odd = ((w0 >> 16) & 0xFFFF) | (w1 & -65536)  # chunks 8..15 | 24..31
+    w, w_odd, h = _h2_planes(wp, wmask, Np, BITS, RR)
     part = tl.zeros((16, offs_n.shape[0], 2), dtype=tl.float16)
     s = tl.zeros((16, offs_n.shape[0], 2), dtype=tl.float32)
     zz = tl.zeros((16, offs_n.shape[0], 2), dtype=tl.float16)
@@ -507,15 +584,7 @@ def _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, K, Np, G,
             zz = -tl.join(z0, z1)  # _load_sz gave zero + 1024
         if BITS != 3 and i % D == 0:  # a new plane word
             w = tl.load(wp + (i // D) * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
-        if BITS == 3:
-            src = w if i < 8 else w_odd
-            if i >= 2:
-                hb = (h >> (i - 2)) & 0x00040004
-            else:
-                hb = (h << (2 - i)) & 0x00040004
-            v = ((src >> (FB * (i % 8))) & MASK) | hb | 0x64006400
-        else:
-            v = ((w >> (FB * (i % D))) & MASK) | 0x64006400
+        v = _h2_word(w, w_odd, h, i, BITS)
         c0k = kb + (2 * D * (i // D) + i % D) * RR + r  # (16,): k of half 0's rows
         x0 = _h2_x(x_ptr, c0k, rmask & (c0k < K), TAIL)
         x1 = _h2_x(x_ptr, c0k + D * RR, rmask & (c0k + D * RR < K), TAIL)

@@ -249,6 +249,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
         BITS=packed.bits, GROUP=packed.group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         RANK_P=rank_pad(r), USE_WS=split > 1, HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
         INTERP_BF16=interpreting() and x.dtype == torch.bfloat16, BRANCH_TF32=tgt.tf32,
-        FP32_DOT=not tgt.tensor_cores,
+        FP32_DOT=not tgt.tensor_cores, TAIL_ROWS=d["tail_rows"],
+        HALF2=config.half2 and config.block_m <= 16 and x.dtype == torch.float16,  # decode tiles only
         num_warps=config.num_warps, num_stages=config.num_stages)
     return y.reshape(*x.shape[:-1], n)

@@ -166,6 +166,21 @@ def test_gemv_half2_large_activations_stay_finite():
     assert rel_err(y, quant_matmul_ref(x, packed)) < BOUND[torch.float16]
 
 
+@pytest.mark.parametrize("bits", [2, 3, 4])
+@pytest.mark.parametrize("m", [2, 16])
+def test_decode_half2_tiles_match_the_fp16_form(m, bits):
+    """fp16 decode tiles (2..16 rows) dequantize in packed half2 math and take K = 32 dots; the weights are
+    the same fp16 values as the chunk-by-chunk form's (config half2=False), so both meet the reference."""
+    packed, a, b = random_layer(80, 1056, bits, 64, rank=16, seed=bits + m, device=DEV)
+    x = torch.randn(m, 1056, device=DEV).half()
+    ref = quant_matmul_ref(x, packed, a, b)
+    cfg = GemmConfig(block_m=16, block_n=32, num_warps=4, num_stages=1, waves=64, max_split_k=2)
+    y_h2 = quant_matmul(x, packed, a, b, config=cfg)
+    y_old = quant_matmul(x, packed, a, b, config=GemmConfig(**{**cfg.__dict__, "half2": False}))
+    assert rel_err(y_h2, ref) < BOUND[torch.float16] and rel_err(y_old, ref) < BOUND[torch.float16]
+    assert rel_err(y_h2, y_old) < 1e-3
+
+
 FUSED_CASES = [  # (N, K, bits, group, rank, split): t made inside gemv_kernel's launch (no branch_down)
     (64, 576, 3, 128, 8, 1),  # one branch part of 576 k with a tail, no split-K
     (80, 1024, 4, 32, 64, 2),
