@@ -149,7 +149,7 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
                               ("gather", GATHER_CONFIG, [{"block_s": s_, "block_b": b_} for s_, b_ in
                                                          ((8, 256), (4, 512), (16, 256), (2, 1024), (32, 64))]),
                               ("fused", FUSED_CONFIG, [{"num_warps": w, "block_s": s_} for w, s_ in
-                                                       ((8, 16), (4, 8), (16, 32), (8, 8), (8, 32))])):
+                                                       ((4, 8), (8, 16), (16, 32), (4, 16), (8, 32))])):
         shipped = dict(cfg)
         for v in values:
             cfg.update(v)  # a config that fails to compile or run times as NaN (the error is printed)

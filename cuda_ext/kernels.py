@@ -119,15 +119,16 @@ def _block_dot_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, M, K
                   BITS: tl.constexpr, GROUP: tl.constexpr, RR: tl.constexpr, FP32_DOT: tl.constexpr):
     """_block_dot for fp16 x in packed half2 math (the pairs of _gemv_block_h2): per pair of chunks
     (c0, c0 + D) one AND-OR, one HADD2 of -(1024 + zero) and one HMUL2 by the scale give both chunks'
-    weights, the same fp16 values as _block_dot's, and one tl.dot with K = 32 takes them (x's columns
-    gathered in the same order).  RR: rows per plane tile, a compile-time constant (16, or the tail's)."""
+    weights, the same fp16 values as _block_dot's; each chunk then takes a K = 16 tl.dot.  All in one
+    unrolled loop (no run-time group or chunk loops).  RR: rows per plane tile, a compile-time constant
+    (16, or the tail's).  Scales and zeros load as (1, BLOCK_N) rows: in the weight tile's shape the
+    3-bit kernel spills at 256 columns x 8 warps."""
     D: tl.constexpr = 4 if BITS == 4 else (8 if BITS == 2 else 16)
     r = tl.arange(0, 16)
     rmask = r < RR
     nmask = offs_n < Np
     wmask = rmask[:, None] & nmask[None, :]
     wp = qw_ptr + (rb + r)[:, None] * Np + offs_n[None, :]
-    j = tl.arange(0, 32)  # the dot's k index: chunk c0's 16 rows, then chunk c0 + D's
     w, w_odd, h = _h2_planes(wp, wmask, Np, BITS, RR)
     r0 = tl.arange(0, 1)
     s = tl.zeros((1, offs_n.shape[0], 2), dtype=tl.float16)
@@ -144,16 +145,19 @@ def _block_dot_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, M, K
         if BITS != 3 and i % D == 0:  # a new plane word
             w = tl.load(wp + (i // D) * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
         v = _h2_word(w, w_odd, h, i, BITS)
-        wq = (_half_pairs(v) + zz) * s  # (16, BLOCK_N, 2): chunk c0 | chunk c0 + D
-        w32 = tl.reshape(tl.permute(wq, (2, 0, 1)), (32, offs_n.shape[0]))
-        kj = kb + (2 * D * (i // D) + i % D + D * (j // 16)) * RR + j % 16
-        xc = tl.load(x_ptr + offs_m[:, None] * stride_xm + kj[None, :],
-                     mask=(offs_m < M)[:, None] & ((j % 16 < RR) & (kj < K))[None, :], other=0.0,
+        w_lo, w_hi = tl.split((_half_pairs(v) + zz) * s)  # (16, BLOCK_N) each: chunk c0, chunk c0 + D
+        k0 = kb + (2 * D * (i // D) + i % D) * RR + r
+        xmask = (offs_m < M)[:, None] & rmask[None, :]
+        x0 = tl.load(x_ptr + offs_m[:, None] * stride_xm + k0[None, :], mask=xmask & (k0 < K)[None, :], other=0.0,
                      eviction_policy="evict_last")
+        x1 = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + D * RR)[None, :],
+                     mask=xmask & (k0 + D * RR < K)[None, :], other=0.0, eviction_policy="evict_last")
         if FP32_DOT:
-            acc = tl.dot(xc.to(tl.float32), w32.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(x0.to(tl.float32), w_lo.to(tl.float32), acc, input_precision="ieee")
+            acc = tl.dot(x1.to(tl.float32), w_hi.to(tl.float32), acc, input_precision="ieee")
         else:
-            acc = tl.dot(xc, w32, acc)
+            acc = tl.dot(x0, w_lo, acc)
+            acc = tl.dot(x1, w_hi, acc)
     return acc
 
 

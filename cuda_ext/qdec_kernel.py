@@ -50,7 +50,7 @@ from .qdec_reference import BUCKETS, CHUNK, selected_count
 # Launch parameters, the same on every arch (`fbserve kernels check` compiles them for each)
 GATHER_CONFIG = {"block_s": 8, "block_b": 256, "num_warps": 4, "num_stages": 1}
 SELECT_CONFIG = {"num_warps": 16, "num_stages": 1}
-FUSED_CONFIG = {"block_s": 16, "block_b": 256, "num_warps": 8, "num_stages": 1}  # 16 B per thread per load
+FUSED_CONFIG = {"block_s": 8, "block_b": 256, "num_warps": 4, "num_stages": 1}  # 16 B per thread per load
 ADD_BLOCK = 1024
 ADD_WARPS = 4
 
