@@ -96,28 +96,36 @@ def m1_config(**change: bool) -> GemmConfig:
     return replace(configs.gemm_config(arch, 1, 3)[1], **change)
 
 
-def without_half2(ops: list[Callable]) -> list[Callable]:
-    """ops whose table configs have `half2` off (the fp32 gemv form at m = 1, chunk-by-chunk K = 16 dots at
-    m = 2..16): the same-run baseline of the half2 paths; configs.gemm_config is patched while each op runs."""
-    from dataclasses import replace
-
+def with_config_patch(ops: list[Callable], name: str, patch: Callable[[Callable], Callable]) -> list[Callable]:
+    """ops that run with cuda_ext.configs.<name> replaced by patch(original) (also inside a CUDA graph
+    capture): how the comparison rows force a path the tables would not choose."""
     from cuda_ext import configs
 
-    orig = configs.gemm_config
-
-    def no_half2(arch: str, m: int, bits: int) -> tuple[str, GemmConfig]:
-        kind, cfg = orig(arch, m, bits)
-        return kind, replace(cfg, half2=False)
+    orig = getattr(configs, name)
+    patched = patch(orig)
 
     def wrap(op: Callable) -> Callable:
         def call(x):
-            configs.gemm_config = no_half2
+            setattr(configs, name, patched)
             try:
                 return op(x)
             finally:
-                configs.gemm_config = orig
+                setattr(configs, name, orig)
         return call
     return [wrap(op) for op in ops]
+
+
+def without_half2(ops: list[Callable]) -> list[Callable]:
+    """ops whose table configs have `half2` off (the fp32 gemv form at m = 1, chunk-by-chunk K = 16 dots at
+    m = 2..16): the same-run baseline of the half2 paths."""
+    from dataclasses import replace
+
+    def patch(orig: Callable) -> Callable:
+        def no_half2(arch: str, m: int, bits: int) -> tuple[str, GemmConfig]:
+            kind, cfg = orig(arch, m, bits)
+            return kind, replace(cfg, half2=False)
+        return no_half2
+    return with_config_patch(ops, "gemm_config", patch)
 
 
 def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int, config: GemmConfig | None = None,
@@ -136,19 +144,8 @@ def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int, config: Gemm
 
 def with_tile_branch(ops: list[Callable]) -> list[Callable]:
     """ops whose m = 1 branch runs branch_down_kernel's 16-row tile (the path before branch_gemv_kernel),
-    for comparison rows: configs.branch_config is asked for 2 rows while each op runs (also in a capture)."""
-    from cuda_ext import configs
-
-    def wrap(op: Callable) -> Callable:
-        def call(x):
-            orig = configs.branch_config
-            configs.branch_config = lambda arch, m: orig(arch, max(m, 2))
-            try:
-                return op(x)
-            finally:
-                configs.branch_config = orig
-        return call
-    return [wrap(op) for op in ops]
+    for comparison rows: configs.branch_config is asked for 2 rows while each op runs."""
+    return with_config_patch(ops, "branch_config", lambda orig: lambda arch, m: orig(arch, max(m, 2)))
 
 
 def run_stack(ops: list[Callable], shapes: list[tuple[int, int]], m: int, dtype: torch.dtype, reps: int) -> float:

@@ -124,24 +124,15 @@ def _block_dot_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, M, K
     (16, or the tail's).  Scales and zeros load as (1, BLOCK_N) rows: in the weight tile's shape the
     3-bit kernel spills at 256 columns x 8 warps."""
     D: tl.constexpr = 4 if BITS == 4 else (8 if BITS == 2 else 16)
-    r = tl.arange(0, 16)
-    rmask = r < RR
-    nmask = offs_n < Np
-    wmask = rmask[:, None] & nmask[None, :]
-    wp = qw_ptr + (rb + r)[:, None] * Np + offs_n[None, :]
-    w, w_odd, h = _h2_planes(wp, wmask, Np, BITS, RR)
+    r, rmask, wmask, wp, w, w_odd, h = _h2_planes(qw_ptr, offs_n, rb, Np, BITS, RR)
     r0 = tl.arange(0, 1)
     s = tl.zeros((1, offs_n.shape[0], 2), dtype=tl.float16)
     zz = s
     for i in tl.static_range(16):
         if i == 0 or (((2 * D * (i // D) + i % D) * RR) // GROUP
                       != ((2 * D * ((i - 1) // D) + (i - 1) % D) * RR) // GROUP):
-            s0, z0 = _load_sz(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D) * RR) // GROUP, offs_n, r0,
-                              Np, G, tl.float16)
-            s1, z1 = _load_sz(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n,
-                              r0, Np, G, tl.float16)
-            s = tl.join(s0, s1)
-            zz = -tl.join(z0, z1)
+            s, zz = _h2_scales(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D) * RR) // GROUP,
+                               kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n, r0, Np, G)
         if BITS != 3 and i % D == 0:  # a new plane word
             w = tl.load(wp + (i // D) * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
         v = _h2_word(w, w_odd, h, i, BITS)
@@ -502,11 +493,15 @@ def _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb,
 
 
 @triton.jit
-def _h2_planes(wp, wmask, Np, BITS: tl.constexpr, RR: tl.constexpr):
-    """The half2 paths' 3-bit words for one K block: (w, w_odd, h) = the two low planes' words rearranged
-    so that chunks c and c + 16 share bit positions (w: chunks 0..7 | 16..23, w_odd: 8..15 | 24..31, low
-    | high half) and the high-bit plane.  Other bit widths load a plane word per pair group instead:
-    zeros here."""
+def _h2_planes(qw_ptr, offs_n, rb, Np, BITS: tl.constexpr, RR: tl.constexpr):
+    """The half2 paths' start of a K block: (r, rmask, wmask, wp, w, w_odd, h): the tile's rows and masks,
+    the plane-tile pointers and, at 3 bits, the two low planes' words rearranged so that chunks c and
+    c + 16 share bit positions (w: chunks 0..7 | 16..23, w_odd: 8..15 | 24..31, low | high half) and the
+    high-bit plane.  Other bit widths load a plane word per pair group instead: zeros here."""
+    r = tl.arange(0, 16)
+    rmask = r < RR
+    wmask = rmask[:, None] & (offs_n < Np)[None, :]
+    wp = qw_ptr + (rb + r)[:, None] * Np + offs_n[None, :]
     w = tl.zeros(wp.shape, dtype=tl.int32)
     w_odd = w
     h = w
@@ -516,7 +511,7 @@ def _h2_planes(wp, wmask, Np, BITS: tl.constexpr, RR: tl.constexpr):
         h = tl.load(wp + 2 * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
         w = (w0 & 0xFFFF) | (w1 << 16)
         w_odd = ((w0 >> 16) & 0xFFFF) | (w1 & -65536)
-    return w, w_odd, h
+    return r, rmask, wmask, wp, w, w_odd, h
 
 
 @triton.jit
@@ -534,6 +529,15 @@ def _h2_word(w, w_odd, h, I: tl.constexpr, BITS: tl.constexpr):
         return ((w >> (4 * (I % 4))) & 0x000F000F) | 0x64006400
     else:
         return ((w >> (2 * (I % 8))) & 0x00030003) | 0x64006400
+
+
+@triton.jit
+def _h2_scales(s_ptr, z_ptr, grp0, grp1, offs_n, rows, Np, G):
+    """Scales and -(1024 + zero) of groups grp0 (half 0) and grp1 (half 1) as fp16 pairs (rows, BLOCK_N, 2);
+    `rows` sets the shape they load in (see _load_sz)."""
+    s0, z0 = _load_sz(s_ptr, z_ptr, grp0, offs_n, rows, Np, G, tl.float16)
+    s1, z1 = _load_sz(s_ptr, z_ptr, grp1, offs_n, rows, Np, G, tl.float16)
+    return tl.join(s0, s1), -tl.join(z0, z1)  # _load_sz gave zero + 1024
 
 
 @triton.jit
@@ -566,12 +570,7 @@ def _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, K, Np, G,
     share bit positions, and the high-bit plane's bits c and c + 16 moved to bit 2 of each half."""
     D: tl.constexpr = 4 if BITS == 4 else (8 if BITS == 2 else 16)
     TAIL: tl.constexpr = RR < 16
-    r = tl.arange(0, 16)
-    rmask = r < RR
-    nmask = offs_n < Np
-    wmask = rmask[:, None] & nmask[None, :]
-    wp = qw_ptr + (rb + r)[:, None] * Np + offs_n[None, :]
-    w, w_odd, h = _h2_planes(wp, wmask, Np, BITS, RR)
+    r, rmask, wmask, wp, w, w_odd, h = _h2_planes(qw_ptr, offs_n, rb, Np, BITS, RR)
     part = tl.zeros((16, offs_n.shape[0], 2), dtype=tl.float16)
     s = tl.zeros((16, offs_n.shape[0], 2), dtype=tl.float32)
     zz = tl.zeros((16, offs_n.shape[0], 2), dtype=tl.float16)
@@ -580,12 +579,9 @@ def _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, K, Np, G,
         # half 1's changes at the same pairs): both halves' scales and zeros, in the weight tile's shape
         if i == 0 or (((2 * D * (i // D) + i % D) * RR) // GROUP
                       != ((2 * D * ((i - 1) // D) + (i - 1) % D) * RR) // GROUP):
-            s0, z0 = _load_sz(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D) * RR) // GROUP, offs_n, r,
-                              Np, G, tl.float16)
-            s1, z1 = _load_sz(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n,
-                              r, Np, G, tl.float16)
-            s = tl.join(s0, s1).to(tl.float32)
-            zz = -tl.join(z0, z1)  # _load_sz gave zero + 1024
+            s, zz = _h2_scales(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D) * RR) // GROUP,
+                               kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n, r, Np, G)
+            s = s.to(tl.float32)
         if BITS != 3 and i % D == 0:  # a new plane word
             w = tl.load(wp + (i // D) * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
         v = _h2_word(w, w_odd, h, i, BITS)
