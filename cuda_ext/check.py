@@ -74,7 +74,8 @@ def _kernel_source(job: Job):
     """(ASTSource, index of the weight pointer parameter, or None: no weights) for a job."""
     from triton.compiler import ASTSource
 
-    from .kernels import branch_down_kernel, branch_gemv_kernel, gemv_kernel, qgemm_kernel
+    from .gemv import gemv_kernel
+    from .kernels import branch_down_kernel, branch_gemv_kernel, qgemm_kernel
     from .launch import branch_gemv_tiles, fused_branch_block_k
     from .fused import rms_norm_kernel, rope_kernel
     from .qdec_kernel import qdec_add_kernel, qdec_fused_kernel, qdec_gather_kernel, qdec_select_kernel

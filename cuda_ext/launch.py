@@ -11,7 +11,7 @@ from types import ModuleType
 import torch
 import triton
 
-from . import configs, kernels
+from . import configs, gemv, kernels
 from .packing import PackedWeight
 
 MAX_RANK = 128
@@ -22,14 +22,14 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def _kernels() -> ModuleType:
-    """kernels.py, checked against the mode: triton.jit (and triton.language's own jit helpers)
-    choose compiled vs interpreted when triton is first imported, so TRITON_INTERPRET=1 set later
-    cannot take effect; say so instead of failing inside the interpreter."""
+def _kernels(module: ModuleType = kernels) -> ModuleType:
+    """A kernel module (kernels.py, gemv.py), checked against the mode: triton.jit (and triton.language's
+    own jit helpers) choose compiled vs interpreted when triton is first imported, so TRITON_INTERPRET=1
+    set later cannot take effect; say so instead of failing inside the interpreter."""
     if interpreting() and isinstance(kernels.qgemm_kernel, triton.runtime.JITFunction):
         raise RuntimeError("TRITON_INTERPRET=1 was set after triton was imported; set it before the "
                            "first `import triton` (e.g. at the top of tests/conftest.py)")
-    return kernels
+    return module
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -230,11 +230,11 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
             cnt = _counters(x.device, grid_n + 4)  # split-K tile counters, then the branch's four
             grid = (n_parts + grid_n * split, 1, 1)
             extra = {"BLOCK_KA": fused_branch_block_k(rank_p), "PARTS_P": _pow2_at_least(n_parts, 1)}
-        _kernels().gemv_kernel[grid](
+        _kernels(gemv).gemv_kernel[grid](
             x2, packed.qweight, packed.scales, packed.zeros, y, ws, cnt, t,
             b.contiguous() if r else y, bias.contiguous() if bias is not None else y,
             m, n, d["n_pad"], k, packed.groups, d["n_full"], n_blocks, r, x2.stride(0), y.stride(0),
-            kernels.gemv_magic(packed.bits), a.contiguous() if fused else y, tws, grid_n, split, n_parts,
+            gemv.gemv_magic(packed.bits), a.contiguous() if fused else y, tws, grid_n, split, n_parts,
             BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m,
             BLOCK_N=config.block_n, TAIL_ROWS=d["tail_rows"], RANK_P=rank_p, USE_WS=split > 1,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, INTERP_BF16=interpreting() and x.dtype == torch.bfloat16,
