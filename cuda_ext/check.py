@@ -346,19 +346,19 @@ def _jobs(archs: list[str], full: bool, kinds: list[str]) -> tuple[list[Job], li
     return jobs, notes
 
 
+FIXED_LABELS = {  # the fixed-parameter kernels' config column
+    "qdec_gather": "rows {block_s} x {block_b} B w{num_warps}",
+    "qdec_select": "1024-channel chunk w{num_warps}",
+    "qdec_fused": "chunk, {block_s} rows x {block_b} B w{num_warps}",
+    "qdec_add": "{block} outputs w{num_warps}",
+    "rms_norm": "row of {block} w{num_warps}",
+    "rope": "head dim {head_dim} w{num_warps}",
+}
+
+
 def _config_label(kind: str, rule: dict) -> str:
-    if kind == "qdec_gather":
-        return f"rows {rule['block_s']} x {rule['block_b']} B w{rule['num_warps']}"
-    if kind == "qdec_select":
-        return f"1024-channel chunk w{rule['num_warps']}"
-    if kind == "qdec_fused":
-        return f"chunk, {rule['block_s']} rows x {rule['block_b']} B w{rule['num_warps']}"
-    if kind == "qdec_add":
-        return f"{rule['block']} outputs w{rule['num_warps']}"
-    if kind == "rms_norm":
-        return f"row of {rule['block']} w{rule['num_warps']}"
-    if kind == "rope":
-        return f"head dim {rule['head_dim']} w{rule['num_warps']}"
+    if kind in FIXED_LABELS:
+        return FIXED_LABELS[kind].format(**rule)
     if kind == "branch_down":
         tile = f"m{rule['block_m']} k{rule['block_k']}"
     else:

@@ -257,19 +257,25 @@ def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr
         is_last, total = _last_of_split(part, ws_ptr, cnt_ptr, pid_n, pid_k, n_split, offs_m, offs_n, M,
                                         MR, n_tiles * BLOCK_N)
         if is_last:
-            if FUSED_BRANCH:
-                _wait_for_t(cnt_ptr + n_tiles)
-            _epilogue(total, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                      RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False, T_CG=FUSED_BRANCH)
-            if FUSED_BRANCH:
-                _tile_done(cnt_ptr + n_tiles, n_tiles)
+            _finish_tile(total, y_ptr, t_ptr, b_ptr, bias_ptr, cnt_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+                         n_tiles, RANK_P, HAS_BRANCH, HAS_BIAS, INTERP_BF16, FUSED_BRANCH)
     else:
-        if FUSED_BRANCH:
-            _wait_for_t(cnt_ptr + n_tiles)
-        _epilogue(part, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                  RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False, T_CG=FUSED_BRANCH)
-        if FUSED_BRANCH:
-            _tile_done(cnt_ptr + n_tiles, n_tiles)
+        _finish_tile(part, y_ptr, t_ptr, b_ptr, bias_ptr, cnt_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+                     n_tiles, RANK_P, HAS_BRANCH, HAS_BIAS, INTERP_BF16, FUSED_BRANCH)
+
+
+@triton.jit
+def _finish_tile(acc, y_ptr, t_ptr, b_ptr, bias_ptr, cnt_ptr, offs_m, offs_n, M, N, rank, stride_ym, n_tiles,
+                 RANK_P: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 INTERP_BF16: tl.constexpr, FUSED_BRANCH: tl.constexpr):
+    """A column tile's epilogue (branch on CUDA cores, bias, store); with the fused branch it first waits
+    for t and then counts the tile done."""
+    if FUSED_BRANCH:
+        _wait_for_t(cnt_ptr + n_tiles)
+    _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+              RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False, T_CG=FUSED_BRANCH)
+    if FUSED_BRANCH:
+        _tile_done(cnt_ptr + n_tiles, n_tiles)
 
 
 # The fused branch's four counters, after the split-K tile counters (cnt + n_tiles): tickets handed out,
