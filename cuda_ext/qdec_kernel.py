@@ -56,6 +56,30 @@ ADD_WARPS = 4
 
 
 @triton.jit
+def _row_sums(x_row, idx_row, offs_s, smask, rc_ptr, NB, offs_b, bmask):
+    """(even, odd) fp32 (BLOCK_B,): sum over the channels idx_row[offs_s] of x_row[channel] times the
+    residual codes (code - 8) in bytes offs_b of their rows (low nibbles: outputs 2b, high: 2b + 1)."""
+    ch = tl.load(idx_row + offs_s, mask=smask, other=0)  # (BLOCK_S,) channels
+    xs = tl.load(x_row + ch, mask=smask, other=0.0).to(tl.float32)
+    # the selected rows' bytes, streamed once (evict_first); masked bytes are 0x88: codes 0
+    byte = tl.load(rc_ptr + ch.to(tl.int64)[:, None] * NB + offs_b[None, :],
+                   mask=smask[:, None] & bmask[None, :], other=0x88, eviction_policy="evict_first").to(tl.int32)
+    even = tl.sum(((byte & 0xF) - 8).to(tl.float32) * xs[:, None], axis=0)
+    odd = tl.sum(((byte >> 4) - 8).to(tl.float32) * xs[:, None], axis=0)
+    return even, odd
+
+
+@triton.jit
+def _column_scales(rs_ptr, offs_b, N):
+    """The output columns of bytes offs_b (even n0, odd n1) and their residual scales in fp32 (0 past N)."""
+    n0 = 2 * offs_b
+    n1 = n0 + 1
+    s0 = tl.load(rs_ptr + n0, mask=n0 < N, other=0.0).to(tl.float32)
+    s1 = tl.load(rs_ptr + n1, mask=n1 < N, other=0.0).to(tl.float32)
+    return n0, n1, s0, s1
+
+
+@triton.jit
 def qdec_gather_kernel(x_ptr, idx_ptr, rc_ptr, rs_ptr, acc_ptr, S, N, NB, stride_xm, stride_im, stride_am,
                        BLOCK_S: tl.constexpr, BLOCK_B: tl.constexpr):
     """x: fp16/bf16/fp32 (M, K); idx: int32 (M, S); rc: uint8 (K, NB) with NB = ceil(N/2);
@@ -68,17 +92,9 @@ def qdec_gather_kernel(x_ptr, idx_ptr, rc_ptr, rs_ptr, acc_ptr, S, N, NB, stride
     offs_b = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
     smask = offs_s < S
     bmask = offs_b < NB
-    ch = tl.load(idx_ptr + pid_m * stride_im + offs_s, mask=smask, other=0)  # (BLOCK_S,) channels
-    xs = tl.load(x_ptr + pid_m * stride_xm + ch, mask=smask, other=0.0).to(tl.float32)
-    # the selected rows' bytes, streamed once (evict_first); masked bytes are 0x88: codes 0
-    byte = tl.load(rc_ptr + ch.to(tl.int64)[:, None] * NB + offs_b[None, :],
-                   mask=smask[:, None] & bmask[None, :], other=0x88, eviction_policy="evict_first").to(tl.int32)
-    even = tl.sum(((byte & 0xF) - 8).to(tl.float32) * xs[:, None], axis=0)  # outputs 2b: low nibbles
-    odd = tl.sum(((byte >> 4) - 8).to(tl.float32) * xs[:, None], axis=0)  # outputs 2b + 1: high nibbles
-    n0 = 2 * offs_b
-    n1 = n0 + 1
-    s0 = tl.load(rs_ptr + n0, mask=n0 < N, other=0.0).to(tl.float32)
-    s1 = tl.load(rs_ptr + n1, mask=n1 < N, other=0.0).to(tl.float32)
+    even, odd = _row_sums(x_ptr + pid_m * stride_xm, idx_ptr + pid_m * stride_im, offs_s, smask, rc_ptr, NB,
+                          offs_b, bmask)
+    n0, n1, s0, s1 = _column_scales(rs_ptr, offs_b, N)
     tl.atomic_add(acc_ptr + pid_m * stride_am + n0, even * s0, mask=n0 < N)
     tl.atomic_add(acc_ptr + pid_m * stride_am + n1, odd * s1, mask=n1 < N)
 
@@ -149,16 +165,11 @@ def qdec_fused_kernel(x_ptr, idx_ptr, rc_ptr, rs_ptr, part_ptr, K, N, NB, stride
     for s0 in range(0, kk, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
         smask = offs_s < kk
-        ch = tl.load(idx_ptr + pid_m * stride_im + base + offs_s, mask=smask, other=0)
-        xs = tl.load(x_ptr + pid_m * stride_xm + ch, mask=smask, other=0.0).to(tl.float32)
-        byte = tl.load(rc_ptr + ch.to(tl.int64)[:, None] * NB + offs_b[None, :],
-                       mask=smask[:, None] & bmask[None, :], other=0x88, eviction_policy="evict_first").to(tl.int32)
-        even += tl.sum(((byte & 0xF) - 8).to(tl.float32) * xs[:, None], axis=0)
-        odd += tl.sum(((byte >> 4) - 8).to(tl.float32) * xs[:, None], axis=0)
-    n0 = 2 * offs_b
-    n1 = n0 + 1
-    sc0 = tl.load(rs_ptr + n0, mask=n0 < N, other=0.0).to(tl.float32)
-    sc1 = tl.load(rs_ptr + n1, mask=n1 < N, other=0.0).to(tl.float32)
+        e, o = _row_sums(x_ptr + pid_m * stride_xm, idx_ptr + pid_m * stride_im + base, offs_s, smask, rc_ptr,
+                         NB, offs_b, bmask)
+        even += e
+        odd += o
+    n0, n1, sc0, sc1 = _column_scales(rs_ptr, offs_b, N)
     out = part_ptr + (pid_m * tl.num_programs(1) + pid_c) * N
     tl.store(out + n0, even * sc0, mask=n0 < N)
     tl.store(out + n1, odd * sc1, mask=n1 < N)
