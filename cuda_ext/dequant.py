@@ -63,20 +63,25 @@ def _h2_planes(qw_ptr, offs_n, rb, Np, BITS: tl.constexpr, RR: tl.constexpr):
 
 
 @triton.jit
-def _h2_word(w, w_odd, h, I: tl.constexpr, BITS: tl.constexpr):
+def _h2_word(w, w_odd, h, magic, I: tl.constexpr, BITS: tl.constexpr):
     """Pair I's two codes on the mantissas of two fp16 1024s (one int32: fp16 bit patterns in both halves).
-    w: the plane word holding pair I (4/2 bits: fields I % D and I % D + D; 3 bits: see _h2_planes)."""
+    w: the plane word holding pair I (4/2 bits: fields I % D and I % D + D; 3 bits: see _h2_planes).
+    magic: 0x64006400 (two fp16 1024s).  Held in a register (gemv_kernel computes it from an argument), each
+    AND-OR is one LOP3 with the mask as its immediate; at 3 bits magic joins the high bits by XOR (the bits
+    are disjoint, so XOR is OR), which keeps LLVM from regrouping the two ORs into three LOP3s.  A constant
+    or constant-bank magic costs a separate OR per pair (qgemm_kernel passes the constant: in a register
+    its 3-bit tile spills)."""
     if BITS == 3:
         src = w if I < 8 else w_odd
         if I >= 2:
-            hb = (h >> (I - 2)) & 0x00040004  # high bits of chunks I and I + 16 to bit 2 of each half
+            hb = ((h >> (I - 2)) & 0x00040004) ^ magic  # high bits of chunks I and I + 16 to bit 2 of each half
         else:
-            hb = (h << (2 - I)) & 0x00040004
-        return ((src >> (2 * (I % 8))) & 0x00030003) | hb | 0x64006400
+            hb = ((h << (2 - I)) & 0x00040004) ^ magic
+        return ((src >> (2 * (I % 8))) & 0x00030003) | hb
     elif BITS == 4:
-        return ((w >> (4 * (I % 4))) & 0x000F000F) | 0x64006400
+        return ((w >> (4 * (I % 4))) & 0x000F000F) | magic
     else:
-        return ((w >> (2 * (I % 8))) & 0x00030003) | 0x64006400
+        return ((w >> (2 * (I % 8))) & 0x00030003) | magic
 
 
 @triton.jit

@@ -110,7 +110,7 @@ def _block_dot_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, M, K
                                kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n, r0, Np, G)
         if BITS != 3 and i % D == 0:  # a new plane word
             w = tl.load(wp + (i // D) * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
-        v = _h2_word(w, w_odd, h, i, BITS)
+        v = _h2_word(w, w_odd, h, 0x64006400, i, BITS)
         w_lo, w_hi = tl.split((_half_pairs(v) + zz) * s)  # (16, BLOCK_N) each: chunk c0, chunk c0 + D
         k0 = kb + (2 * D * (i // D) + i % D) * RR + r
         xmask = (offs_m < M)[:, None] & rmask[None, :]

@@ -230,15 +230,16 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
             cnt = _counters(x.device, grid_n + 4)  # split-K tile counters, then the branch's four
             grid = (n_parts + grid_n * split, 1, 1)
             extra = {"BLOCK_KA": fused_branch_block_k(rank_p), "PARTS_P": _pow2_at_least(n_parts, 1)}
+        half2 = config.half2 and config.block_m == 1 and x.dtype == torch.float16
         _kernels(gemv).gemv_kernel[grid](
             x2, packed.qweight, packed.scales, packed.zeros, y, ws, cnt, t,
             b.contiguous() if r else y, bias.contiguous() if bias is not None else y,
             m, n, d["n_pad"], k, packed.groups, d["n_full"], n_blocks, r, x2.stride(0), y.stride(0),
-            gemv.gemv_magic(packed.bits), a.contiguous() if fused else y, tws, grid_n, split, n_parts,
+            gemv.gemv_magic(packed.bits, half2), a.contiguous() if fused else y, tws, grid_n, split, n_parts,
             BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m,
             BLOCK_N=config.block_n, TAIL_ROWS=d["tail_rows"], RANK_P=rank_p, USE_WS=split > 1,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, INTERP_BF16=interpreting() and x.dtype == torch.bfloat16,
-            HALF2=config.half2 and config.block_m == 1 and x.dtype == torch.float16, FUSED_BRANCH=fused, **extra,
+            HALF2=half2, FUSED_BRANCH=fused, **extra,
             num_warps=config.num_warps, num_stages=config.num_stages)
         return y.reshape(*x.shape[:-1], n)
     _kernels().qgemm_kernel[(grid_n, grid_m, split)](
