@@ -23,19 +23,20 @@ def _bf16_rne(v):
 
 
 @triton.jit
-def _load_sz(s_ptr, z_ptr, grp, offs_n, r, Np, G, DT: tl.constexpr):
+def _load_sz(s_ptr, z_ptr, grp, offs_n, r, Np, G, DT: tl.constexpr, UNIT: tl.constexpr = 1.0):
     """Scale and offset zero of group `grp` for the column tile, broadcast to the weight tile's
     shape (16, BLOCK_N): loading them in that shape gives them the weight tile's register layout
     (16-byte loads, L1 hits for the repeated rows) instead of a shared-memory layout conversion.
 
-    fp16: (s, zero + 1024) in fp16; otherwise (s, zero + 2**23) in fp32 (see _block_dot)."""
+    fp16: (s, (zero + 1024) * UNIT) in fp16 (UNIT 1 or 1/16, exact either way); otherwise (s, zero + 2**23)
+    in fp32 (see _block_dot)."""
     cols = offs_n[None, :] + 0 * r[:, None]
     # (cols * 0 + grp): the interpreter cannot AND a scalar mask into a block mask
     mask = (cols < Np) & ((cols * 0 + grp) < G)
     s = tl.load(s_ptr + grp * Np + cols, mask=mask, other=0.0)
     z = tl.load(z_ptr + grp * Np + cols, mask=mask, other=0.0)
     if DT == tl.float16:
-        return s, z + 1024.0
+        return s, z * UNIT + 1024.0 * UNIT
     else:
         return s.to(tl.float32), z.to(tl.float32) + 8388608.0
 
@@ -64,13 +65,13 @@ def _h2_planes(qw_ptr, offs_n, rb, Np, BITS: tl.constexpr, RR: tl.constexpr):
 
 @triton.jit
 def _h2_word(w, w_odd, h, magic, I: tl.constexpr, BITS: tl.constexpr):
-    """Pair I's two codes on the mantissas of two fp16 1024s (one int32: fp16 bit patterns in both halves).
+    """Pair I's two codes on the mantissas of two fp16 magics (one int32: fp16 bit patterns in both halves).
     w: the plane word holding pair I (4/2 bits: fields I % D and I % D + D; 3 bits: see _h2_planes).
-    magic: 0x64006400 (two fp16 1024s).  Held in a register (gemv_kernel computes it from an argument), each
-    AND-OR is one LOP3 with the mask as its immediate; at 3 bits magic joins the high bits by XOR (the bits
-    are disjoint, so XOR is OR), which keeps LLVM from regrouping the two ORs into three LOP3s.  A constant
-    or constant-bank magic costs a separate OR per pair (qgemm_kernel passes the constant: in a register
-    its 3-bit tile spills)."""
+    magic: 0x64006400 (two fp16 1024s: codes count 1) or 0x54005400 (two 64s: codes count 1/16).  Held in a register
+    (gemv_kernel computes it from an argument), each AND-OR is one LOP3 with the mask as its immediate; at 3 bits
+    magic joins the high bits by XOR (the bits are disjoint, so XOR is OR), which keeps LLVM from regrouping the
+    two ORs into three LOP3s.  A constant or constant-bank magic costs a separate OR per pair (qgemm_kernel passes
+    the constant: in a register its 3-bit tile spills)."""
     if BITS == 3:
         src = w if I < 8 else w_odd
         if I >= 2:
@@ -85,12 +86,13 @@ def _h2_word(w, w_odd, h, magic, I: tl.constexpr, BITS: tl.constexpr):
 
 
 @triton.jit
-def _h2_scales(s_ptr, z_ptr, grp0, grp1, offs_n, rows, Np, G):
-    """Scales and -(1024 + zero) of groups grp0 (half 0) and grp1 (half 1) as fp16 pairs (rows, BLOCK_N, 2);
-    `rows` sets the shape they load in (see _load_sz)."""
-    s0, z0 = _load_sz(s_ptr, z_ptr, grp0, offs_n, rows, Np, G, tl.float16)
-    s1, z1 = _load_sz(s_ptr, z_ptr, grp1, offs_n, rows, Np, G, tl.float16)
-    return tl.join(s0, s1), -tl.join(z0, z1)  # _load_sz gave zero + 1024
+def _h2_scales(s_ptr, z_ptr, grp0, grp1, offs_n, rows, Np, G, UNIT: tl.constexpr):
+    """Scales and -(1024 + zero) * UNIT of groups grp0 (half 0) and grp1 (half 1) as fp16 pairs
+    (rows, BLOCK_N, 2), UNIT: the magic's mantissa unit (1 for 1024, 1/16 for 64); `rows` sets the shape
+    they load in (see _load_sz)."""
+    s0, z0 = _load_sz(s_ptr, z_ptr, grp0, offs_n, rows, Np, G, tl.float16, UNIT)
+    s1, z1 = _load_sz(s_ptr, z_ptr, grp1, offs_n, rows, Np, G, tl.float16, UNIT)
+    return tl.join(s0, s1), -tl.join(z0, z1)
 
 
 @triton.jit

@@ -16,14 +16,14 @@ from .kernels import _epilogue, _last_of_split
 
 
 def gemv_magic(bits: int, half2: bool = False) -> int:
-    """gemv_kernel's `magic` argument: the fp32 bits of 2**(23 - B0), B0 = 4 at 3 bits, else 0; in the half2
-    path 0x64006400 (two fp16 1024s).  A run-time argument, not a constant, so the compiler keeps it in a
-    register and each field's AND-OR is one LOP3 with its mask as the immediate (a constant, or a
-    kernel parameter read from the constant bank, costs a separate OR; the half2 path passes it through
-    tl.maximum(magic, 0) to make it a computed value: 5.0 -> 4.4 SASS instructions per weight at 3 bits.
-    The fp32 path keeps the parameter: computed, it fuses there too on sm_80-89, but at 167 registers
+    """gemv_kernel's `magic` argument: the fp32 bits of 2**(23 - B0), B0 = 4 at 3 bits, else 0; in the half2 path
+    0x54005400 (two fp16 64s, whose mantissa unit is 1/16: see _gemv_block_h2).  A run-time argument, not a
+    constant, so the compiler keeps it in a register and each field's AND-OR is one LOP3 with its mask as the
+    immediate (a constant, or a kernel parameter read from the constant bank, costs a separate OR; the half2 path
+    passes it through tl.maximum(magic, 0) to make it a computed value: 5.0 -> 4.4 SASS instructions per weight at
+    3 bits. The fp32 path keeps the parameter: computed, it fuses there too on sm_80-89, but at 167 registers
     instead of 128 with ptxas 12.9)."""
-    return 0x64006400 if half2 else (150 - gemv_b0(bits)) << 23
+    return 0x54005400 if half2 else (150 - gemv_b0(bits)) << 23
 
 
 def gemv_b0(bits: int) -> int:
@@ -159,26 +159,24 @@ def _gemv_block(acc0, acc1, acc2, acc3, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb,
 
 @triton.jit
 def _h2_x(x_ptr, kv, kmask, MASKED: tl.constexpr):
-    """x[0, kv] as fp16 times 1/16 (exact): the scale that keeps a group's fp16 partial sums far
-    from overflow (|x| up to ~1.8e4 at 3 bits g128); gemv_kernel multiplies the sum back by 16."""
+    """x[0, kv] as fp16 (0 where masked)."""
     if MASKED:
-        x = tl.load(x_ptr + kv, mask=kmask, other=0.0, eviction_policy="evict_last")
-    else:
-        x = tl.load(x_ptr + kv, eviction_policy="evict_last")
-    return x * 0.0625
+        return tl.load(x_ptr + kv, mask=kmask, other=0.0, eviction_policy="evict_last")
+    return tl.load(x_ptr + kv, eviction_policy="evict_last")
 
 
 @triton.jit
 def _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, K, Np, G, magic,
                    BITS: tl.constexpr, GROUP: tl.constexpr, RR: tl.constexpr):
     """acc (16, BLOCK_N, 2) fp32 += one fp16 row of x times dequant(W) over one K block, in packed
-    half2 math: one AND-OR puts two chunks' codes on the mantissas of two fp16 1024s, one add of
-    -(1024 + zero) per half gives (code - zero) exactly (zeros are integers), one half2 FMA adds
-    x * (code - zero) into an fp16 partial sum of the group, and the group's end adds that partial,
-    scaled, into fp32.  Pair i holds chunks c0 = 2D * (i // D) + i % D and c0 + D in a word's two
-    halves: D = 4 at 4 bits and 8 at 2 bits (a plane word's fields f and f + 16 / FB); at 3 bits
-    D = 16, the two low planes' words rearranged once per block so that chunk c's and c + 16's fields
-    share bit positions, and the high-bit plane's bits c and c + 16 moved to bit 2 of each half."""
+    half2 math: one AND-OR puts two chunks' codes on the mantissas of two fp16 64s (mantissa unit 1/16), one add of
+    -(64 + zero / 16) per half gives (code - zero) / 16 exactly (zeros are integers <= 15), one half2 FMA adds x *
+    (code - zero) / 16 into an fp16 partial sum of the group, and the group's end adds that partial, scaled, into
+    fp32; the tile's sum is multiplied by 16 once.  The 1/16 keeps a group's fp16 partial far from overflow (|x| up
+    to ~1.8e4 at 3 bits g128) at no cost per x.  Pair i holds chunks c0 = 2D * (i // D) + i % D and c0 + D in a
+    word's two halves: D = 4 at 4 bits and 8 at 2 bits (a plane word's fields f and f + 16 / FB); at 3 bits D = 16,
+    the two low planes' words rearranged once per block so that chunk c's and c + 16's fields share bit positions,
+    and the high-bit plane's bits c and c + 16 moved to bit 2 of each half."""
     D: tl.constexpr = 4 if BITS == 4 else (8 if BITS == 2 else 16)
     TAIL: tl.constexpr = RR < 16
     r, rmask, wmask, wp, w, w_odd, h = _h2_planes(qw_ptr, offs_n, rb, Np, BITS, RR)
@@ -191,7 +189,7 @@ def _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, K, Np, G, m
         if i == 0 or (((2 * D * (i // D) + i % D) * RR) // GROUP
                       != ((2 * D * ((i - 1) // D) + (i - 1) % D) * RR) // GROUP):
             s, zz = _h2_scales(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D) * RR) // GROUP,
-                               kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n, r, Np, G)
+                               kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n, r, Np, G, 0.0625)
             s = s.to(tl.float32)
         if BITS != 3 and i % D == 0:  # a new plane word
             w = tl.load(wp + (i // D) * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
@@ -236,7 +234,7 @@ def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr
             if b1 > n_full:
                 acc = _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, n_full * 512, n_full * (BITS * 16),
                                      K, Np, G, magic, BITS, GROUP, TAIL_ROWS)
-        part = tl.where(sel == 0, tl.sum(tl.sum(acc, axis=2), axis=0)[None, :] * 16.0, 0.0)  # undoes x / 16
+        part = tl.where(sel == 0, tl.sum(tl.sum(acc, axis=2), axis=0)[None, :] * 16.0, 0.0)  # undoes the 1/16
     else:
         acc0 = tl.zeros((16, BLOCK_N), dtype=tl.float32)
         acc1 = acc0

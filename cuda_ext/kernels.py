@@ -107,7 +107,7 @@ def _block_dot_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, M, K
         if i == 0 or (((2 * D * (i // D) + i % D) * RR) // GROUP
                       != ((2 * D * ((i - 1) // D) + (i - 1) % D) * RR) // GROUP):
             s, zz = _h2_scales(s_ptr, z_ptr, kb // GROUP + ((2 * D * (i // D) + i % D) * RR) // GROUP,
-                               kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n, r0, Np, G)
+                               kb // GROUP + ((2 * D * (i // D) + i % D + D) * RR) // GROUP, offs_n, r0, Np, G, 1.0)
         if BITS != 3 and i % D == 0:  # a new plane word
             w = tl.load(wp + (i // D) * RR * Np, mask=wmask, other=0, eviction_policy="evict_first")
         v = _h2_word(w, w_odd, h, 0x64006400, i, BITS)

@@ -151,8 +151,8 @@ def test_gemv_half2_every_bits_and_group(bits, group):
 
 def test_gemv_half2_large_activations_stay_finite():
     """|x| = 2000 over a whole group (an LLM outlier run) against codes 7 and zero 0: the group's fp16
-    partial sum would be 8 x 2000 x 7 = 112,000 > 65,504 (inf); x is scaled by 1/16 before the fp16
-    products, so it stays 7,000 and exact enough."""
+    partial sum would be 8 x 2000 x 7 = 112,000 > 65,504 (inf); the fp16 products are x * (code - zero) / 16
+    (the half2 magic's unit is 1/16, exact), so it stays 7,000 and exact enough."""
     codes, scales, zeros = random_codes(64, 1024, 3, 128, seed=11)
     codes[:, :128] = 7
     zeros[:, 0] = 0
