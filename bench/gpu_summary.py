@@ -126,6 +126,13 @@ def kernels_md(data: dict | None) -> list[str]:
                         over = t / base - 1
                         out.append(f"| {model} | branch r{r} over none, {bits}-bit m={m} | {over:+.1%} | <= +10% | "
                                    f"{'yes' if over <= 0.10 else 'NO'} |")
+        for r in (0, 64):  # what the served model's separate q/k/v and gate/up layers cost (no target)
+            for m in (1, 4, 16):
+                fused = get(f"ours 3-bit g128 r{r}", m)
+                served = get(f"ours 3-bit g128 r{r} as served (q,k,v,gate,up apart)", m)
+                if fused and served:
+                    out.append(f"| {model} | 7 layers as served over 4 fused, 3-bit r{r} m={m} | "
+                               f"{served / fused - 1:+.1%} | - | - |")
     return out
 
 
