@@ -18,11 +18,11 @@ from .kernels import _epilogue, _last_of_split
 def gemv_magic(bits: int, half2: bool = False) -> int:
     """gemv_kernel's `magic` argument: the fp32 bits of 2**(23 - B0), B0 = 4 at 3 bits, else 0; in the half2 path
     0x54005400 (two fp16 64s, whose mantissa unit is 1/16: see _gemv_block_h2).  A run-time argument, not a
-    constant, so the compiler keeps it in a register and each field's AND-OR is one LOP3 with its mask as the
-    immediate (a constant, or a kernel parameter read from the constant bank, costs a separate OR; the half2 path
-    passes it through tl.maximum(magic, 0) to make it a computed value: 5.0 -> 4.4 SASS instructions per weight at
-    3 bits. The fp32 path keeps the parameter: computed, it fuses there too on sm_80-89, but at 167 registers
-    instead of 128 with ptxas 12.9)."""
+    constant: in a register, each field's AND-OR is one LOP3 with its mask as the immediate (with a constant, or
+    a parameter read from the constant bank, the OR is a second LOP3).  The half2 path passes it through
+    tl.maximum(magic, 0), a computed value, which ptxas keeps in a register; the fp32 path keeps the plain
+    parameter (computed, it fuses there too on sm_80-89, but at 167 registers instead of 128 with ptxas 12.9).
+    bench/RESULTS.md "Fourth session" has the instruction counts."""
     return 0x54005400 if half2 else (150 - gemv_b0(bits)) << 23
 
 
