@@ -174,13 +174,15 @@ def decode_profile(model: Transformer, dev: torch.device, vocab: int, steps: int
 
 
 def engine_run(model: Transformer, vocab: int, requests: int, max_tokens: int, warm: bool = True,
-               decode_graphs: bool | None = None) -> dict:
+               decode_graphs: bool | None = None, merge_projections: bool | None = None) -> dict:
+    """Engine tokens/s.  The Engine merges q/k/v and gate/up on CUDA in place (engine.merge): every run
+    after the first default one sees the merged model."""
     from engine.engine import Engine
     from engine.types import GenerationRequest, SamplingParams
     from models.loader import LoadedModel
 
     eng = Engine(LoadedModel(model, ByteTokenizer(vocab), "random-smollm2-shape", Path(".")), max_batch=requests,
-                 max_seq_len=256, decode_graphs=decode_graphs)
+                 max_seq_len=256, decode_graphs=decode_graphs, merge_projections=merge_projections)
     eng.start()
     g = torch.Generator().manual_seed(1)
 
@@ -205,7 +207,7 @@ def engine_run(model: Transformer, vocab: int, requests: int, max_tokens: int, w
     ntok = sum(r[-1].completion_tokens or 0 for r in runs)
     return {"requests": requests, "max_tokens": max_tokens, "finish_reasons": finish, "errors": errors,
             "completion_tokens": ntok, "seconds": dt, "tokens_per_s": ntok / dt,
-            "cuda_graph": eng.cuda_graph_status()}
+            "cuda_graph": eng.cuda_graph_status(), "merged_projections": eng.merged_projections_status()}
 
 
 @torch.no_grad()
@@ -326,13 +328,16 @@ def main(argv: list[str] | None = None) -> int:
             out["graphed_profile"] = graphed_profile(model, dev, cfg.vocab_size)
         except Exception as e:  # noqa: BLE001 - reported in the JSON
             out["graphed_profile"] = {"error": f"{type(e).__name__}: {e}"[:300]}
+        # q/k/v and gate/up apart, then (every later Engine) merged: the same run times both layouts
+        out["engine_graphs_batch1_apart"] = engine_run(model, cfg.vocab_size, 1, 64, merge_projections=False)
         out["engine"] = engine_run(model, cfg.vocab_size, 4, 64, decode_graphs=False)
         out["engine_batch1"] = engine_run(model, cfg.vocab_size, 1, 64, warm=False, decode_graphs=False)  # compiled
         out["engine_graphs"] = engine_run(model, cfg.vocab_size, 4, 64)
         out["engine_graphs_batch1"] = engine_run(model, cfg.vocab_size, 1, 64)
     else:
         out["engine"] = engine_run(model, cfg.vocab_size, 1, 2, warm=False)
-        out["engine_graphs"] = engine_run(model, cfg.vocab_size, 1, 2, warm=False, decode_graphs=True)
+        out["engine_graphs"] = engine_run(model, cfg.vocab_size, 1, 2, warm=False, decode_graphs=True,
+                                          merge_projections=True)  # the static step on merged layers
     runs = [v for k, v in out.items() if k.startswith("engine")]
     out["ok"] = bool(out["all_triton"] and not any(r["errors"] for r in runs)
                      and all(f == "length" for r in runs for f in r["finish_reasons"])

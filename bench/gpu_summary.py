@@ -126,13 +126,12 @@ def kernels_md(data: dict | None) -> list[str]:
                         over = t / base - 1
                         out.append(f"| {model} | branch r{r} over none, {bits}-bit m={m} | {over:+.1%} | <= +10% | "
                                    f"{'yes' if over <= 0.10 else 'NO'} |")
-        for r in (0, 64):  # what the served model's separate q/k/v and gate/up layers cost (no target)
+        for r in (0, 64):  # what q/k/v and gate/up apart cost over merged (engine.merge; no target)
             for m in (1, 4, 16):
-                fused = get(f"ours 3-bit g128 r{r}", m)
-                served = get(f"ours 3-bit g128 r{r} as served (q,k,v,gate,up apart)", m)
-                if fused and served:
-                    out.append(f"| {model} | 7 layers as served over 4 fused, 3-bit r{r} m={m} | "
-                               f"{served / fused - 1:+.1%} | - | - |")
+                merged, apart = get(f"ours 3-bit g128 r{r}", m), get(f"ours 3-bit g128 r{r} q,k,v,gate,up apart", m)
+                if merged and apart:
+                    out.append(f"| {model} | 7 layers apart over 4 merged, 3-bit r{r} m={m} | "
+                               f"{apart / merged - 1:+.1%} | - | - |")
     return out
 
 
@@ -157,7 +156,7 @@ def engine_md(data: dict | None) -> list[str]:
             f"- eager decode tokens/s (model forward): {data.get('eager_tokens_per_s')}",
             *(f"- {k}: {e.get('requests')} requests x {e.get('max_tokens')} tokens, "
               f"{e.get('tokens_per_s', 0):.1f} tok/s, finish {e.get('finish_reasons')}, errors {e.get('errors')}, "
-              f"CUDA graph {e.get('cuda_graph')}" for k, e in runs),
+              f"CUDA graph {e.get('cuda_graph')}, merged projections {e.get('merged_projections')}" for k, e in runs),
             *profile_md(data.get("decode_profile"), "eager decode step (profiled)"),
             *profile_md(data.get("graphed_profile"), "graphed decode step")]
 

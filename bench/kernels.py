@@ -3,8 +3,8 @@
 One decode step's linear stack, 32 layers x {qkv, o, gate_up, down} each with its own weights,
 captured in a CUDA graph, median of --reps replays, for x of m = 1, 4, 16 rows:
   fp16 cuBLAS (F.linear), torch int4 g128 (torch._weight_int4pack_mm, bf16 activations),
-  ours at 4/3/2 bits g128 with no branch and rank-32/64 branches, and 3-bit "as served": q/k/v and
-  gate/up as the separate layers (own launches and branches) the model runs.
+  ours at 4/3/2 bits g128 with no branch and rank-32/64 branches, and 3-bit with q/k/v and gate/up
+  apart (own launches and branches: the model's layers before the Engine merges them).
 Reports ms per token, ratios to fp16 and to torch int4, and the fraction of the read roofline
 (ideal bytes / time, divided by the device-to-device copy bandwidth, read + write, measured in the
 same run; the H100 anchor found fp16 cuBLAS reading weights at about that rate).
@@ -34,16 +34,16 @@ from cuda_ext.testing import cuda_median_ms, random_layer, random_packed  # noqa
 
 LAYERS = 32
 GROUP = 128
-# How the models (models/llama.py) call the stack's fused shapes: q, k, v and gate, up are separate
-# linear layers, each with its own launch and FBQuant branch (MODELS lists them concatenated)
-SERVED_SPLITS = {"Llama-2-7B": {12288: [4096, 4096, 4096], 22016: [11008, 11008]},
+# The stack's merged shapes as the model's separate layers (models/llama.py: q, k, v and gate, up, each with
+# its own launch and FBQuant branch; the Engine merges them on CUDA where engine.merge allows)
+SPLITS = {"Llama-2-7B": {12288: [4096, 4096, 4096], 22016: [11008, 11008]},
                  "Llama-3-8B": {6144: [4096, 1024, 1024], 28672: [14336, 14336]},
                  "SmolLM2-135M": {960: [576, 192, 192], 3072: [1536, 1536]}}
 
 
-def served_shapes(model: str) -> list[tuple[int, int]]:
-    """MODELS[model] with q/k/v and gate/up apart, as the served model calls them."""
-    return [(part, k) for n, k in MODELS[model] for part in SERVED_SPLITS[model].get(n, [n])]
+def apart_shapes(model: str) -> list[tuple[int, int]]:
+    """MODELS[model] with q/k/v and gate/up apart (7 layers per decoder layer instead of 4)."""
+    return [(part, k) for n, k in MODELS[model] for part in SPLITS[model].get(n, [n])]
 
 
 def copy_bandwidth(nbytes: int = 1 << 30) -> float:
@@ -280,11 +280,11 @@ def main(argv: list[str] | None = None) -> int:
                       lambda r=r: without_half2(ours_stack(shapes, 3, r)), torch.float16, 3, r) for r in (0, 64)]
         variants += [("ours 3-bit g128 r64 fused branch (m=1)",
                       lambda: ours_stack(shapes, 3, 64, m1_config(fused_branch=True)), torch.float16, 3, 64)]
-        # the layout the served model runs: 7 linear layers per decoder layer instead of 4
-        served = served_shapes(model)
-        variants += [(f"ours 3-bit g128 r{r} as served (q,k,v,gate,up apart)",
-                      lambda r=r: ours_stack(served, 3, r), torch.float16, 3, r) for r in (0, 64)]
-        variant_shapes = {name: served for name, *_ in variants if "as served" in name}
+        # the layers apart (7 per decoder layer): what the Engine runs where engine.merge declines
+        apart = apart_shapes(model)
+        variants += [(f"ours 3-bit g128 r{r} q,k,v,gate,up apart",
+                      lambda r=r: ours_stack(apart, 3, r), torch.float16, 3, r) for r in (0, 64)]
+        variant_shapes = {name: apart for name, *_ in variants if name.endswith(" apart")}
         if args.variants:
             variants = [v for v in variants if any(t in v[0] for t in args.variants)]
         base: dict[tuple[str, int], float] = {}

@@ -64,9 +64,11 @@ def cpu_threads(threads: int | None = None, decode_threads: int | None = None,
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = None,
                  threads: int | None = None, decode_threads: int | None = None,
-                 decode_graphs: bool | None = None) -> None:
+                 decode_graphs: bool | None = None, merge_projections: bool | None = None) -> None:
         """`decode_graphs`: None replays decode steps from CUDA graphs on a CUDA device (engine.cuda_graph_decode);
-        False never; True also off CUDA, where the same static step runs eagerly (tests)."""
+        False never; True also off CUDA, where the same static step runs eagerly (tests).
+        `merge_projections`: None merges q/k/v and gate/up into one quantized layer each on a CUDA device
+        (engine.merge); False never; True also off CUDA (tests: Triton under the interpreter)."""
         self.loaded = loaded
         self.model = loaded.model
         self.tokenizer = loaded.tokenizer
@@ -77,6 +79,13 @@ class Engine:
             raise ValueError(f"max_batch must be in [1, {MAX_BATCH}], got {max_batch}")
         self.max_batch = max_batch
         self.device = self.model.lm_head.weight.device
+        self.merge_status: dict[str, object] = {"enabled": False, "reason": "not a CUDA device"}
+        if merge_projections or (merge_projections is None and self.device.type == "cuda"):
+            from engine.merge import merge_projections as merge  # before the graphs capture the module path
+
+            self.merge_status = merge(self.model)
+        elif merge_projections is False:
+            self.merge_status = {"enabled": False, "reason": "disabled by the caller"}
         self.model.setup_cache(max_batch, self.max_seq_len)
         self.graph_decoder = None
         self.graph_reason: str | None = "not a CUDA device"
@@ -186,6 +195,10 @@ class Engine:
         from engine.cpu_decode import unavailable_reason
 
         return {"enabled": False, "reason": unavailable_reason(self.model) or "not installed", "threads": self.threads}
+
+    def merged_projections_status(self) -> dict[str, object]:
+        """/health's view of engine.merge: q/k/v and gate/up merged (how many layers) or why not."""
+        return self.merge_status
 
     def cuda_graph_status(self) -> dict[str, object]:
         """/health's view of graphed decode (engine.cuda_graph_decode): on or off and why, graphs captured."""

@@ -120,6 +120,8 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.n_kv_heads * hd, bias=bias)
         self.o_proj = nn.Linear(self.n_heads * hd, config.hidden_size, bias=False)
+        self.qkv_proj: nn.Module | None = None  # q/k/v merged into one layer (engine.merge, CUDA)
+        self.merged_sizes: list[int] = []
         self.kv_cache: KVCache | None = None
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, positions: Tensor | None, slots: Tensor | None,
@@ -129,9 +131,13 @@ class Attention(nn.Module):
         cached-keys mask is the plain causal one and SDPA skips the masked blocks (1.5-1.9x at T >= 1024).
         `mask` (B, 1, T, L): which cached keys each query sees (`cached_keys_mask`; made once per step)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim)
-        k = self.k_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, t, self.n_kv_heads, self.head_dim)
+        if self.qkv_proj is not None:
+            q, k, v = self.qkv_proj(x).split(self.merged_sizes, dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim)
+        k = k.view(b, t, self.n_kv_heads, self.head_dim)
+        v = v.view(b, t, self.n_kv_heads, self.head_dim)
         if x.is_cuda and not torch.is_grad_enabled():  # the same in one launch, in place (cuda_ext/fused.py)
             from cuda_ext.fused import rope
 
@@ -168,9 +174,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=bias)
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
+        self.gate_up_proj: nn.Module | None = None  # gate/up merged into one layer (engine.merge, CUDA)
+        self.merged_sizes: list[int] = []
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))  # SwiGLU
+        if self.gate_up_proj is not None:
+            gate, up = self.gate_up_proj(x).split(self.merged_sizes, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)  # SwiGLU
 
 
 class DecoderLayer(nn.Module):

@@ -131,6 +131,9 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
                            else {"enabled": False, "reason": "not this engine"}),
             "cuda_graph": (engine_.cuda_graph_status() if hasattr(engine_, "cuda_graph_status")
                            else {"enabled": False, "reason": "not this engine"}),
+            "merged_projections": (engine_.merged_projections_status()
+                                   if hasattr(engine_, "merged_projections_status")
+                                   else {"enabled": False, "reason": "not this engine"}),
         })
 
     @app.get("/v1/models", response_model=ModelList)

@@ -135,7 +135,8 @@ class EngineCollector:
         card = self._model_card(engine)
         if card is not None and card.quantization is not None:
             bpw.add_metric([card.id, card.quantization.method], card.quantization.bits_per_weight)
-        paths = GaugeMetricFamily("fbserve_path_enabled", "Optional serving paths (qdec, cuda_graph, cpu_decode): "
+        paths = GaugeMetricFamily("fbserve_path_enabled", "Optional serving paths (qdec, cuda_graph, cpu_decode, "
+                                  "merged_projections): "
                                   "1 when live, 0 with the reason why not.", labels=["path", "reason"])
         for name, status in self._path_status(engine).items():
             paths.add_metric([name, str(status.get("reason") or "")], 1 if status.get("enabled") else 0)
@@ -145,7 +146,8 @@ class EngineCollector:
         """/health's status objects of the optional paths (empty before the model is loaded)."""
         if engine is None:
             return {}
-        out = {path: self._call(engine, f"{path}_status", {}) for path in ("cuda_graph", "cpu_decode")
+        out = {path: self._call(engine, f"{path}_status", {})
+               for path in ("cuda_graph", "cpu_decode", "merged_projections")
                if hasattr(engine, f"{path}_status")}
         if hasattr(engine, "model"):
             from engine import qdec

@@ -86,10 +86,10 @@ def test_gpu_tools_without_a_gpu():
     assert bench.main([]) == 0
     from cuda_ext import autotune
     assert autotune.main([]) == 1
-    for model, shapes in bench.MODELS.items():  # the "as served" rows: 7 layers, the same weights as the 4
-        served = bench.served_shapes(model)
-        assert len(served) == 7 and sum(n * k for n, k in served) == sum(n * k for n, k in shapes)
-        assert len({k for _, k in served}) == len({k for _, k in shapes})
+    for model, shapes in bench.MODELS.items():  # the "apart" rows: 7 layers, the same weights as the 4
+        apart = bench.apart_shapes(model)
+        assert len(apart) == 7 and sum(n * k for n, k in apart) == sum(n * k for n, k in shapes)
+        assert len({k for _, k in apart}) == len({k for _, k in shapes})
 
 
 def test_kernels_check_decode_on_sm90():

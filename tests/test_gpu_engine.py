@@ -74,6 +74,26 @@ def test_engine_serves_through_graphs(quantized):  # noqa: F811
     st = eng.cuda_graph_status()
     record("cuda_graph_engine", **st)
     assert st["enabled"] and st["replays"] > 0, st
+    merged = eng.merged_projections_status()  # engine.merge on CUDA: q/k/v and gate/up one layer each
+    record("merged_projections_engine", **merged)
+    assert merged == {"enabled": True, "qkv": 2, "gate_up": 2}, merged
+
+
+@cuda_only
+def test_merged_projections_match_the_layers_apart(quantized):  # noqa: F811
+    """engine.merge compiled on the GPU: the model's logits merged vs apart (fp16)."""
+    from engine.merge import merge_projections
+    from models.loader import load_model
+
+    apart = load_model(str(quantized), device=DEV, dtype=torch.float16).model
+    merged = load_model(str(quantized), device=DEV, dtype=torch.float16).model
+    assert merge_projections(merged)["enabled"]
+    tokens = torch.randint(3, 60, (2, 12), generator=torch.Generator().manual_seed(0)).to(DEV)
+    with torch.inference_mode():
+        want, got = apart(tokens).float(), merged(tokens).float()
+    err = float((got - want).abs().mean() / want.abs().mean())
+    record("merged_projections_logits", rel_err=err)
+    assert err < 1e-2, err
 
 
 @cuda_only

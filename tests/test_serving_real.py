@@ -123,10 +123,11 @@ def test_optional_paths_are_exported_with_their_reason(server):
     rows = {path: (reason, float(v)) for path, reason, v in
             re.findall(r'^fbserve_path_enabled\{path="(\w+)",reason="([^"]*)"\} (\S+)$', text, re.MULTILINE)}
     health = httpx.get(f"{server.url}/health", timeout=60).json()
-    assert set(rows) == {"qdec", "cuda_graph", "cpu_decode"}, rows
+    assert set(rows) == {"qdec", "cuda_graph", "cpu_decode", "merged_projections"}, rows
     for path in rows:
         assert rows[path] == (health[path].get("reason") or "", 1.0 if health[path]["enabled"] else 0.0), path
     assert rows["cuda_graph"] == ("not a CUDA device", 0.0)
+    assert rows["merged_projections"] == ("not a CUDA device", 0.0)
 
 
 def test_sigterm_finishes_streams_refuses_new_requests_and_exits_0(server):
