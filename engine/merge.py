@@ -86,7 +86,7 @@ def merge_projections(model: nn.Module) -> dict[str, object]:
 
     merged = {"qkv": 0, "gate_up": 0}
     declined: dict[str, int] = {}
-    for mod in model.modules():
+    for mod in list(model.modules()):  # a list: the loop replaces submodules
         if isinstance(mod, Attention):
             names, target, kind = ("q_proj", "k_proj", "v_proj"), "qkv_proj", "qkv"
         elif isinstance(mod, MLP):
