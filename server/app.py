@@ -21,7 +21,7 @@ from engine import qdec
 from server import routes_chat, routes_completions, routes_tokenize
 from server.admission import Gate, ServingConfig
 from server.generation import ServerState
-from server.metrics import DEFAULT, Metrics, kernel_paths
+from server.metrics import DEFAULT, ENGINE_PATHS, Metrics, kernel_paths
 from server.model_card import model_card
 from server.protocol import ModelList
 from server.errors import install_error_handlers
@@ -127,13 +127,8 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
             "kernel_paths": kernel_paths(state.device),
             "qdec": qdec.health(engine_.model) if hasattr(engine_, "model") else {"enabled": False,
                                                                                   "reason": "not configured"},
-            "cpu_decode": (engine_.cpu_decode_status() if hasattr(engine_, "cpu_decode_status")
-                           else {"enabled": False, "reason": "not this engine"}),
-            "cuda_graph": (engine_.cuda_graph_status() if hasattr(engine_, "cuda_graph_status")
-                           else {"enabled": False, "reason": "not this engine"}),
-            "merged_projections": (engine_.merged_projections_status()
-                                   if hasattr(engine_, "merged_projections_status")
-                                   else {"enabled": False, "reason": "not this engine"}),
+            **{path: (getattr(engine_, f"{path}_status")() if hasattr(engine_, f"{path}_status")
+                      else {"enabled": False, "reason": "not this engine"}) for path in ENGINE_PATHS},
         })
 
     @app.get("/v1/models", response_model=ModelList)

@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, disable_cre
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 log = logging.getLogger("fbserve.metrics")
+# the Engine's optional paths that report `<path>_status()` (/health and fbserve_path_enabled; qdec apart)
+ENGINE_PATHS = ("cpu_decode", "cuda_graph", "merged_projections")
 
 # No `*_created` series next to every counter and histogram: noise for dashboards (process-wide setting).
 disable_created_metrics()
@@ -146,8 +148,7 @@ class EngineCollector:
         """/health's status objects of the optional paths (empty before the model is loaded)."""
         if engine is None:
             return {}
-        out = {path: self._call(engine, f"{path}_status", {})
-               for path in ("cuda_graph", "cpu_decode", "merged_projections")
+        out = {path: self._call(engine, f"{path}_status", {}) for path in ENGINE_PATHS
                if hasattr(engine, f"{path}_status")}
         if hasattr(engine, "model"):
             from engine import qdec
