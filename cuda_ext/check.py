@@ -13,7 +13,9 @@ load narrower than 16 bytes.  Then the static roofline: bytes
 one call moves / ideal bytes (cuda_ext/roofline.py).
 
 Usage: python -m cuda_ext.check [--arch sm_90 ...] [--kind decode ...] [--full] [--jobs N] [--markdown]
-Default variants per config: 3-bit bf16 and 4-bit fp16 (sm_75: 3-bit fp16), --full: every bits x dtype.
+Default variants per config: 3-bit bf16 and 4-bit fp16 (sm_75: 3-bit fp16), --full: every bits x dtype;
+decode and prefill configs also compile 3-bit fp16 as a merged layer of 3 segments (engine.merge: the
+epilogue's per-segment t, the fused branch's t 256 wide), branch_down with t 256 wide.
 """
 from __future__ import annotations
 
@@ -33,6 +35,10 @@ from . import configs
 ARCH_CC = {"sm_75": 75, "sm_80": 80, "sm_86": 86, "sm_87": 87, "sm_89": 89, "sm_90": 90, "sm_120": 120}
 GROUP = 128  # the group size is one constant in the code; it does not change registers or loads
 RANK_P = 128  # the largest branch tile: the worst case for registers
+T_RANK_P = 256  # the widest t = x @ A^T (a merged layer's: launch.MAX_T): branch_gemv's and the fused
+# branch's tile (branch_down_kernel takes it in column tiles of RANK_P)
+SEGMENTS = 3  # merged q/k/v: the epilogue's worst case (3 segments), compiled as one more variant
+SEGMENTED_VARIANT = (3, "fp16")  # what the served merged layers run on CUDA (fp16 activations)
 DEFAULT_VARIANTS = [(3, "bf16"), (4, "fp16")]  # the most planes / the fp32 dequant: worst registers
 # decode also compiles 3-bit fp16: at m = 1 fp16 runs gemv_kernel's half2 path, a code path of its own
 DECODE_VARIANTS = [(3, "fp16"), *DEFAULT_VARIANTS]
@@ -55,6 +61,7 @@ class Job:
     rule: dict
     bits: int
     dtype: str
+    segments: int = 1  # > 1: a merged layer's epilogue (N_SEG), t T_RANK_P wide in the fused branch
 
 
 @dataclass
@@ -120,8 +127,8 @@ def _kernel_source(job: Job):
     elif job.kind == "branch_down" and r["block_m"] == 1:  # one row: branch_gemv_kernel
         fn = branch_gemv_kernel
         ptrs = {"x_ptr": f"*{dt}", "a_ptr": "*fp16", "t_ptr": "*fp32", "ws_ptr": "*fp32", "cnt_ptr": "*i32"}
-        consts = dict(RANK_P=RANK_P, USE_WS=True, **branch_gemv_tiles(configs.BranchConfig(
-            **{k: v for k, v in r.items() if k in configs.BranchConfig.__dataclass_fields__}), RANK_P))
+        consts = dict(RANK_P=T_RANK_P, USE_WS=True, **branch_gemv_tiles(configs.BranchConfig(
+            **{k: v for k, v in r.items() if k in configs.BranchConfig.__dataclass_fields__}), T_RANK_P))
         div16 = list(ptrs) + ["K", "rank"]
         weight = "a_ptr"
     elif job.kind == "branch_down":
@@ -136,12 +143,15 @@ def _kernel_source(job: Job):
                 "ws_ptr": "*fp32", "cnt_ptr": "*i32", "t_ptr": "*fp32", "b_ptr": "*fp16", "bias_ptr": f"*{dt}",
                 "a_ptr": "*fp16", "tws_ptr": "*fp32"}
         common = dict(BITS=job.bits, GROUP=GROUP, BLOCK_N=r["block_n"], RANK_P=RANK_P,
-                      USE_WS=r.get("max_split_k", 1) > 1, HAS_BRANCH=True, HAS_BIAS=True, INTERP_BF16=False)
+                      USE_WS=r.get("max_split_k", 1) > 1, HAS_BRANCH=True, HAS_BIAS=True, INTERP_BF16=False,
+                      N_SEG=job.segments)
         if r["block_m"] < 16:  # CUDA-core decode kernel; a tail block of 8 rows (K = 11008) compiled in
             fn = gemv_kernel
             consts = dict(common, MR=r["block_m"], TAIL_ROWS=GEMV_TAIL_ROWS,
                           HALF2=r["block_m"] == 1 and dt == "fp16")  # as launch.quant_matmul picks it
-            consts.update(FUSED_BRANCH=bool(r.get("fused_branch")), PARTS_P=32, BLOCK_KA=fused_branch_block_k(RANK_P))
+            t_rank_p = T_RANK_P if job.segments > 1 else RANK_P
+            consts.update(FUSED_BRANCH=bool(r.get("fused_branch")), PARTS_P=32, T_RANK_P=t_rank_p,
+                          BLOCK_KA=fused_branch_block_k(t_rank_p))
         else:
             fn = qgemm_kernel
             consts = dict(common, BLOCK_M=r["block_m"], BRANCH_TF32=ARCH_CC[job.arch] >= 80,
@@ -343,6 +353,8 @@ def _jobs(archs: list[str], full: bool, kinds: list[str]) -> tuple[list[Job], li
                     if not any(j.arch == arch and j.kind == kind and j.rule_no == no and (j.bits, j.dtype) == (bits, dt)
                                for j in jobs):  # sm_75's stand-in fp16 may already be there
                         jobs.append(Job(arch, kind, no, rule, bits, dt))
+                if kind in configs.KINDS and kind != "branch_down":  # merged layers' segmented epilogue
+                    jobs.append(Job(arch, kind, no, rule, *SEGMENTED_VARIANT, segments=SEGMENTS))
     return jobs, notes
 
 
@@ -383,7 +395,8 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
         errs = [r for r in rs if r.error]
         loads = [w for r in rs for w in r.loads]
         regs, spill, smem = max(r.regs for r in rs), max(r.spill for r in rs), max(r.smem for r in rs)
-        problems = [f"compile error ({e.job.bits}b {e.job.dtype}): {e.error}" for e in errs]
+        problems = [f"compile error ({e.job.bits}b {e.job.dtype}{f' x{e.job.segments}seg' if e.job.segments > 1 else ''}): "
+                    f"{e.error}" for e in errs]
         if spill:
             problems.append("spills")
         if smem > limit:
@@ -391,7 +404,8 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
         if not errs and kind not in NO_WEIGHTS and (not loads or min(loads) < MIN_WEIGHT_LOAD):
             problems.append(f"weight loads < {MIN_WEIGHT_LOAD} B" if loads else "no weight load found")
         ok_all &= not problems
-        variants = ",".join(f"{r.job.bits}b{r.job.dtype}" if r.job.bits else r.job.dtype for r in rs)
+        variants = ",".join((f"{r.job.bits}b{r.job.dtype}" if r.job.bits else r.job.dtype)
+                            + (f"x{r.job.segments}seg" if r.job.segments > 1 else "") for r in rs)
         width = f"{min(loads)}-{max(loads)}" if loads else "-"
         status = "ok" if not problems else "FAIL: " + "; ".join(problems)
         cfg = _config_label(kind, rs[0].job.rule)

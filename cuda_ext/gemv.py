@@ -212,9 +212,10 @@ def _gemv_block_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_n, kb, rb, K, Np, G, m
 @triton.jit
 def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
                M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic, pid_n, pid_k, n_split, n_tiles,
-               BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr,
+               seg1, seg2, BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr,
                TAIL_ROWS: tl.constexpr, RANK_P: tl.constexpr, USE_WS: tl.constexpr, HAS_BRANCH: tl.constexpr,
-               HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, HALF2: tl.constexpr, FUSED_BRANCH: tl.constexpr):
+               HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, HALF2: tl.constexpr, FUSED_BRANCH: tl.constexpr,
+               N_SEG: tl.constexpr):
     """gemv_kernel's work for column tile pid_n and K split pid_k (of n_split), then the tile's epilogue
     by the last split to finish.  FUSED_BRANCH: the epilogue first waits for t (_wait_for_t) and then
     reports the tile done (_tile_done)."""
@@ -261,22 +262,22 @@ def _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr
                                         MR, n_tiles * BLOCK_N)
         if is_last:
             _finish_tile(total, y_ptr, t_ptr, b_ptr, bias_ptr, cnt_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                         n_tiles, RANK_P, HAS_BRANCH, HAS_BIAS, INTERP_BF16, FUSED_BRANCH)
+                         n_tiles, seg1, seg2, RANK_P, HAS_BRANCH, HAS_BIAS, INTERP_BF16, FUSED_BRANCH, N_SEG)
     else:
         _finish_tile(part, y_ptr, t_ptr, b_ptr, bias_ptr, cnt_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                     n_tiles, RANK_P, HAS_BRANCH, HAS_BIAS, INTERP_BF16, FUSED_BRANCH)
+                     n_tiles, seg1, seg2, RANK_P, HAS_BRANCH, HAS_BIAS, INTERP_BF16, FUSED_BRANCH, N_SEG)
 
 
 @triton.jit
 def _finish_tile(acc, y_ptr, t_ptr, b_ptr, bias_ptr, cnt_ptr, offs_m, offs_n, M, N, rank, stride_ym, n_tiles,
-                 RANK_P: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
-                 INTERP_BF16: tl.constexpr, FUSED_BRANCH: tl.constexpr):
+                 seg1, seg2, RANK_P: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 INTERP_BF16: tl.constexpr, FUSED_BRANCH: tl.constexpr, N_SEG: tl.constexpr):
     """A column tile's epilogue (branch on CUDA cores, bias, store); with the fused branch it first waits
     for t and then counts the tile done."""
     if FUSED_BRANCH:
         _wait_for_t(cnt_ptr + n_tiles)
-    _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-              RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False, T_CG=FUSED_BRANCH)
+    _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym, seg1, seg2,
+              RANK_P, HAS_BRANCH, HAS_BIAS, False, INTERP_BF16, BRANCH_DOT=False, T_CG=FUSED_BRANCH, N_SEG=N_SEG)
     if FUSED_BRANCH:
         _tile_done(cnt_ptr + n_tiles, n_tiles)
 
@@ -335,12 +336,12 @@ def _tile_done(c_ptr, n_tiles):
 @triton.jit
 def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
                 M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic,
-                a_ptr, tws_ptr, n_tiles, n_split, n_parts,
+                a_ptr, tws_ptr, n_tiles, n_split, n_parts, seg1, seg2,
                 BITS: tl.constexpr, GROUP: tl.constexpr, MR: tl.constexpr, BLOCK_N: tl.constexpr,
                 TAIL_ROWS: tl.constexpr, RANK_P: tl.constexpr, USE_WS: tl.constexpr,
                 HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr,
                 HALF2: tl.constexpr = False, FUSED_BRANCH: tl.constexpr = False, BLOCK_KA: tl.constexpr = 128,
-                PARTS_P: tl.constexpr = 32):
+                PARTS_P: tl.constexpr = 32, N_SEG: tl.constexpr = 1, T_RANK_P: tl.constexpr = 128):
     """y (M, N) = x (M, K) @ dequant(qweight)^T (+ t @ B^T) (+ bias) for M <= MR rows on CUDA cores.
     HALF2 (one fp16 row, MR = 1): the packed half2 math of _gemv_block_h2, else fp32 (_gemv_block).
 
@@ -351,21 +352,24 @@ def gemv_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_pt
     (_branch_part), the others a tile's split as usual, and a tile's epilogue waits for t.  Taking
     roles by ticket, not by program id, is what makes the wait safe: a program that holds a ticket is
     running, so every branch part is running or done by the time any tile waits.
+    N_SEG > 1: a merged layer whose columns [0, seg1), [seg1, seg2), [seg2, N) each take their own slice of
+    t (fp32 (M, N_SEG * rank); A: (N_SEG * rank, K); B: (N, rank); _epilogue); T_RANK_P pads t's width
+    for the fused branch's parts.
     The tail block's row count is a compile-time constant (TAIL_ROWS, 0 = none), so every field
     position, group start and shift is resolved at compile time."""
     if FUSED_BRANCH:
         ticket = tl.atomic_add(cnt_ptr + n_tiles, 1, sem="relaxed", scope="gpu")
         if ticket < n_parts:
-            _branch_part(x_ptr, a_ptr, tws_ptr, t_ptr, cnt_ptr + n_tiles, ticket, n_parts, K, rank,
-                         RANK_P, BLOCK_KA, PARTS_P)
+            _branch_part(x_ptr, a_ptr, tws_ptr, t_ptr, cnt_ptr + n_tiles, ticket, n_parts, K, rank * N_SEG,
+                         T_RANK_P, BLOCK_KA, PARTS_P)
         else:
             w = ticket - n_parts
             _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
                        M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic, w % n_tiles,
-                       w // n_tiles, n_split, n_tiles, BITS, GROUP, MR, BLOCK_N, TAIL_ROWS, RANK_P, USE_WS,
-                       HAS_BRANCH, HAS_BIAS, INTERP_BF16, HALF2, True)
+                       w // n_tiles, n_split, n_tiles, seg1, seg2, BITS, GROUP, MR, BLOCK_N, TAIL_ROWS, RANK_P,
+                       USE_WS, HAS_BRANCH, HAS_BIAS, INTERP_BF16, HALF2, True, N_SEG)
     else:
         _gemv_tile(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
                    M, N, Np, K, G, n_full, n_blocks, rank, stride_xm, stride_ym, magic, tl.program_id(0),
-                   tl.program_id(2), tl.num_programs(2), tl.num_programs(0), BITS, GROUP, MR, BLOCK_N, TAIL_ROWS,
-                   RANK_P, USE_WS, HAS_BRANCH, HAS_BIAS, INTERP_BF16, HALF2, False)
+                   tl.program_id(2), tl.num_programs(2), tl.num_programs(0), seg1, seg2, BITS, GROUP, MR, BLOCK_N,
+                   TAIL_ROWS, RANK_P, USE_WS, HAS_BRANCH, HAS_BIAS, INTERP_BF16, HALF2, False, N_SEG)

@@ -128,34 +128,70 @@ def _block_dot_h2(acc, x_ptr, qw_ptr, s_ptr, z_ptr, offs_m, offs_n, kb, rb, M, K
 
 
 @triton.jit
-def _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
+def _load_t(ptrs, mask, T_CG: tl.constexpr):
+    """Load t (fp32); T_CG: from L2 (t was written during this launch), never a stale L1 line."""
+    if T_CG:
+        return tl.load(ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+    return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym, seg1, seg2,
               RANK_P: tl.constexpr, HAS_BRANCH: tl.constexpr, HAS_BIAS: tl.constexpr,
               BRANCH_TF32: tl.constexpr, INTERP_BF16: tl.constexpr, BRANCH_DOT: tl.constexpr = True,
-              T_CG: tl.constexpr = False):
-    """y tile = acc (+ t @ B^T) (+ bias), stored in y's dtype.  t: fp32 (M, rank); B: fp16 (N, rank).
-    BRANCH_DOT: t @ B^T with tl.dot (qgemm, 16+ rows); else on CUDA cores in fp32 (gemv, 1-4 rows).
+              T_CG: tl.constexpr = False, N_SEG: tl.constexpr = 1):
+    """y tile = acc (+ t @ B^T) (+ bias), stored in y's dtype.  t: fp32 (M, N_SEG * rank); B: fp16 (N, rank).
+    N_SEG > 1 (merged layers, engine.merge): columns [0, seg1), [seg1, seg2), [seg2, N) are segments
+    0, 1, 2, and column n takes its segment's slice of t: y[:, n] += t[:, s * rank:(s + 1) * rank] @ B[n]
+    (B = the layers' B stacked, no block-diagonal zeros read).
+    BRANCH_DOT: t @ B^T with tl.dot (qgemm, 16+ rows), one dot per segment on B loaded masked to it; else on
+    CUDA cores in fp32 (gemv, 1-4 rows), each column's t slice gathered (t is a few hundred bytes: L1).
     T_CG: t was written during this launch (gemv's fused branch): read it from L2, never a stale L1 line."""
     mmask = offs_m < M
     nmask = offs_n < N
     if HAS_BRANCH:
-        RC: tl.constexpr = min(RANK_P, 32 if BRANCH_DOT else 16)
-        for r0 in tl.static_range(0, RANK_P, RC):
-            rr = r0 + tl.arange(0, RC)
-            rmask = rr < rank
-            if T_CG:
-                t = tl.load(t_ptr + offs_m[:, None] * rank + rr[None, :], mask=mmask[:, None] & rmask[None, :],
-                            other=0.0, cache_modifier=".cg")
-            else:
-                t = tl.load(t_ptr + offs_m[:, None] * rank + rr[None, :], mask=mmask[:, None] & rmask[None, :],
-                            other=0.0)
-            bt = tl.load(b_ptr + offs_n[None, :] * rank + rr[:, None], mask=rmask[:, None] & nmask[None, :],
-                         other=0.0).to(tl.float32)
-            if not BRANCH_DOT:
-                acc += tl.sum(t[:, :, None] * bt[None, :, :], axis=1)
-            elif BRANCH_TF32:  # fp16 B is exact in tf32; only t is rounded (to 10 mantissa bits)
-                acc = tl.dot(t, bt, acc, input_precision="tf32")
-            else:
-                acc = tl.dot(t, bt, acc, input_precision="ieee")
+        RC: tl.constexpr = min(RANK_P, 32 if BRANCH_DOT and N_SEG == 1 else 16)
+        t_stride = rank * N_SEG
+        seg = (offs_n >= seg1).to(tl.int32)
+        if N_SEG > 2:
+            seg += (offs_n >= seg2).to(tl.int32)
+        if N_SEG > 1 and BRANCH_DOT:
+            # per segment that meets this tile (a run-time branch: one B tile live at a time, and most
+            # tiles meet one segment), t's slice @ B loaded masked to the segment's columns
+            seg_lo = tl.min(tl.where(nmask, seg, N_SEG), axis=0)
+            seg_hi = tl.max(tl.where(nmask, seg, 0), axis=0)
+            for s in tl.static_range(N_SEG):
+                if (seg_lo <= s) & (s <= seg_hi):
+                    for r0 in tl.static_range(0, RANK_P, RC):
+                        rr = r0 + tl.arange(0, RC)
+                        rmask = rr < rank
+                        t = _load_t(t_ptr + offs_m[:, None] * t_stride + s * rank + rr[None, :],
+                                    mmask[:, None] & rmask[None, :], T_CG)
+                        bs = tl.load(b_ptr + offs_n[None, :] * rank + rr[:, None],
+                                     mask=rmask[:, None] & (nmask & (seg == s))[None, :], other=0.0).to(tl.float32)
+                        if BRANCH_TF32:
+                            acc = tl.dot(t, bs, acc, input_precision="tf32")
+                        else:
+                            acc = tl.dot(t, bs, acc, input_precision="ieee")
+        else:
+            for r0 in tl.static_range(0, RANK_P, RC):
+                rr = r0 + tl.arange(0, RC)
+                rmask = rr < rank
+                bt = tl.load(b_ptr + offs_n[None, :] * rank + rr[:, None], mask=rmask[:, None] & nmask[None, :],
+                             other=0.0).to(tl.float32)
+                if N_SEG > 1:  # CUDA cores: each column's own slice of t, gathered
+                    t3 = _load_t(t_ptr + offs_m[:, None, None] * t_stride + (seg * rank)[None, None, :]
+                                 + rr[None, :, None], mmask[:, None, None] & rmask[None, :, None], T_CG)
+                    acc += tl.sum(t3 * bt[None, :, :], axis=1)
+                else:
+                    t = _load_t(t_ptr + offs_m[:, None] * t_stride + rr[None, :], mmask[:, None] & rmask[None, :],
+                                T_CG)
+                    if not BRANCH_DOT:
+                        acc += tl.sum(t[:, :, None] * bt[None, :, :], axis=1)
+                    elif BRANCH_TF32:  # fp16 B is exact in tf32; only t is rounded (to 10 mantissa bits)
+                        acc = tl.dot(t, bt, acc, input_precision="tf32")
+                    else:
+                        acc = tl.dot(t, bt, acc, input_precision="ieee")
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=nmask, other=0.0).to(tl.float32)[None, :]
     y = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
@@ -195,17 +231,19 @@ def _last_of_split(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, offs_m, offs_n, M
 
 @triton.jit
 def qgemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_ptr, bias_ptr,
-                 M, N, Np, K, G, n_full, tail_rows, n_blocks, rank, stride_xm, stride_ym,
+                 M, N, Np, K, G, n_full, tail_rows, n_blocks, rank, stride_xm, stride_ym, seg1, seg2,
                  BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  RANK_P: tl.constexpr, USE_WS: tl.constexpr, HAS_BRANCH: tl.constexpr,
                  HAS_BIAS: tl.constexpr, INTERP_BF16: tl.constexpr, BRANCH_TF32: tl.constexpr,
-                 FP32_DOT: tl.constexpr, HALF2: tl.constexpr = False, TAIL_ROWS: tl.constexpr = 0):
+                 FP32_DOT: tl.constexpr, HALF2: tl.constexpr = False, TAIL_ROWS: tl.constexpr = 0,
+                 N_SEG: tl.constexpr = 1):
     """y (M, N) = x (M, K) @ dequant(qweight)^T (+ t @ B^T) (+ bias).
 
     x: fp16/bf16 (M, K), row stride stride_xm, unit column stride.  qweight: int32 fbq1 layout
     (bits * (16 * n_full + tail_rows), Np); n_blocks = n_full + (tail_rows > 0).  scales, zeros:
     fp16 (G, Np).  y: x's dtype (M, N), row stride stride_ym.  t: fp32 (M, rank); B: fp16
-    (N, rank); bias: (N,).  FP32_DOT: dot on fp32 operands (sm_75: Triton has no tensor-core dot).
+    (N, rank), t then (M, N_SEG * rank) for N_SEG segments starting at columns 0, seg1, seg2 (_epilogue);
+    bias: (N,).  FP32_DOT: dot on fp32 operands (sm_75: Triton has no tensor-core dot).
     Grid: (cdiv(N, BLOCK_N), cdiv(M, BLOCK_M), split_k); with split_k > 1 USE_WS must be set and
     ws be fp32 (split_k, grid_m * BLOCK_M, grid_n * BLOCK_N), cnt int32 (grid_m * grid_n,) zeros.
     """
@@ -239,11 +277,11 @@ def qgemm_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, y_ptr, ws_ptr, cnt_ptr, t_ptr, b_p
         is_last, total = _last_of_split(acc, ws_ptr, cnt_ptr, tile, pid_k, n_split, offs_m, offs_n, M,
                                         ld_m, ld_n)
         if is_last:
-            _epilogue(total, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                      RANK_P, HAS_BRANCH, HAS_BIAS, BRANCH_TF32, INTERP_BF16)
+            _epilogue(total, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym, seg1, seg2,
+                      RANK_P, HAS_BRANCH, HAS_BIAS, BRANCH_TF32, INTERP_BF16, N_SEG=N_SEG)
     else:
-        _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym,
-                  RANK_P, HAS_BRANCH, HAS_BIAS, BRANCH_TF32, INTERP_BF16)
+        _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, stride_ym, seg1, seg2,
+                  RANK_P, HAS_BRANCH, HAS_BIAS, BRANCH_TF32, INTERP_BF16, N_SEG=N_SEG)
 
 
 @triton.jit
@@ -252,15 +290,18 @@ def branch_down_kernel(x_ptr, a_ptr, t_ptr, ws_ptr, cnt_ptr, M, K, rank, stride_
                        USE_WS: tl.constexpr, INTERP_BF16: tl.constexpr, FP32_DOT: tl.constexpr):
     """t (M, rank) fp32 = x (M, K) @ A^T.  x: fp16/bf16, row stride stride_xm; A: fp16 (rank, K).
 
-    Grid: (split, cdiv(M, BLOCK_M)); program (s, i) covers one K slice of rows tile i.  With
-    split > 1 USE_WS must be set, ws fp32 (split, grid_m * BLOCK_M, RANK_P), cnt int32 (grid_m,) zeros.
+    Grid: (split, cdiv(M, BLOCK_M), cdiv(rank, RANK_P)); program (s, i, j) covers one K slice of rows
+    tile i and t's columns j * RANK_P.. (a merged layer's t is up to 2 tiles wide).  With split > 1
+    USE_WS must be set, ws fp32 (split, grid_m * BLOCK_M, grid_r * RANK_P), cnt int32 (grid_m * grid_r,)
+    zeros.
     """
     pid_k = tl.program_id(0)
     pid_m = tl.program_id(1)
+    pid_r = tl.program_id(2)
     n_split = tl.num_programs(0)
     DT = x_ptr.dtype.element_ty
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rr = tl.arange(0, RANK_P)
+    rr = pid_r * RANK_P + tl.arange(0, RANK_P)
     kps = tl.cdiv(tl.cdiv(K, n_split), BLOCK_K) * BLOCK_K
     k0 = pid_k * kps
     k1 = tl.minimum(k0 + kps, K)
@@ -283,8 +324,8 @@ def branch_down_kernel(x_ptr, a_ptr, t_ptr, ws_ptr, cnt_ptr, M, K, rank, stride_
             acc = tl.dot(xk, ak.to(DT), acc)
     tp = t_ptr + offs_m[:, None] * rank + rr[None, :]
     if USE_WS:
-        is_last, total = _last_of_split(acc, ws_ptr, cnt_ptr, pid_m, pid_k, n_split, offs_m, rr, M,
-                                        tl.num_programs(1) * BLOCK_M, RANK_P)
+        is_last, total = _last_of_split(acc, ws_ptr, cnt_ptr, pid_r * tl.num_programs(1) + pid_m, pid_k, n_split,
+                                        offs_m, rr, M, tl.num_programs(1) * BLOCK_M, tl.num_programs(2) * RANK_P)
         if is_last:
             tl.store(tp, total, mask=mmask & rmask)
     else:

@@ -4,6 +4,7 @@ Runs on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass
 from types import ModuleType
@@ -14,7 +15,9 @@ import triton
 from . import configs, gemv, kernels
 from .packing import PackedWeight
 
-MAX_RANK = 128
+MAX_RANK = 128  # a branch's rank: the B columns one output column reads
+MAX_SEGMENTS = 3  # a merged layer's parts (q, k, v)
+MAX_T = 256  # t = x @ A^T's width: rank x segments (branch_down's and the fused branch's tiles)
 
 
 def interpreting() -> bool:
@@ -132,14 +135,26 @@ def _check_x(x: torch.Tensor, k: int, what: str) -> None:
         raise ValueError(f"{what}: x has {x.shape[-1]} input features, the layer expects K={k}")
 
 
-def _check_branch(a: torch.Tensor, b: torch.Tensor, k: int, n: int, device: torch.device) -> int:
-    r = a.shape[0]
-    if a.dim() != 2 or a.shape[1] != k or a.dtype != torch.float16:
-        raise ValueError(f"A must be float16 (r, K={k}); got {a.dtype} {tuple(a.shape)}")
-    if b.dim() != 2 or tuple(b.shape) != (n, r) or b.dtype != torch.float16:
+def check_segments(segments: tuple[int, ...] | None, n: int) -> tuple[int, ...]:
+    """A merged layer's output sizes (each layer's out_features, in column order); None = one layer."""
+    if segments is None:
+        return (n,)
+    segments = tuple(int(v) for v in segments)
+    if not 1 <= len(segments) <= MAX_SEGMENTS or min(segments) < 1 or sum(segments) != n:
+        raise ValueError(f"segments {segments} must be 1..{MAX_SEGMENTS} positive sizes adding up to N={n}")
+    return segments
+
+
+def _check_branch(a: torch.Tensor, b: torch.Tensor, k: int, n: int, n_seg: int, device: torch.device) -> int:
+    """The branch's rank r (B's columns); A holds n_seg * r rows (one block of r per segment)."""
+    r = b.shape[-1]
+    if b.dim() != 2 or b.shape[0] != n or b.dtype != torch.float16:
         raise ValueError(f"B must be float16 (N={n}, r={r}); got {b.dtype} {tuple(b.shape)}")
-    if not 1 <= r <= MAX_RANK:
-        raise ValueError(f"branch rank r={r} unsupported; supported 1..{MAX_RANK}")
+    if a.dim() != 2 or tuple(a.shape) != (n_seg * r, k) or a.dtype != torch.float16:
+        raise ValueError(f"A must be float16 ({n_seg} x r={r} rows, K={k}); got {a.dtype} {tuple(a.shape)}")
+    if not 1 <= r <= MAX_RANK or n_seg * r > MAX_T:
+        raise ValueError(f"branch rank r={r} x {n_seg} segments unsupported; supported r 1..{MAX_RANK}, "
+                         f"r x segments <= {MAX_T}")
     if a.device != device or b.device != device:
         raise ValueError(f"A, B must be on {device}; got {a.device}, {b.device}")
     return r
@@ -164,10 +179,12 @@ def branch_down(x2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
             x2, a, t, ws, cnt, k, r, RANK_P=rank_p, USE_WS=split > 1, **branch_gemv_tiles(cfg, rank_p),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return t
+    rank_p = min(rank_p, MAX_RANK)  # tl.dot tiles of t's columns: a merged layer's 256 take two
+    grid_r = _cdiv(r, rank_p)
     if split > 1:
-        ws = torch.empty((split, grid_m * cfg.block_m, rank_p), dtype=torch.float32, device=x2.device)
-        cnt = _counters(x2.device, grid_m)
-    _kernels().branch_down_kernel[(split, grid_m)](
+        ws = torch.empty((split, grid_m * cfg.block_m, grid_r * rank_p), dtype=torch.float32, device=x2.device)
+        cnt = _counters(x2.device, grid_m * grid_r)
+    _kernels().branch_down_kernel[(split, grid_m, grid_r)](
         x2, a, t, ws, cnt, m, k, r, x2.stride(0),
         BLOCK_M=cfg.block_m, BLOCK_K=cfg.block_k, RANK_P=rank_p, USE_WS=split > 1,
         INTERP_BF16=interpreting() and x2.dtype == torch.bfloat16, FP32_DOT=not tgt.tensor_cores,
@@ -177,11 +194,15 @@ def branch_down(x2: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
 
 def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None = None,
                  b: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                 config: configs.GemmConfig | None = None) -> torch.Tensor:
+                 config: configs.GemmConfig | None = None,
+                 segments: tuple[int, ...] | None = None) -> torch.Tensor:
     """y = x @ dequant(packed)^T (+ (x @ A^T) @ B^T) (+ bias) with the Triton kernels.
 
     x: fp16/bf16 (..., K), last dim contiguous, on the packed weight's device.  A: fp16 (r, K).
     B: fp16 (N, r), 1 <= r <= 128.  bias: (N,) any float dtype.  Returns (..., N) in x.dtype.
+    segments (a merged layer, engine.merge): the layers' output sizes, 1..3 adding up to N; A then stacks
+    one (r, K) block per layer (r x segments <= 256) and each output column uses its own layer's block,
+    i.e. the branch is blockdiag(B_1, B_2, ...) with B = [B_1; B_2; ...] stored (N, r), no zeros.
     m = prod(x.shape[:-1]) <= 16 runs the split-K decode config, larger m the prefill config;
     `config` overrides the table (tests, autotune).
     """
@@ -194,7 +215,10 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
     tgt = target_for(x.device)
     if x.dtype == torch.bfloat16 and tgt.arch == "sm_75":
         raise ValueError("bfloat16 activations need sm_80 or newer (this GPU is sm_75); use float16")
-    r = _check_branch(a, b, k, n, x.device) if a is not None else 0
+    segments = check_segments(segments, n)
+    n_seg = len(segments)
+    r = _check_branch(a, b, k, n, n_seg, x.device) if a is not None else 0
+    seg1, seg2 = (list(itertools.accumulate(segments))[:-1] + [n, n])[:2]  # segment 1 and 2's first columns
     if bias is not None and (bias.shape != (n,) or bias.device != x.device):
         raise ValueError(f"bias must be ({n},) on {x.device}; got {tuple(bias.shape)} on {bias.device}")
     x2 = x.reshape(-1, k)
@@ -213,7 +237,7 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
     grid_n, grid_m, split = gemm_grid(m, n, n_blocks, config, tgt.num_sms)
     fused = config.fused_branch and r > 0 and config.block_m == 1  # t made inside gemv_kernel's launch
     if fused:
-        t = torch.empty((1, r), dtype=torch.float32, device=x.device)
+        t = torch.empty((1, n_seg * r), dtype=torch.float32, device=x.device)
     else:
         t = branch_down(x2, a.contiguous()) if r else y
     ws = cnt = y
@@ -225,32 +249,33 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
         rank_p = rank_pad(r)
         grid, tws, n_parts, extra = (grid_n, 1, split), y, 0, {}
         if fused:
-            n_parts = fused_branch_parts(k)
-            tws = torch.empty((n_parts, rank_p), dtype=torch.float32, device=x.device)
+            n_parts, t_rank_p = fused_branch_parts(k), rank_pad(n_seg * r)
+            tws = torch.empty((n_parts, t_rank_p), dtype=torch.float32, device=x.device)
             cnt = _counters(x.device, grid_n + 4)  # split-K tile counters, then the branch's four
             grid = (n_parts + grid_n * split, 1, 1)
-            extra = {"BLOCK_KA": fused_branch_block_k(rank_p), "PARTS_P": _pow2_at_least(n_parts, 1)}
+            extra = {"BLOCK_KA": fused_branch_block_k(t_rank_p), "PARTS_P": _pow2_at_least(n_parts, 1),
+                     "T_RANK_P": t_rank_p}
         half2 = config.half2 and config.block_m == 1 and x.dtype == torch.float16
         _kernels(gemv).gemv_kernel[grid](
             x2, packed.qweight, packed.scales, packed.zeros, y, ws, cnt, t,
             b.contiguous() if r else y, bias.contiguous() if bias is not None else y,
             m, n, d["n_pad"], k, packed.groups, d["n_full"], n_blocks, r, x2.stride(0), y.stride(0),
             gemv.gemv_magic(packed.bits, half2), a.contiguous() if fused else y, tws, grid_n, split, n_parts,
-            BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m,
+            seg1, seg2, BITS=packed.bits, GROUP=packed.group_size, MR=config.block_m,
             BLOCK_N=config.block_n, TAIL_ROWS=d["tail_rows"], RANK_P=rank_p, USE_WS=split > 1,
             HAS_BRANCH=r > 0, HAS_BIAS=bias is not None, INTERP_BF16=interpreting() and x.dtype == torch.bfloat16,
-            HALF2=half2, FUSED_BRANCH=fused, **extra,
+            HALF2=half2, FUSED_BRANCH=fused, N_SEG=n_seg, **extra,
             num_warps=config.num_warps, num_stages=config.num_stages)
         return y.reshape(*x.shape[:-1], n)
     _kernels().qgemm_kernel[(grid_n, grid_m, split)](
         x2, packed.qweight, packed.scales, packed.zeros, y, ws, cnt, t,
         b.contiguous() if r else y, bias.contiguous() if bias is not None else y,
         m, n, d["n_pad"], k, packed.groups, d["n_full"], d["tail_rows"], n_blocks, r,
-        x2.stride(0), y.stride(0),
+        x2.stride(0), y.stride(0), seg1, seg2,
         BITS=packed.bits, GROUP=packed.group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
         RANK_P=rank_pad(r), USE_WS=split > 1, HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
         INTERP_BF16=interpreting() and x.dtype == torch.bfloat16, BRANCH_TF32=tgt.tf32,
         FP32_DOT=not tgt.tensor_cores, TAIL_ROWS=d["tail_rows"],
         HALF2=config.half2 and config.block_m <= 16 and x.dtype == torch.float16,  # decode tiles only
-        num_warps=config.num_warps, num_stages=config.num_stages)
+        N_SEG=n_seg, num_warps=config.num_warps, num_stages=config.num_stages)
     return y.reshape(*x.shape[:-1], n)

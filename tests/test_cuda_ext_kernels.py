@@ -86,7 +86,7 @@ def test_bias_and_batched_input():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("m,rank", [(1, 8), (1, 64), (1, 128), (5, 64), (40, 128)])
+@pytest.mark.parametrize("m,rank", [(1, 8), (1, 64), (1, 128), (1, 256), (5, 64), (5, 192), (40, 128), (40, 256)])
 def test_branch_down_matches_reference(m, rank, dtype):
     a = (torch.randn(rank, 576) * 0.05).half().to(DEV)
     x = torch.randn(m, 576, device=DEV).to(dtype)
@@ -223,3 +223,56 @@ def test_gemv_refuses_more_rows_than_its_tile():
     cfg = GemmConfig(block_m=2, block_n=32, num_warps=4, num_stages=1)
     with pytest.raises(ValueError, match="block_m=2 cannot take m=3"):
         quant_matmul(torch.randn(3, 576, device=DEV).half(), packed, config=cfg)
+
+
+# Merged layers (engine.merge): segments of output columns, each with its own block of A's rows. Boundaries
+# inside a column tile (the interpreter's tiles are 32/64 wide), 2 and 3 segments, t 256 wide (2 x rank 128).
+SEGMENT_CASES = [  # (segments, rank, K, bits, group, config (None: the table's), m)
+    ((48, 16, 96), 16, 576, 3, 64, GemmConfig(block_m=1, block_n=32, num_warps=4, num_stages=1, waves=64,
+                                              max_split_k=2), 1),
+    ((48, 16, 96), 16, 576, 3, 64, GemmConfig(block_m=1, block_n=32, num_warps=4, num_stages=1, waves=64,
+                                              max_split_k=3, fused_branch=True), 1),
+    ((96, 32), 128, 520, 4, 128, GemmConfig(block_m=1, block_n=32, num_warps=4, num_stages=1, waves=64,
+                                            max_split_k=2, fused_branch=True), 1),
+    ((96, 32), 128, 520, 4, 128, None, 1),
+    ((64, 32, 32), 32, 1024, 2, 32, None, 2),
+    ((64, 32, 32), 32, 1024, 3, 128, None, 7),
+    ((16, 112), 8, 576, 3, 64, None, 16),
+    ((64, 64), 128, 576, 3, 64, None, 7),  # t 256 wide: branch_down_kernel in two column tiles
+    ((48, 16, 96), 24, 520, 3, 64, None, 33),  # prefill tiles
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", SEGMENT_CASES, ids=lambda c: f"seg{'-'.join(map(str, c[0]))}-r{c[1]}-m{c[6]}"
+                         + ("-fused" if c[5] is not None and c[5].fused_branch else ""))
+def test_segmented_branch_matches_the_block_diagonal_reference(case, dtype):
+    """Each column adds only its own segment's t @ B^T: the reference with B expanded block-diagonal;
+    ignoring the segments (every column on segment 0's t) is far off."""
+    segments, rank, k, bits, group, cfg, m = case
+    n = sum(segments)
+    packed, _, _ = random_layer(n, k, bits, group, seed=n + rank, device=DEV)
+    g = torch.Generator().manual_seed(rank + m)
+    a = (torch.randn(len(segments) * rank, k, generator=g) * 0.05).half().to(DEV)
+    b = (torch.randn(n, rank, generator=g) * 0.5).half().to(DEV)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEV)
+    y = quant_matmul(x, packed, a, b, config=cfg, segments=segments)
+    ref = quant_matmul_ref(x, packed, a, b, segments=segments)
+    err = rel_err(y, ref)
+    assert y.shape == (m, n) and err < BOUND[dtype], f"rel err {err:.2e}"
+    assert rel_err(y, quant_matmul_ref(x, packed, a[:rank], b)) > 0.05
+    if cfg is not None and cfg.fused_branch:
+        assert all(int(c.abs().sum()) == 0 for c in launch._COUNTERS.values())
+
+
+def test_segments_that_do_not_fit_raise_with_names():
+    packed, _, _ = random_layer(64, 256, 3, 64, device=DEV)
+    x = torch.randn(1, 256, device=DEV).half()
+    a, b = torch.zeros(32, 256, device=DEV).half(), torch.zeros(64, 16, device=DEV).half()
+    with pytest.raises(ValueError, match="adding up to N=64"):
+        quant_matmul(x, packed, a, b, segments=(32, 16))
+    with pytest.raises(ValueError, match=r"A must be float16 \(3 x r=16 rows"):
+        quant_matmul(x, packed, a, b, segments=(32, 16, 16))
+    big_a, big_b = torch.zeros(384, 256, device=DEV).half(), torch.zeros(64, 128, device=DEV).half()
+    with pytest.raises(ValueError, match="r x segments <= 256"):
+        quant_matmul(x, packed, big_a, big_b, segments=(32, 16, 16))
