@@ -7,15 +7,17 @@ them its own way).
 
     merged packed weight = the layers' packed columns side by side (cuda_ext's layout keeps columns
                            independent; each out_features must be a multiple of 16, so nothing is padded)
-    A = [A_q; A_k; A_v]   (the ranks add up: the merged branch's t = x @ A^T holds every layer's t)
-    B = blockdiag(B_q, B_k, B_v)   (N_total x rank: each output column sees only its own layer's t)
+    A = [A_q; A_k; A_v]   (L x r rows: the merged branch's t = x @ A^T holds every layer's t)
+    B = [B_q; B_k; B_v]   (N_total x r) with segments = (N_q, N_k, N_v): the kernels' epilogue gives
+                          each output column its own layer's slice of t, i.e. blockdiag(B_q, B_k, B_v)
+                          without reading its zeros (cuda_ext.launch.quant_matmul's `segments`)
     bias = [b_q; b_k; b_v]  (zeros for a layer without one)
 
-y_merged = [y_q, y_k, y_v] up to the kernels' fp16 rounding. The block-diagonal B reads zeros outside
-its blocks (a segment-aware epilogue would not): (L - 1) / L of the merged B is zeros. Declined, with the
-reason, when the layers differ in bits, group size, input size or device, an out_features is not a
-multiple of 16, the merged rank would pass MAX_RANK, a layer is not on the Triton path, or QDEC (or any
-other forward hook) is attached: QDEC's residuals and hooks are per layer.
+Layers of different ranks are padded to the largest (zero rows of A, zero columns of B). y_merged =
+[y_q, y_k, y_v] up to the kernels' fp16 rounding. Declined, with the reason, when the layers differ in
+bits, group size, input size or device, an out_features is not a multiple of 16, the rank passes MAX_RANK
+or rank x layers passes MAX_T (q/k/v at rank 128), a layer is not on the Triton path, or QDEC (or any other
+forward hook) is attached: QDEC's residuals and hooks are per layer.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ import torch
 from torch import nn
 
 from cuda_ext import PackedWeight
-from cuda_ext.launch import MAX_RANK  # the kernels' largest branch rank
+from cuda_ext.launch import MAX_RANK, MAX_T  # the kernels' largest branch rank and width of t
 from engine.quant_linear import QuantLinear
 
 log = logging.getLogger("fbserve.engine")
@@ -45,28 +47,30 @@ def merge_quant_linears(layers: list[nn.Module]) -> tuple[QuantLinear | None, st
         return None, "an out_features is not a multiple of 16"
     if any(m.path != "triton" or m.fallback_reason for m in layers):
         return None, "not on the Triton path"
-    rank = sum(m.rank for m in layers)
-    if rank > MAX_RANK:
-        return None, f"merged rank {rank} > {MAX_RANK}"
+    rank = max(m.rank for m in layers)
+    if rank > MAX_RANK or rank * len(layers) > MAX_T:
+        return None, f"rank {rank} x {len(layers)} layers > {MAX_T}"
     packed = PackedWeight(torch.cat([m.qweight for m in layers], 1), torch.cat([m.scales for m in layers], 1),
                           torch.cat([m.zeros for m in layers], 1), first.bits, first.group_size,
                           first.in_features, sum(m.out_features for m in layers))
     a = b = None
     if rank:
-        a = torch.cat([m.A for m in layers if m.A is not None], 0)
-        b = torch.zeros(packed.out_features, rank, dtype=torch.float16, device=first.qweight.device)
-        row = col = 0
-        for m in layers:
+        dev = first.qweight.device
+        a = torch.zeros(len(layers) * rank, first.in_features, dtype=torch.float16, device=dev)
+        b = torch.zeros(packed.out_features, rank, dtype=torch.float16, device=dev)
+        row = 0
+        for i, m in enumerate(layers):
             if m.A is not None:
-                b[row:row + m.out_features, col:col + m.rank] = m.B
-                col += m.rank
+                a[i * rank:i * rank + m.rank] = m.A
+                b[row:row + m.out_features, :m.rank] = m.B
             row += m.out_features
     bias = None
     if any(m.bias is not None for m in layers):
         dtype = next(m.bias.dtype for m in layers if m.bias is not None)
         bias = torch.cat([m.bias.to(dtype) if m.bias is not None else
                           torch.zeros(m.out_features, dtype=dtype, device=first.qweight.device) for m in layers])
-    return QuantLinear(packed, a, b, bias, path="triton"), None
+    segments = tuple(m.out_features for m in layers)
+    return QuantLinear(packed, a, b, bias, path="triton", segments=segments), None
 
 
 def _hooked(model: nn.Module) -> bool:

@@ -22,8 +22,9 @@ import weakref
 import torch
 from torch import nn
 
-from cuda_ext import (PackedWeight, cpu_matmul, interpreting, prepare_cpu, quant_matmul,
+from cuda_ext import (PackedWeight, block_diagonal_b, cpu_matmul, interpreting, prepare_cpu, quant_matmul,
                       quant_matmul_ref)
+from cuda_ext.launch import check_segments
 from cuda_ext.cpu import bf16_prefill_reason, bf16_prefill_rows
 from cuda_ext.cpu_native import KERNEL_NAME, NativeGroup, NativeWeight, native_matmul, native_reason, prepare_native
 
@@ -43,18 +44,25 @@ class QuantLinear(nn.Module):
       qweight int32 / scales fp16 / zeros fp16 / qmeta int32 (5,): a cuda_ext.PackedWeight
       A fp16 (r, in_features), B fp16 (out_features, r): optional low-rank branch
       bias (out_features,): optional, any float dtype
+    segments (engine.merge's merged layers only, never in a checkpoint): the merged layers' out_features;
+    A then stacks one (r, in_features) block per layer and B (out_features, r) their B's, each output
+    column using its own layer's block (cuda_ext.block_diagonal_b gives the matrix it stands for).
     forward: x (..., in_features) fp32/fp16/bf16 -> (..., out_features) in x's dtype.
     """
 
     def __init__(self, packed: PackedWeight, a: torch.Tensor | None = None, b: torch.Tensor | None = None,
-                 bias: torch.Tensor | None = None, path: str | None = None) -> None:
+                 bias: torch.Tensor | None = None, path: str | None = None,
+                 segments: tuple[int, ...] | None = None) -> None:
         super().__init__()
         packed.validate()
         if (a is None) != (b is None):
             raise ValueError("the low-rank branch needs both A and B")
-        if a is not None and (a.shape[1] != packed.in_features or b.shape != (packed.out_features, a.shape[0])):
+        self.segments = None if segments is None else check_segments(segments, packed.out_features)
+        n_seg = 1 if self.segments is None else len(self.segments)
+        if a is not None and (a.shape[1] != packed.in_features or b.shape[0] != packed.out_features
+                              or a.shape[0] != n_seg * b.shape[1]):
             raise ValueError(f"A {tuple(a.shape)} / B {tuple(b.shape)} do not fit a "
-                             f"{packed.out_features}x{packed.in_features} layer")
+                             f"{packed.out_features}x{packed.in_features} layer of {n_seg} segment(s)")
         self.bits, self.group_size = packed.bits, packed.group_size
         self.in_features, self.out_features = packed.in_features, packed.out_features
         self.register_buffer("qweight", packed.qweight)
@@ -87,7 +95,12 @@ class QuantLinear(nn.Module):
 
     @property
     def rank(self) -> int:
+        """Rows of A: the width of t = x @ A^T (a merged layer's ranks added up)."""
         return 0 if self.A is None else int(self.A.shape[0])
+
+    def _full_b(self) -> torch.Tensor | None:
+        """B as the matrix (N, rank) the reference and CPU paths multiply t by (block-diagonal if merged)."""
+        return None if self.B is None else block_diagonal_b(self.B, self.segments)
 
     def _select_path(self) -> None:
         """Choose the path for the current device and prepare it (CPU int4 conversion happens here)."""
@@ -104,13 +117,13 @@ class QuantLinear(nn.Module):
         if owner is not None:
             owner()  # whoever shared our CPU weight (engine.cpu_decode) learns that its copy is stale
         if path == "cpu_int4" and native_reason() is None:
-            self._native = prepare_native(self.packed, self.A, self.B, self.bias)
+            self._native = prepare_native(self.packed, self.A, self._full_b(), self.bias)
             self._native_call = NativeGroup([self._native])
         elif path == "cpu_int4":
             self._cpu = prepare_cpu(self.packed)
             if self.A is not None:
                 self._a_t = self.A.float().t().contiguous()  # (K, r)
-                self._b_t = self.B.float().t().contiguous()  # (r, N)
+                self._b_t = self._full_b().float().t().contiguous()  # (r, N)
             if self.bias is not None:
                 self._bias32 = self.bias.float()
         self.path, self.fallback_reason = path, None
@@ -157,7 +170,7 @@ class QuantLinear(nn.Module):
         if self.path == "triton":
             try:
                 xk = x if x.dtype in (torch.float16, torch.bfloat16) else x.to(torch.float16)
-                return quant_matmul(xk, self.packed, self.A, self.B, self.bias).to(x.dtype)
+                return quant_matmul(xk, self.packed, self.A, self.B, self.bias, segments=self.segments).to(x.dtype)
             except Exception as e:  # noqa: BLE001 - re-raised unless a loud fallback was asked for
                 if os.environ.get(ENV_FALLBACK, "0") in ("", "0"):
                     log.error("Triton kernel failed on %s: %r (set %s=1 to fall back to the reference)",
@@ -167,10 +180,10 @@ class QuantLinear(nn.Module):
                           x.device, e)
                 self.path, self.fallback_reason = "reference", f"triton failed: {e!r}"[:300]
         if self._native_call is not None:
-            return native_matmul(x, self._native_call, self.packed, self.A, self.B, self.bias)
+            return native_matmul(x, self._native_call, self.packed, self.A, self._full_b(), self.bias)
         if self.path == "cpu_int4":
             return cpu_matmul(x, self._cpu, self._a_t, self._b_t, self._bias32, packed=self.packed)
-        return quant_matmul_ref(x, self.packed, self.A, self.B, self.bias)
+        return quant_matmul_ref(x, self.packed, self.A, self.B, self.bias, segments=self.segments)
 
     def weight_bytes(self) -> dict[str, int]:
         """Resident bytes by kind: packed (qweight), scales_zeros, branch (fp16 A, B), bias, and
@@ -188,7 +201,8 @@ class QuantLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}, rank={self.rank}, path={self.path}")
+                f"group_size={self.group_size}, rank={self.rank}, path={self.path}"
+                + (f", segments={self.segments}" if self.segments else ""))
 
 
 def cpu_decode_kernel() -> str:

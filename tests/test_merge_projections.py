@@ -34,14 +34,29 @@ def _layer(n, rank, bias, seed, bits=3, k=256, path="triton"):
 def test_merged_layer_gives_the_layers_outputs_side_by_side(m):
     parts = [_layer(64, 8, True, 1), _layer(32, 16, False, 2), _layer(32, 0, True, 3)]  # one without a branch
     merged, why = merge_quant_linears(parts)
-    assert why is None and merged.out_features == 128 and merged.rank == 24 and merged.path == "triton"
+    assert why is None and merged.out_features == 128 and merged.path == "triton"
+    # segmented: B stacked (128, 16) with no block-diagonal zeros, A one block of 16 rows per layer (padded)
+    assert merged.segments == (64, 32, 32) and tuple(merged.B.shape) == (128, 16) and merged.rank == 48
     x = (torch.randn(m, 256, generator=torch.Generator().manual_seed(m)) * 0.5).half()
     apart = torch.cat([p(x) for p in parts], dim=-1)
     y = merged(x)
     assert y.shape == (m, 128) and rel_err(y, apart) < 2e-3
-    # the block-diagonal B: a layer's columns see only its own t (zero the others' A: its columns keep their value)
-    merged.A[8:].zero_()
-    assert rel_err(merged(x)[:, :64], apart[:, :64]) < 2e-3
+    # each layer's columns see only its own t: zero the other layers' A blocks, its columns keep their value
+    merged.A[16:].zero_()
+    y0 = merged(x)
+    assert rel_err(y0[:, :64], apart[:, :64]) < 2e-3 and rel_err(y0[:, 64:96], apart[:, 64:96]) > 0.05
+    merged.A[:16].zero_()  # ... and the first layer's columns lose their branch
+    assert rel_err(merged(x)[:, :64], apart[:, :64]) > 0.05
+
+
+def test_merged_layer_on_the_reference_path_is_the_same():
+    parts = [_layer(64, 8, True, 1), _layer(32, 8, False, 2)]
+    merged, _ = merge_quant_linears(parts)
+    ref = QuantLinear(merged.packed, merged.A, merged.B, merged.bias, path="reference", segments=merged.segments)
+    x = (torch.randn(2, 256, generator=torch.Generator().manual_seed(7)) * 0.5).half()
+    assert rel_err(ref(x), torch.cat([p(x) for p in parts], dim=-1)) < 2e-3
+    with pytest.raises(ValueError, match="2 segment"):
+        QuantLinear(merged.packed, merged.A[:8], merged.B, path="reference", segments=merged.segments)
 
 
 def test_merge_declines_with_the_reason():
@@ -49,7 +64,10 @@ def test_merge_declines_with_the_reason():
         "bits, group size, input size or device differ"
     assert merge_quant_linears([_layer(64, 8, False, 1), _layer(40, 8, False, 2)])[1] == \
         "an out_features is not a multiple of 16"
-    assert merge_quant_linears([_layer(64, 64, False, 1), _layer(32, 72, False, 2)])[1] == "merged rank 136 > 128"
+    assert merge_quant_linears([_layer(64, 128, False, 1), _layer(32, 128, False, 2),
+                                _layer(32, 8, False, 3)])[1] == "rank 128 x 3 layers > 256"
+    assert merge_quant_linears([_layer(64, 64, False, 1), _layer(32, 64, False, 2),
+                                _layer(32, 64, False, 3)])[0].segments == (64, 32, 32)  # q/k/v at rank 64
     assert merge_quant_linears([_layer(64, 8, False, 1, path="reference"), _layer(32, 8, False, 2)])[1] == \
         "not on the Triton path"
     assert merge_quant_linears([_layer(64, 8, False, 1), torch.nn.Linear(256, 32)])[1] == "not all quantized"
