@@ -13,7 +13,7 @@
 #   tests    pytest, compiled (TRITON_INTERPRET=0): tests/test_gpu_kernels.py, test_gpu_qdec.py, test_gpu_engine.py and the
 #            kernel tests that also run on CUDA (test_cuda_ext_kernels, test_qdec_kernel, test_quant_linear, test_fused_ops);
 #            pytest-xdist spreads the Triton compiles over the CPUs when it is installed
-#   kernels  bench/kernels.py, 19 variants at m = $KERNELS_M (default "1"; "1 4 16" for all), Llama-2-7B
+#   kernels  bench/kernels.py, 21 variants at m = $KERNELS_M (default "1"; "1 4 16" for all), Llama-2-7B
 #   engine   bench/gpu_engine.py (random-weights SmolLM2-shaped model through QuantLinear + Engine)
 #   profile  bench/kernels.py --profile: device time per kernel, one Llama-2-7B layer per shape, r0 vs r64
 #   kernels  then Llama-3-8B

@@ -132,6 +132,13 @@ def kernels_md(data: dict | None) -> list[str]:
                 if merged and apart:
                     out.append(f"| {model} | 7 layers apart over 4 merged, 3-bit r{r} m={m} | "
                                f"{apart / merged - 1:+.1%} | - | - |")
+        for r in (32, 64):  # the served merged layers: a rank-r branch per part (segments), against none
+            for m in (1, 4, 16):
+                base, served = get("ours 3-bit g128 r0", m), get(f"ours 3-bit g128 r{r} merged, a branch per part (as served)", m)
+                if base and served:
+                    over = served / base - 1
+                    out.append(f"| {model} | branch r{r} per part (as served) over none, 3-bit m={m} | {over:+.1%} | "
+                               f"<= +10% | {'yes' if over <= 0.10 else 'NO'} |")
     return out
 
 

@@ -4,7 +4,8 @@ One decode step's linear stack, 32 layers x {qkv, o, gate_up, down} each with it
 captured in a CUDA graph, median of --reps replays, for x of m = 1, 4, 16 rows:
   fp16 cuBLAS (F.linear), torch int4 g128 (torch._weight_int4pack_mm, bf16 activations),
   ours at 4/3/2 bits g128 with no branch and rank-32/64 branches, and 3-bit with q/k/v and gate/up
-  apart (own launches and branches: the model's layers before the Engine merges them).
+  apart (own launches and branches: the model's layers before the Engine merges them) and merged with a
+  branch per part (what the Engine serves: A holds one block per part, `segments`).
 Reports ms per token, ratios to fp16 and to torch int4, and the fraction of the read roofline
 (ideal bytes / time, divided by the device-to-device copy bandwidth, read + write, measured in the
 same run; the H100 anchor found fp16 cuBLAS reading weights at about that rate).
@@ -140,16 +141,20 @@ def without_half2(ops: list[Callable]) -> list[Callable]:
 
 
 def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int, config: GemmConfig | None = None,
-               layers: int = LAYERS) -> list[Callable]:
+               layers: int = LAYERS, splits: dict[int, list[int]] | None = None) -> list[Callable]:
+    """Our kernels on `layers` copies of the shapes. splits: merged shapes as engine.merge serves them
+    (one rank-r branch per part: A stacks a block per part, each output column its own: `segments`);
+    without it a merged shape has one rank-r branch."""
     ops = []
     for _ in range(layers):
         for n, k in shapes:
             p = random_packed(n, k, bits, GROUP, device="cuda")
+            segments = tuple(splits[n]) if splits and n in splits else None
             a = b = None
             if rank:
-                a = (torch.randn(rank, k, device="cuda") * 0.05).half()
+                a = (torch.randn(len(segments or (n,)) * rank, k, device="cuda") * 0.05).half()
                 b = (torch.randn(n, rank, device="cuda") * 0.05).half()
-            ops.append(lambda x, p=p, a=a, b=b: quant_matmul(x, p, a, b, config=config))
+            ops.append(lambda x, p=p, a=a, b=b, s=segments: quant_matmul(x, p, a, b, config=config, segments=s))
     return ops
 
 
@@ -170,8 +175,11 @@ def run_stack(ops: list[Callable], shapes: list[tuple[int, int]], m: int, dtype:
     return graph_ms(step, reps)
 
 
-def stack_ideal_bytes(shapes: list[tuple[int, int]], m: int, bits: int, rank: int) -> int:
-    return LAYERS * sum(sum(ideal_parts(n, k, m, bits, GROUP, rank).values()) for n, k in shapes)
+def stack_ideal_bytes(shapes: list[tuple[int, int]], m: int, bits: int, rank: int,
+                      splits: dict[int, list[int]] | None = None) -> int:
+    """Bytes a perfect kernel moves for the stack; a split shape reads one (rank, K) A per part."""
+    extra_a = sum((len(splits[n]) - 1) * rank * k * 2 for n, k in shapes if splits and n in splits)
+    return LAYERS * (sum(sum(ideal_parts(n, k, m, bits, GROUP, rank).values()) for n, k in shapes) + extra_a)
 
 
 def cpu_us(fn: Callable[[], object], reps: int = 300) -> float:
@@ -285,6 +293,11 @@ def main(argv: list[str] | None = None) -> int:
         variants += [(f"ours 3-bit g128 r{r} q,k,v,gate,up apart",
                       lambda r=r: ours_stack(apart, 3, r), torch.float16, 3, r) for r in (0, 64)]
         variant_shapes = {name: apart for name, *_ in variants if name.endswith(" apart")}
+        # the merged layers as the Engine serves them: each part keeps its rank-r branch (segments)
+        variants += [(f"ours 3-bit g128 r{r} merged, a branch per part (as served)",
+                      lambda r=r: ours_stack(shapes, 3, r, splits=SPLITS[model]), torch.float16, 3, r)
+                     for r in (32, 64)]
+        variant_splits = {name: SPLITS[model] for name, *_ in variants if name.endswith("(as served)")}
         if args.variants:
             variants = [v for v in variants if any(t in v[0] for t in args.variants)]
         base: dict[tuple[str, int], float] = {}
@@ -299,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 vshapes = variant_shapes.get(name, shapes)
                 ms = run_stack(ops, vshapes, m, dtype, args.reps)
-                ideal = stack_ideal_bytes(vshapes, m, bits, rank)
+                ideal = stack_ideal_bytes(vshapes, m, bits, rank, variant_splits.get(name))
                 base[(name, m)] = ms
                 rows.append({"model": model, "variant": name, "m": m, "ms": ms,
                              "vs_fp16": base.get(("fp16 cuBLAS", m), float("nan")) / ms,
