@@ -16,8 +16,10 @@ them its own way).
 Layers of different ranks are padded to the largest (zero rows of A, zero columns of B). y_merged =
 [y_q, y_k, y_v] up to the kernels' fp16 rounding. Declined, with the reason, when the layers differ in
 bits, group size, input size or device, an out_features is not a multiple of 16, the rank passes MAX_RANK
-or rank x layers passes MAX_T (q/k/v at rank 128), a layer is not on the Triton path, or QDEC (or any other
-forward hook) is attached: QDEC's residuals and hooks are per layer.
+or rank x layers passes MAX_T (q/k/v at rank 128), a layer is not on the Triton path, forward hooks other
+than QDEC's are attached, or QDEC cannot follow (engine.qdec.merge_reason). With QDEC on, the merged
+layer carries one QDEC residual (the parts' columns side by side): one selection and gather per step for
+q/k/v instead of three (engine.qdec.merge_layers).
 """
 from __future__ import annotations
 
@@ -73,10 +75,12 @@ def merge_quant_linears(layers: list[nn.Module]) -> tuple[QuantLinear | None, st
     return QuantLinear(packed, a, b, bias, path="triton", segments=segments), None
 
 
-def _hooked(model: nn.Module) -> bool:
+def _foreign_hooks(model: nn.Module) -> bool:
+    """Forward hooks other than QDEC's (which engine.qdec.merge_layers moves to the merged layer)."""
     q = getattr(model, "qdec", None)
-    return bool(q is not None and q.handles) or any(m._forward_hooks or m._forward_pre_hooks
-                                                     for m in model.modules())
+    ours = {h.id for h in q.handles} if q is not None else set()
+    return any(key not in ours for m in model.modules() for hooks in (m._forward_hooks, m._forward_pre_hooks)
+               for key in hooks)
 
 
 def merge_projections(model: nn.Module) -> dict[str, object]:
@@ -84,13 +88,14 @@ def merge_projections(model: nn.Module) -> dict[str, object]:
     merge_quant_linears allows (the originals are dropped); /health's `merged_projections`."""
     if os.environ.get(ENV, "1") == "0":
         return {"enabled": False, "reason": f"{ENV}=0"}
-    if _hooked(model):
-        return {"enabled": False, "reason": "QDEC or other forward hooks are attached (per-layer)"}
+    if _foreign_hooks(model):
+        return {"enabled": False, "reason": "forward hooks other than QDEC's are attached (per-layer)"}
+    from engine import qdec
     from models.llama import MLP, Attention
 
     merged = {"qkv": 0, "gate_up": 0}
     declined: dict[str, int] = {}
-    for mod in list(model.modules()):  # a list: the loop replaces submodules
+    for prefix, mod in list(model.named_modules()):  # a list: the loop replaces submodules
         if isinstance(mod, Attention):
             names, target, kind = ("q_proj", "k_proj", "v_proj"), "qkv_proj", "qkv"
         elif isinstance(mod, MLP):
@@ -101,10 +106,15 @@ def merge_projections(model: nn.Module) -> dict[str, object]:
             merged[kind] += 1
             continue
         parts = [getattr(mod, n) for n in names]
-        one, why = merge_quant_linears(parts)
+        full = [f"{prefix}.{n}" if prefix else n for n in names]
+        why = qdec.merge_reason(model, full)
+        one = None
+        if why is None:
+            one, why = merge_quant_linears(parts)
         if one is None:
             declined[f"{kind}: {why}"] = declined.get(f"{kind}: {why}", 0) + 1
             continue
+        qdec.merge_layers(model, full, one, f"{prefix}.{target}" if prefix else target)
         setattr(mod, target, one)
         mod.merged_sizes = [p.out_features for p in parts]
         for n in names:

@@ -59,6 +59,7 @@ class QdecLayer:
     hi: float
     static_rank: torch.Tensor  # int64 (K,) channels by decreasing calibration mean |x|
     dense: torch.Tensor | None = None  # fp32 (K, N) dequantized residual, evaluation only
+    handles: list = field(default_factory=list)  # its two hooks (also in Qdec.handles)
 
 
 @dataclass
@@ -259,12 +260,60 @@ def attach(model: nn.Module, checkpoint: Path | str | None, mode: str = "cpu",
     q.select = select or ("approx" if device == "cuda" else "exact")
     q.generator = torch.Generator().manual_seed(q.seed)
     for name, layer in q.layers.items():
-        pre_hook, hook = _hooks(q, layer)
-        q.handles += [mods[name].register_forward_pre_hook(pre_hook), mods[name].register_forward_hook(hook)]
+        _hook(q, layer, mods[name])
     q.enabled, q.reason = True, None
     log.info("QDEC live: %d layers, %.1f MB residuals in %s host memory, k_chunk %s (%s), selection %s",
              len(q.layers), q.residual_bytes / 1e6, "pinned" if pin else "plain", q.k_chunk, q.k_source, q.select)
     return q
+
+
+def _hook(q: Qdec, layer: QdecLayer, module: nn.Module) -> None:
+    pre_hook, hook = _hooks(q, layer)
+    layer.handles = [module.register_forward_pre_hook(pre_hook), module.register_forward_hook(hook)]
+    q.handles += layer.handles
+
+
+def merge_reason(model: nn.Module, names: list[str]) -> str | None:
+    """Why QDEC keeps the layers `names` (q/k/v or gate/up: one input) apart; None: they may merge (or QDEC
+    is not on them)."""
+    q = getattr(model, "qdec", None)
+    covered = [q is not None and n in q.layers for n in names]
+    if not any(covered):
+        return None
+    if not all(covered):
+        return "QDEC covers only some of the layers"
+    parts = [q.layers[n] for n in names]
+    if any(p.dense is not None for p in parts) or q.measure_recall:
+        return "QDEC is in evaluation mode (dense copies / recall counting)"
+    if len({p.kind for p in parts}) > 1:
+        return "QDEC layer types differ"
+    if any(p.rscales.numel() % 2 for p in parts):
+        return "an odd out_features (a residual byte holds two outputs)"
+    if any(not torch.equal(p.static_rank, parts[0].static_rank) for p in parts[1:]):
+        return "QDEC statistics differ (not one input)"
+    return None
+
+
+def merge_layers(model: nn.Module, names: list[str], module: nn.Module, merged_name: str) -> None:
+    """Move QDEC from the layers `names` to `module`, their merge (engine.merge; merge_reason said yes):
+    one residual with their columns side by side, so one selection and one gather per step serve all
+    of them. The parts' calibration thresholds estimate the same input's quantiles; the first part's
+    are kept. fbserve_qdec_channels_fetched_total counts a selection once (bytes fetched are the same)."""
+    q = controller(model)
+    if not any(n in q.layers for n in names):
+        return
+    parts = [q.layers.pop(n) for n in names]
+    for p in parts:
+        for h in p.handles:
+            h.remove()
+            q.handles.remove(h)
+    rcodes, rscales = torch.cat([p.rcodes for p in parts], 1), torch.cat([p.rscales for p in parts])
+    if parts[0].rcodes.is_pinned():
+        rcodes, rscales = rcodes.pin_memory(), rscales.pin_memory()
+    first = parts[0]
+    layer = QdecLayer(merged_name, first.kind, rcodes, rscales, first.lo, first.hi, first.static_rank)
+    q.layers[merged_name] = layer
+    _hook(q, layer, module)
 
 
 def graph_decline_reason(model: nn.Module) -> str | None:

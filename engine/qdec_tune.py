@@ -117,8 +117,11 @@ def tune(model_dir: str, device: str = "auto", ks: list[int] = (0, 8, 16, 32, 64
     if not q.enabled:
         raise ValueError(f"QDEC unavailable for {model_dir}: {q.reason}")
     graphs, how = None, "eager"
-    if dev.type == "cuda":  # time what serving runs: the graphed decode step (QDEC captured in it)
+    if dev.type == "cuda":  # time what serving runs: merged projections (QDEC follows them), graphed step
         from engine.cuda_graph_decode import install
+        from engine.merge import merge_projections
+
+        merge_projections(lm.model)
 
         graphs, why = install(lm.model, 1, 128)
         how = "CUDA graph" if graphs is not None else f"eager (no CUDA graph: {why})"

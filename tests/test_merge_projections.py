@@ -118,9 +118,38 @@ def test_engine_merges_when_asked_and_says_why_not(quantized, monkeypatch):  # n
     assert off.merged_projections_status() == {"enabled": False, "reason": "FBSERVE_MERGE_PROJ=0"}
 
 
-def test_qdec_keeps_the_layers_apart(with_residuals, monkeypatch):  # noqa: F811
+def test_qdec_follows_the_merge(with_residuals, monkeypatch):  # noqa: F811
+    """With QDEC on, q/k/v and gate/up still merge and the merged layer carries one residual (the parts'
+    columns side by side): the same logits as QDEC on the layers apart, the same bytes fetched, one
+    selection instead of three (q/k/v) or two (gate/up)."""
+    apart, merged = _triton_model(with_residuals, monkeypatch), _triton_model(with_residuals, monkeypatch)
+    for lm in (apart, merged):
+        assert qdec.attach(lm.model, lm.path, mode="cpu", k_chunk=8).enabled
+        qdec.controller(lm.model).all_positions = True  # correct every position (a full forward compares)
+    qa, qm = qdec.controller(apart.model), qdec.controller(merged.model)
+    assert merge_projections(merged.model) == {"enabled": True, "qkv": 2, "gate_up": 2}
+    assert len(qm.layers) == 2 * 4 and len(qm.handles) == 2 * len(qm.layers)  # 7 QDEC layers -> 4 per decoder layer
+    assert qm.residual_bytes == qa.residual_bytes
+    qkv = qm.layers["model.layers.0.self_attn.qkv_proj"]
+    assert qkv.kind == "qkv" and qkv.rscales.numel() == 96 + 48 + 48
+    assert merged.model.model.layers[0].self_attn.qkv_proj._forward_pre_hooks  # hooked
+    tokens = torch.randint(3, 60, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        want, got = apart.model(tokens), merged.model(tokens)
+        qdec.controller(apart.model).enabled = False
+        plain = apart.model(tokens)
+    assert rel_err(got, want) < 1e-2 and rel_err(plain, want) > 10 * rel_err(got, want)  # QDEC did something
+    assert qm.counters.bytes == qa.counters.bytes and qm.counters.channels < qa.counters.channels
+
+
+def test_qdec_in_evaluation_mode_keeps_the_layers_apart(with_residuals, monkeypatch):  # noqa: F811
     lm = _triton_model(with_residuals, monkeypatch)
     assert qdec.attach(lm.model, lm.path, mode="cpu", k_chunk=8).enabled
-    assert merge_projections(lm.model) == {"enabled": False,
-                                           "reason": "QDEC or other forward hooks are attached (per-layer)"}
+    qdec.dense_for_eval(lm.model)
+    status = merge_projections(lm.model)
+    assert not status["enabled"] and status["reason"] == ("qkv: QDEC is in evaluation mode (dense copies / recall "
+                                                          "counting) (2 layers); gate_up: QDEC is in evaluation mode "
+                                                          "(dense copies / recall counting) (2 layers)")
     assert lm.model.model.layers[0].self_attn.qkv_proj is None
+    lm.model.register_forward_hook(lambda *a: None)  # a hook that is not QDEC's: nothing merges
+    assert merge_projections(lm.model)["reason"] == "forward hooks other than QDEC's are attached (per-layer)"
