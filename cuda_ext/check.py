@@ -14,8 +14,8 @@ one call moves / ideal bytes (cuda_ext/roofline.py).
 
 Usage: python -m cuda_ext.check [--arch sm_90 ...] [--kind decode ...] [--full] [--jobs N] [--markdown]
 Default variants per config: 3-bit bf16 and 4-bit fp16 (sm_75: 3-bit fp16), --full: every bits x dtype;
-decode and prefill configs also compile 3-bit fp16 as a merged layer of 3 segments (engine.merge: the
-epilogue's per-segment t, the fused branch's t 256 wide), branch_down with t 256 wide.
+decode configs also compile 3-bit fp16 as a merged layer of 3 segments (engine.merge: the epilogue's
+per-segment t, the fused branch's t 256 wide), branch_down with t 256 wide.
 """
 from __future__ import annotations
 
@@ -353,7 +353,7 @@ def _jobs(archs: list[str], full: bool, kinds: list[str]) -> tuple[list[Job], li
                     if not any(j.arch == arch and j.kind == kind and j.rule_no == no and (j.bits, j.dtype) == (bits, dt)
                                for j in jobs):  # sm_75's stand-in fp16 may already be there
                         jobs.append(Job(arch, kind, no, rule, bits, dt))
-                if kind in configs.KINDS and kind != "branch_down":  # merged layers' segmented epilogue
+                if kind == "decode":  # merged layers' segmented epilogue (prefill adds their branches apart)
                     jobs.append(Job(arch, kind, no, rule, *SEGMENTED_VARIANT, segments=SEGMENTS))
     return jobs, notes
 

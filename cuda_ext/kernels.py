@@ -144,7 +144,8 @@ def _epilogue(acc, y_ptr, t_ptr, b_ptr, bias_ptr, offs_m, offs_n, M, N, rank, st
     N_SEG > 1 (merged layers, engine.merge): columns [0, seg1), [seg1, seg2), [seg2, N) are segments
     0, 1, 2, and column n takes its segment's slice of t: y[:, n] += t[:, s * rank:(s + 1) * rank] @ B[n]
     (B = the layers' B stacked, no block-diagonal zeros read).
-    BRANCH_DOT: t @ B^T with tl.dot (qgemm, 16+ rows), one dot per segment on B loaded masked to it; else on
+    BRANCH_DOT: t @ B^T with tl.dot (qgemm, 16+ rows), one dot per segment on B loaded masked to it (decode
+    tiles; quant_matmul adds a merged layer's branch after prefill tiles); else on
     CUDA cores in fp32 (gemv, 1-4 rows), each column's t slice gathered (t is a few hundred bytes: L1).
     T_CG: t was written during this launch (gemv's fused branch): read it from L2, never a stale L1 line."""
     mmask = offs_m < M

@@ -267,15 +267,31 @@ def quant_matmul(x: torch.Tensor, packed: PackedWeight, a: torch.Tensor | None =
             HALF2=half2, FUSED_BRANCH=fused, N_SEG=n_seg, **extra,
             num_warps=config.num_warps, num_stages=config.num_stages)
         return y.reshape(*x.shape[:-1], n)
+    # prefill tiles (more than 16 rows) of a merged layer: the branch as one small matmul per part after
+    # the kernel (their segmented epilogue spilled on sm_120; prefill is compute-bound, B is tiny)
+    apart = n_seg > 1 and r > 0 and config.block_m > 16
+    in_kernel = r > 0 and not apart
     _kernels().qgemm_kernel[(grid_n, grid_m, split)](
         x2, packed.qweight, packed.scales, packed.zeros, y, ws, cnt, t,
-        b.contiguous() if r else y, bias.contiguous() if bias is not None else y,
+        b.contiguous() if in_kernel else y, bias.contiguous() if bias is not None else y,
         m, n, d["n_pad"], k, packed.groups, d["n_full"], d["tail_rows"], n_blocks, r,
         x2.stride(0), y.stride(0), seg1, seg2,
         BITS=packed.bits, GROUP=packed.group_size, BLOCK_M=config.block_m, BLOCK_N=config.block_n,
-        RANK_P=rank_pad(r), USE_WS=split > 1, HAS_BRANCH=r > 0, HAS_BIAS=bias is not None,
+        RANK_P=rank_pad(r), USE_WS=split > 1, HAS_BRANCH=in_kernel, HAS_BIAS=bias is not None,
         INTERP_BF16=interpreting() and x.dtype == torch.bfloat16, BRANCH_TF32=tgt.tf32,
         FP32_DOT=not tgt.tensor_cores, TAIL_ROWS=d["tail_rows"],
         HALF2=config.half2 and config.block_m <= 16 and x.dtype == torch.float16,  # decode tiles only
-        N_SEG=n_seg, num_warps=config.num_warps, num_stages=config.num_stages)
+        N_SEG=n_seg if in_kernel else 1, num_warps=config.num_warps, num_stages=config.num_stages)
+    if apart:
+        _add_segment_branches(y, t, b, segments, r)
     return y.reshape(*x.shape[:-1], n)
+
+
+def _add_segment_branches(y: torch.Tensor, t: torch.Tensor, b: torch.Tensor, segments: tuple[int, ...],
+                          r: int) -> None:
+    """y[:, part s] += t[:, s*r:(s+1)*r] @ B[part s]^T in fp32, rounded once to y's dtype."""
+    col = 0
+    for s, size in enumerate(segments):
+        ys = y[:, col:col + size]
+        ys.copy_(torch.addmm(ys.float(), t[:, s * r:(s + 1) * r], b[col:col + size].float().t()))
+        col += size
