@@ -144,6 +144,34 @@ def test_served_model_overlaps_qdec_on_cuda_and_matches_cpu(with_residuals):  # 
     assert err < 1e-2, err
 
 
+@cuda_only
+def test_qdec_on_merged_projections_matches_cpu(with_residuals):  # noqa: F811
+    """engine.merge on CUDA with QDEC on: one pinned residual per merged layer, the fused selection + gather
+    on it; decode logits (every channel corrected) match the CPU model's with the layers apart."""
+    from engine import qdec
+    from engine.merge import merge_projections
+    from models.loader import load_model
+
+    tokens = torch.randint(3, 60, (1, 12), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for dev, dtype in (("cpu", torch.float32), (DEV, torch.float16)):
+        model = load_model(str(with_residuals), device=dev, dtype=dtype).model
+        q = qdec.attach(model, with_residuals, mode="cpu", k_chunk=1024, select="exact")
+        assert q.enabled, q.reason
+        if dev == DEV:
+            status = merge_projections(model)
+            assert status["enabled"] and status.get("declined") is None, status
+            assert all(r.rcodes.is_pinned() for r in q.layers.values()) and len(q.layers) == 4 * len(model.model.layers)
+        model.setup_cache(1, 64)
+        slots = torch.tensor([0], device=dev)
+        with torch.inference_mode():
+            model(tokens[:, :-1].to(dev), torch.arange(11, device=dev)[None], slots)
+            logits[dev] = model(tokens[:, -1:].to(dev), torch.tensor([[11]], device=dev), slots).float().cpu()
+    err = float((logits[DEV] - logits["cpu"]).norm() / logits["cpu"].norm())
+    record("qdec_merged_projections", rel_err=err)
+    assert err < 1e-2, err
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
 @pytest.mark.parametrize("m,k,k_chunk", pick([(1, 4096, 8), (1, 11008, 16), (4, 14336, 64), (2, 4096, 1024)],
                                              [(1, 2100, 8)]))
