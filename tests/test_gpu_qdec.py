@@ -119,35 +119,9 @@ def test_side_stream_overlap_matches_serial():
         assert err < 2e-3, (step, err)
 
 
-@cuda_only
-def test_served_model_overlaps_qdec_on_cuda_and_matches_cpu(with_residuals):  # noqa: F811
-    """engine.qdec on a CUDA model: residuals pinned, the gather launched on the side stream from the
-    pre-hook, joined in the hook; decode logits with every channel corrected match the CPU model's."""
-    from engine import qdec
-    from models.loader import load_model
-
-    tokens = torch.randint(3, 60, (1, 12), generator=torch.Generator().manual_seed(0))
-    logits = {}
-    for dev, dtype in (("cpu", torch.float32), (DEV, torch.float16)):
-        model = load_model(str(with_residuals), device=dev, dtype=dtype).model
-        q = qdec.attach(model, with_residuals, mode="cpu", k_chunk=1024, select="exact")
-        assert q.enabled, q.reason
-        model.setup_cache(1, 64)
-        slots = torch.tensor([0], device=dev)
-        with torch.inference_mode():
-            model(tokens[:, :-1].to(dev), torch.arange(11, device=dev)[None], slots)
-            logits[dev] = model(tokens[:, -1:].to(dev), torch.tensor([[11]], device=dev), slots).float().cpu()
-        if dev == DEV:
-            assert q.side is not None and all(r.rcodes.is_pinned() and r.rscales.is_pinned() for r in q.layers.values())
-    err = float((logits[DEV] - logits["cpu"]).norm() / logits["cpu"].norm())
-    record("qdec_engine_side_stream", rel_err=err)
-    assert err < 1e-2, err
-
-
-@cuda_only
-def test_qdec_on_merged_projections_matches_cpu(with_residuals):  # noqa: F811
-    """engine.merge on CUDA with QDEC on: one pinned residual per merged layer, the fused selection + gather
-    on it; decode logits (every channel corrected) match the CPU model's with the layers apart."""
+def _qdec_decode_error(checkpoint, merge: bool) -> float:
+    """Relative error of the CUDA model's decode logits with QDEC on every channel (exact selection) against
+    the CPU model's (layers apart); `merge`: engine.merge on the CUDA model after QDEC is attached."""
     from engine import qdec
     from engine.merge import merge_projections
     from models.loader import load_model
@@ -155,19 +129,37 @@ def test_qdec_on_merged_projections_matches_cpu(with_residuals):  # noqa: F811
     tokens = torch.randint(3, 60, (1, 12), generator=torch.Generator().manual_seed(0))
     logits = {}
     for dev, dtype in (("cpu", torch.float32), (DEV, torch.float16)):
-        model = load_model(str(with_residuals), device=dev, dtype=dtype).model
-        q = qdec.attach(model, with_residuals, mode="cpu", k_chunk=1024, select="exact")
+        model = load_model(str(checkpoint), device=dev, dtype=dtype).model
+        q = qdec.attach(model, checkpoint, mode="cpu", k_chunk=1024, select="exact")
         assert q.enabled, q.reason
-        if dev == DEV:
+        if dev == DEV and merge:
             status = merge_projections(model)
             assert status["enabled"] and status.get("declined") is None, status
-            assert all(r.rcodes.is_pinned() for r in q.layers.values()) and len(q.layers) == 4 * len(model.model.layers)
+            assert len(q.layers) == 4 * len(model.model.layers)  # one residual per merged layer
         model.setup_cache(1, 64)
         slots = torch.tensor([0], device=dev)
         with torch.inference_mode():
             model(tokens[:, :-1].to(dev), torch.arange(11, device=dev)[None], slots)
             logits[dev] = model(tokens[:, -1:].to(dev), torch.tensor([[11]], device=dev), slots).float().cpu()
-    err = float((logits[DEV] - logits["cpu"]).norm() / logits["cpu"].norm())
+        if dev == DEV:
+            assert q.side is not None and all(r.rcodes.is_pinned() and r.rscales.is_pinned() for r in q.layers.values())
+    return float((logits[DEV] - logits["cpu"]).norm() / logits["cpu"].norm())
+
+
+@cuda_only
+def test_served_model_overlaps_qdec_on_cuda_and_matches_cpu(with_residuals):  # noqa: F811
+    """engine.qdec on a CUDA model: residuals pinned, the gather launched on the side stream from the
+    pre-hook, joined in the hook; decode logits with every channel corrected match the CPU model's."""
+    err = _qdec_decode_error(with_residuals, merge=False)
+    record("qdec_engine_side_stream", rel_err=err)
+    assert err < 1e-2, err
+
+
+@cuda_only
+def test_qdec_on_merged_projections_matches_cpu(with_residuals):  # noqa: F811
+    """engine.merge on CUDA with QDEC on: one pinned residual per merged layer (q/k/v, gate/up), its
+    gather on the side stream; decode logits match the CPU model's with the layers apart."""
+    err = _qdec_decode_error(with_residuals, merge=True)
     record("qdec_merged_projections", rel_err=err)
     assert err < 1e-2, err
 
