@@ -158,10 +158,60 @@ def ours_stack(shapes: list[tuple[int, int]], bits: int, rank: int, config: Gemm
     return ops
 
 
+# Measured in this order (rows print as they are measured, so a run cut short by its time limit keeps the
+# first): the baselines, the 3-bit kernel as served and its targets' rows, the same-run comparisons of the
+# untimed changes, then the other bit widths and the older comparison paths.
+PRIORITY = ("fp16 cuBLAS", "torch int4 g128", "ours 3-bit g128 r0", "ours 3-bit g128 r64",
+            "ours 3-bit g128 r64 merged, a branch per part (as served)", "ours 3-bit g128 r64 q,k,v,gate,up apart",
+            "ours 3-bit g128 r0 q,k,v,gate,up apart", "ours 3-bit g128 r64 fused branch (m=1)",
+            "ours 3-bit g128 r0 without half2", "ours 3-bit g128 r64 without half2")
+
+
+def variant_priority(name: str) -> tuple[int, int]:
+    """Sort key: PRIORITY's rows first in its order, then 3-bit rows, then the rest (stable)."""
+    if name in PRIORITY:
+        return 0, PRIORITY.index(name)
+    return (1 if name.startswith("ours 3-bit") else 2), 0
+
+
 def with_tile_branch(ops: list[Callable]) -> list[Callable]:
     """ops whose m = 1 branch runs branch_down_kernel's 16-row tile (the path before branch_gemv_kernel),
     for comparison rows: configs.branch_config is asked for 2 rows while each op runs."""
     return with_config_patch(ops, "branch_config", lambda orig: lambda arch, m: orig(arch, max(m, 2)))
+
+
+Variant = tuple[str, Callable[[], list[Callable]], torch.dtype, int, int]  # name, build, dtype, bits, rank
+
+
+def variant_specs(model: str) -> tuple[list[Variant], dict[str, list[tuple[int, int]]], dict[str, dict[int, list[int]]]]:
+    """(the rows to time in measuring order, shapes of the rows that differ from MODELS[model], splits of
+    the rows served as merged layers with a branch per part); nothing is built until a row's build() runs."""
+    shapes = MODELS[model]
+    variants: list[Variant] = [
+        ("fp16 cuBLAS", lambda: fp16_stack(shapes), torch.float16, 16, 0),
+        ("torch int4 g128", lambda: torch_int4_stack(shapes), torch.bfloat16, 4, 0)]
+    variants += [(f"ours {b}-bit g128 r{r}", lambda b=b, r=r: ours_stack(shapes, b, r), torch.float16, b, r)
+                 for b in (4, 3, 2) for r in (0, 32, 64)]
+    variants += [(f"ours 3-bit g128 r{r} tensor-core decode",
+                  lambda r=r: ours_stack(shapes, 3, r, TENSOR_CORE_DECODE), torch.float16, 3, r) for r in (0, 64)]
+    variants += [("ours 3-bit g128 r64 16-row branch_down",
+                  lambda: with_tile_branch(ours_stack(shapes, 3, 64)), torch.float16, 3, 64)]
+    # m = 1 only (a one-row config): the same-run baselines of the untimed changes
+    variants += [(f"ours 3-bit g128 r{r} without half2",
+                  lambda r=r: without_half2(ours_stack(shapes, 3, r)), torch.float16, 3, r) for r in (0, 64)]
+    variants += [("ours 3-bit g128 r64 fused branch (m=1)",
+                  lambda: ours_stack(shapes, 3, 64, m1_config(fused_branch=True)), torch.float16, 3, 64)]
+    # the layers apart (7 per decoder layer): what the Engine runs where engine.merge declines
+    apart = apart_shapes(model)
+    variants += [(f"ours 3-bit g128 r{r} q,k,v,gate,up apart",
+                  lambda r=r: ours_stack(apart, 3, r), torch.float16, 3, r) for r in (0, 64)]
+    # the merged layers as the Engine serves them: each part keeps its rank-r branch (segments)
+    variants += [(f"ours 3-bit g128 r{r} merged, a branch per part (as served)",
+                  lambda r=r: ours_stack(shapes, 3, r, splits=SPLITS[model]), torch.float16, 3, r)
+                 for r in (32, 64)]
+    variants.sort(key=lambda v: variant_priority(v[0]))  # a step cut short keeps the rows that matter most
+    return (variants, {name: apart for name, *_ in variants if name.endswith(" apart")},
+            {name: SPLITS[model] for name, *_ in variants if name.endswith("(as served)")})
 
 
 def run_stack(ops: list[Callable], shapes: list[tuple[int, int]], m: int, dtype: torch.dtype, reps: int) -> float:
@@ -274,30 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model in args.model:
         shapes = MODELS[model]
-        variants: list[tuple[str, Callable[[], list[Callable]], torch.dtype, int, int]] = [
-            ("fp16 cuBLAS", lambda: fp16_stack(shapes), torch.float16, 16, 0),
-            ("torch int4 g128", lambda: torch_int4_stack(shapes), torch.bfloat16, 4, 0)]
-        variants += [(f"ours {b}-bit g128 r{r}", lambda b=b, r=r: ours_stack(shapes, b, r), torch.float16, b, r)
-                     for b in (4, 3, 2) for r in (0, 32, 64)]
-        variants += [(f"ours 3-bit g128 r{r} tensor-core decode",
-                      lambda r=r: ours_stack(shapes, 3, r, TENSOR_CORE_DECODE), torch.float16, 3, r) for r in (0, 64)]
-        variants += [("ours 3-bit g128 r64 16-row branch_down",
-                      lambda: with_tile_branch(ours_stack(shapes, 3, 64)), torch.float16, 3, 64)]
-        # m = 1 only (a one-row config): the same-run baselines of this session's untimed changes
-        variants += [(f"ours 3-bit g128 r{r} without half2",
-                      lambda r=r: without_half2(ours_stack(shapes, 3, r)), torch.float16, 3, r) for r in (0, 64)]
-        variants += [("ours 3-bit g128 r64 fused branch (m=1)",
-                      lambda: ours_stack(shapes, 3, 64, m1_config(fused_branch=True)), torch.float16, 3, 64)]
-        # the layers apart (7 per decoder layer): what the Engine runs where engine.merge declines
-        apart = apart_shapes(model)
-        variants += [(f"ours 3-bit g128 r{r} q,k,v,gate,up apart",
-                      lambda r=r: ours_stack(apart, 3, r), torch.float16, 3, r) for r in (0, 64)]
-        variant_shapes = {name: apart for name, *_ in variants if name.endswith(" apart")}
-        # the merged layers as the Engine serves them: each part keeps its rank-r branch (segments)
-        variants += [(f"ours 3-bit g128 r{r} merged, a branch per part (as served)",
-                      lambda r=r: ours_stack(shapes, 3, r, splits=SPLITS[model]), torch.float16, 3, r)
-                     for r in (32, 64)]
-        variant_splits = {name: SPLITS[model] for name, *_ in variants if name.endswith("(as served)")}
+        variants, variant_shapes, variant_splits = variant_specs(model)
         if args.variants:
             variants = [v for v in variants if any(t in v[0] for t in args.variants)]
         base: dict[tuple[str, int], float] = {}

@@ -90,6 +90,16 @@ def test_gpu_tools_without_a_gpu():
         apart = bench.apart_shapes(model)
         assert len(apart) == 7 and sum(n * k for n, k in apart) == sum(n * k for n, k in shapes)
         assert len({k for _, k in apart}) == len({k for _, k in shapes})
+    # the rows are timed in priority order (a step cut short keeps these first), every name a real row
+    for model in bench.MODELS:
+        variants, vshapes, splits = bench.variant_specs(model)
+        names = [v[0] for v in variants]
+        assert names[:len(bench.PRIORITY)] == list(bench.PRIORITY) and len(set(names)) == len(names) == 21
+        assert all(sum(parts) == n for n, parts in bench.SPLITS[model].items())  # "as served" splits add up
+        served = splits["ours 3-bit g128 r64 merged, a branch per part (as served)"]
+        shapes = dict(bench.MODELS[model])
+        assert bench.stack_ideal_bytes(bench.MODELS[model], 1, 3, 64, served) - bench.stack_ideal_bytes(
+            bench.MODELS[model], 1, 3, 64) == bench.LAYERS * sum((len(p) - 1) * 64 * shapes[n] * 2 for n, p in served.items())
 
 
 def test_kernels_check_decode_on_sm90():
