@@ -18,7 +18,8 @@
 #   profile  bench/kernels.py --profile: device time per kernel, one Llama-2-7B layer per shape, r0 vs r64
 #   kernels  then Llama-3-8B
 #   summary  bench/gpu_summary.py -> summary.md (markdown for bench/RESULTS.md)
-# (`python -m cuda_ext.autotune --decode-m 1` ranks gemv tiles; run it by hand if budget remains.)
+# (`python -m cuda_ext.autotune --decode-m 1 [--write]`: gemv tiles, half2 and the fused branch timed in a
+# CUDA graph with rank-64 branches; run it by hand if budget remains.)
 # $OUT holds at most 8 files: env.json tests.log errors.jsonl kernels.json qdec.json engine.json
 # session.log summary.md.  Never `set -e`: a failed step is recorded and the next one runs.
 set -u

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from cuda_ext import cpu_matmul, prepare_cpu, quant_matmul  # noqa: E402
 from cuda_ext.configs import GemmConfig  # noqa: E402
 from cuda_ext.roofline import MODELS, ideal_parts  # noqa: E402
-from cuda_ext.testing import cuda_median_ms, random_layer, random_packed  # noqa: E402
+from cuda_ext.testing import cuda_graph_ms, random_layer, random_packed  # noqa: E402
 
 LAYERS = 32
 GROUP = 128
@@ -58,22 +58,6 @@ def copy_bandwidth(nbytes: int = 1 << 30) -> float:
         b.copy_(a)
     torch.cuda.synchronize()
     return 2 * nbytes * 10 / (time.perf_counter() - t0)
-
-
-def graph_ms(step: Callable[[], None], reps: int) -> float:
-    """Median ms of one replay of a CUDA graph capturing step()."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):  # warm up (compiles Triton kernels, allocates workspaces) outside the graph
-            step()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        step()
-    ms = cuda_median_ms(g.replay, reps, warm=1)
-    del g
-    return ms
 
 
 def fp16_stack(shapes: list[tuple[int, int]]) -> list[Callable]:
@@ -222,7 +206,7 @@ def run_stack(ops: list[Callable], shapes: list[tuple[int, int]], m: int, dtype:
         for op, k in zip(ops, ks):
             op(xs[k])
 
-    return graph_ms(step, reps)
+    return cuda_graph_ms(step, reps)
 
 
 def stack_ideal_bytes(shapes: list[tuple[int, int]], m: int, bits: int, rank: int,

@@ -62,7 +62,7 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
     forked before and joined after the base kernel. Timed inside a CUDA graph (how the engine decodes) and
     eagerly (Python launches). Extra GPU memory: the resident per-output scales (none when they stay in
     pinned host memory) and the peak of one eager step's temporaries, against the stack's weight bytes."""
-    from bench.kernels import graph_ms
+    from cuda_ext.testing import cuda_graph_ms
     from cuda_ext import quant_matmul
     from cuda_ext.qdec_kernel import (FUSED_CONFIG, GATHER_CONFIG, SELECT_CONFIG, SideStream, qdec_add,
                                       qdec_correction, qdec_select, qdec_select_gather)
@@ -105,7 +105,7 @@ def slowdown_table(model: str, bits: int, layers: int = 32, scales_on: str = "ho
 
     def graphed(fn, what: str) -> float:  # NaN (with the error printed) if the capture fails
         try:
-            return graph_ms(fn, 50)
+            return cuda_graph_ms(fn, 50)
         except Exception as e:  # noqa: BLE001 - reported in the table, the other columns still measured
             print(f"graph capture failed ({what}): {e!r}", flush=True)
             torch.cuda.synchronize()

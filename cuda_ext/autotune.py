@@ -1,8 +1,12 @@
 """Offline autotune: time candidate configs on this GPU and write the winners into
 cuda_ext/configs/<arch>.json.  Never runs on the serving path.
 
-Usage (needs a CUDA GPU): python -m cuda_ext.autotune [--model Llama-2-7B] [--bits 3] [--write]
-Without --write it prints the winning rules only.
+Usage (needs a CUDA GPU): python -m cuda_ext.autotune [--model Llama-2-7B] [--bits 3] [--rank 64] [--write]
+Without --write it prints the winning rules only.  Each candidate is timed as a served decode step runs
+it: the model's layer stack (one layer per shape) with its rank-`--rank` branch, captured in a CUDA graph
+(no launch overhead, which hid the differences when candidates were timed call by call).  For one row
+the candidates include gemv_kernel's half2 / fp32 forms and the fused branch, so `--decode-m 1 --write`
+sets those fields of the m = 1 rule from measurements on this GPU.
 """
 from __future__ import annotations
 
@@ -16,32 +20,42 @@ from . import configs
 from .configs import BranchConfig, GemmConfig
 from .launch import quant_matmul, target_for
 from .roofline import MODELS
-from .testing import cuda_median_ms, random_layer
+from .testing import cuda_graph_ms, cuda_median_ms, random_layer
 
 
 def gemm_candidates(decode: bool, m: int = 16) -> list[GemmConfig]:
     """Candidate configs: qgemm_kernel decode tiles for m <= 16, plus gemv_kernel tiles for m <= 4
-    (block_m = the smallest GEMV_ROWS >= m); prefill tiles above."""
+    (block_m = the smallest GEMV_ROWS >= m; for one row also without half2 and with the fused branch);
+    prefill tiles above."""
     if decode:
         grid = itertools.product([64, 128, 256], [4, 8], [1, 2], [1, 2, 4], [8, 16])
         tiles = [GemmConfig(16, n, w, s, wv, sk) for n, w, s, wv, sk in grid if not (n == 256 and w == 4)]
         if m <= max(configs.GEMV_ROWS):
             mr = min(r for r in configs.GEMV_ROWS if r >= m)
             grid = itertools.product([32, 64, 128], [2, 4, 8], [2, 4])
-            tiles = [GemmConfig(mr, n, w, 1, wv, 16) for n, w, wv in grid if n * 16 // (32 * w) >= 4] + tiles
+            gemv = [GemmConfig(mr, n, w, 1, wv, 16) for n, w, wv in grid if n * 16 // (32 * w) >= 4]
+            if mr == 1:  # the one-row forms, on the tile that keeps one register layout (cuda_ext/README.md)
+                gemv += [GemmConfig(1, 64, 4, 1, wv, 16, fused_branch=f, half2=h)
+                         for wv, f, h in itertools.product([2, 4], [False, True], [True, False]) if f or not h]
+            tiles = gemv + tiles
         return tiles
     grid = itertools.product([(64, 64), (64, 128), (128, 128)], [4, 8], [1, 2, 3], [1, 4])
     return [GemmConfig(bm, bn, w, s, 1.0, sk) for (bm, bn), w, s, sk in grid]
 
 
-def tune_gemm(shapes: list[tuple[int, int]], m: int, bits: int, group: int = 128) -> tuple[GemmConfig, float]:
-    """Best GemmConfig for x with m rows over a layer stack's shapes (summed median time)."""
-    layers = [random_layer(n, k, bits, group, seed=i, device="cuda")[0] for i, (n, k) in enumerate(shapes)]
+def tune_gemm(shapes: list[tuple[int, int]], m: int, bits: int, group: int = 128,
+              rank: int = 64) -> tuple[GemmConfig, float]:
+    """Best GemmConfig for x with m rows over a layer stack's shapes with rank-`rank` branches (one
+    layer per shape, the stack captured in a CUDA graph: median ms of a replay)."""
+    layers = [random_layer(n, k, bits, group, rank=rank, seed=i, device="cuda") for i, (n, k) in enumerate(shapes)]
     xs = [torch.randn(m, k, device="cuda", dtype=torch.float16) for _, k in shapes]
     best: tuple[GemmConfig, float] | None = None
     for cfg in gemm_candidates(m <= configs.DECODE_M_MAX, m):
+        def stack(cfg=cfg) -> None:
+            for (p, a, b), x in zip(layers, xs):
+                quant_matmul(x, p, a, b, config=cfg)
         try:
-            ms = sum(cuda_median_ms(lambda p=p, x=x: quant_matmul(x, p, config=cfg)) for p, x in zip(layers, xs))
+            ms = cuda_graph_ms(stack)
         except Exception as e:  # noqa: BLE001 - a config that fails to compile/launch is skipped, loudly
             print(f"  skip {cfg}: {type(e).__name__}: {str(e).splitlines()[0][:120]}", file=sys.stderr)
             continue
@@ -79,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m cuda_ext.autotune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="Llama-2-7B", choices=sorted(MODELS))
     ap.add_argument("--bits", type=int, default=3, choices=(2, 3, 4))
+    ap.add_argument("--rank", type=int, default=64, help="the layers' FBQuant branch rank (0: none)")
     ap.add_argument("--write", action="store_true", help="write the winners into this arch's JSON table")
     ap.add_argument("--decode-m", type=int, nargs="+", metavar="M",
                     help="tune only the decode rules for these row counts (e.g. 1 4), nothing else")
@@ -94,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.decode_m:
         plan = tuple(("decode", m, m) for m in args.decode_m)
     for kind, m, m_max in plan:
-        cfg, ms = tune_gemm(shapes, m, args.bits)
+        cfg, ms = tune_gemm(shapes, m, args.bits, rank=args.rank)
         print(f"{arch} {kind} m={m}: {cfg} {ms:.3f} ms per layer stack")
         rules.append((kind, configs.as_rule(cfg, m_max=m_max)))
     for m, m_max in ((1, 1), (16, 16), (512, None)) if not args.decode_m else ():

@@ -66,3 +66,20 @@ def cuda_median_ms(fn: Callable[[], object], reps: int = 30, warm: int = 3) -> f
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def cuda_graph_ms(step: Callable[[], None], reps: int = 20) -> float:
+    """Median ms of one replay of a CUDA graph capturing step() (what a served decode step costs: no
+    launch overhead); two warm-up calls outside the graph compile the Triton kernels and allocate."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        step()
+    ms = cuda_median_ms(g.replay, reps, warm=1)
+    del g
+    return ms

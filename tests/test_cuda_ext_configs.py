@@ -86,6 +86,10 @@ def test_gpu_tools_without_a_gpu():
     assert bench.main([]) == 0
     from cuda_ext import autotune
     assert autotune.main([]) == 1
+    one_row = autotune.gemm_candidates(True, 1)  # gemv's forms for one row are candidates, each once
+    assert len(set(one_row)) == len(one_row)
+    assert any(c.fused_branch for c in one_row) and any(not c.half2 for c in one_row if c.block_m == 1)
+    assert not any(c.fused_branch for c in autotune.gemm_candidates(True, 4))  # one row only
     for model, shapes in bench.MODELS.items():  # the "apart" rows: 7 layers, the same weights as the 4
         apart = bench.apart_shapes(model)
         assert len(apart) == 7 and sum(n * k for n, k in apart) == sum(n * k for n, k in shapes)
