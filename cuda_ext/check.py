@@ -63,6 +63,12 @@ class Job:
     dtype: str
     segments: int = 1  # > 1: a merged layer's epilogue (N_SEG), t T_RANK_P wide in the fused branch
 
+    @property
+    def variant(self) -> str:
+        """The table's name of this variant: 3bfp16, fp16 (no weights), 3bfp16x3seg (a merged layer)."""
+        return (f"{self.bits}b{self.dtype}" if self.bits else self.dtype) + (
+            f"x{self.segments}seg" if self.segments > 1 else "")
+
 
 @dataclass
 class Result:
@@ -395,8 +401,7 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
         errs = [r for r in rs if r.error]
         loads = [w for r in rs for w in r.loads]
         regs, spill, smem = max(r.regs for r in rs), max(r.spill for r in rs), max(r.smem for r in rs)
-        problems = [f"compile error ({e.job.bits}b {e.job.dtype}{f' x{e.job.segments}seg' if e.job.segments > 1 else ''}): "
-                    f"{e.error}" for e in errs]
+        problems = [f"compile error ({e.job.variant}): {e.error}" for e in errs]
         if spill:
             problems.append("spills")
         if smem > limit:
@@ -404,8 +409,7 @@ def _table(results: list[Result], markdown: bool) -> tuple[list[str], bool]:
         if not errs and kind not in NO_WEIGHTS and (not loads or min(loads) < MIN_WEIGHT_LOAD):
             problems.append(f"weight loads < {MIN_WEIGHT_LOAD} B" if loads else "no weight load found")
         ok_all &= not problems
-        variants = ",".join((f"{r.job.bits}b{r.job.dtype}" if r.job.bits else r.job.dtype)
-                            + (f"x{r.job.segments}seg" if r.job.segments > 1 else "") for r in rs)
+        variants = ",".join(r.job.variant for r in rs)
         width = f"{min(loads)}-{max(loads)}" if loads else "-"
         status = "ok" if not problems else "FAIL: " + "; ".join(problems)
         cfg = _config_label(kind, rs[0].job.rule)
