@@ -20,10 +20,10 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from engine import qdec
 from server import routes_chat, routes_completions, routes_tokenize
 from server.admission import Gate, ServingConfig
-from server.generation import ServerState
+from server.generation import ServerState, check_model
 from server.metrics import DEFAULT, ENGINE_PATHS, Metrics, kernel_paths
 from server.model_card import model_card
-from server.protocol import ModelList
+from server.protocol import ModelCard, ModelList
 from server.errors import install_error_handlers
 
 log = logging.getLogger("fbserve.server")
@@ -135,6 +135,12 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
     async def list_models() -> ModelList:
         engine_ = state.ready_engine()
         return ModelList(data=[model_card(engine_)])
+
+    @app.get("/v1/models/{model:path}", response_model=ModelCard)
+    async def retrieve_model(model: str) -> ModelCard:
+        engine_ = state.ready_engine()
+        check_model(model, engine_)
+        return model_card(engine_)
 
     @app.get("/metrics")
     def metrics_endpoint() -> Response:  # sync: runs in the threadpool, off the event loop

@@ -11,7 +11,8 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer,
+                      model_validator)
 
 from engine.types import SamplingParams
 
@@ -174,6 +175,20 @@ class TextContentPart(OpenAIModel):
     text: str
 
 
+class ResponseFormat(OpenAIModel):
+    """Only plain text: there is no constrained decoding to guarantee JSON."""
+
+    type: str
+
+    @field_validator("type")
+    @classmethod
+    def _text_only(cls, value: str) -> str:
+        if value != "text":
+            raise ValueError(f"{value!r} is not supported: this server has no constrained decoding and cannot "
+                             "guarantee JSON output (use \"text\")")
+        return value
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
@@ -194,6 +209,22 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for max_completion_tokens
     top_logprobs: int | None = Field(None, ge=0, le=CHAT_MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True  # extension
+    # Tool calling and structured output are not implemented: declared so that a request relying on them
+    # gets a 400 naming the field, not a plain-text answer it would take for a tool call or for JSON.
+    tool_choice: str | dict[str, Any] | None = None  # before `tools`: their check reads it
+    tools: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None  # before `functions` (OpenAI's deprecated form)
+    functions: list[dict[str, Any]] | None = None
+    response_format: ResponseFormat | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tool_calling(cls, value: list[dict[str, Any]] | None, info: ValidationInfo) -> list | None:
+        knob = "tool_choice" if info.field_name == "tools" else "function_call"
+        if value and info.data.get(knob) != "none":
+            raise ValueError(f"tool calling is not supported by this server (send no {info.field_name}, or "
+                             f"{knob} \"none\" to have them ignored)")
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> ChatCompletionRequest:

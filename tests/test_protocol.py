@@ -73,6 +73,31 @@ def test_chat_rejects(fields):
         ChatCompletionRequest(**{"messages": MESSAGES, **fields})
 
 
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"tools": TOOLS}, "tools"), ({"tools": TOOLS, "tool_choice": "auto"}, "tools"),
+    ({"functions": [{"name": "f"}]}, "functions"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+])
+def test_chat_refuses_tool_calls_and_structured_output(fields, param):
+    """Served as plain text these would be misread by the client (as "no tool call", as JSON): refused."""
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest(messages=MESSAGES, **fields)
+    assert err.value.errors()[0]["loc"][0] == param
+    assert "not supported" in str(err.value)
+
+
+@pytest.mark.parametrize("fields", [
+    {"tools": TOOLS, "tool_choice": "none"}, {"tools": []}, {"functions": [{"name": "f"}], "function_call": "none"},
+    {"response_format": {"type": "text"}},
+])
+def test_chat_accepts_requests_that_ask_for_plain_text(fields):
+    assert ChatCompletionRequest(messages=MESSAGES, **fields).to_sampling_params(4).max_tokens == 4
+
+
 def test_resolve_max_tokens():
     assert resolve_max_tokens(None, 16, 10, 100) == 16
     assert resolve_max_tokens(None, 16, 90, 100) == 10  # the default shrinks to the room left

@@ -236,6 +236,23 @@ def test_models_and_health(client):
     assert health["kernel_paths"] and health["max_seq_len"] == 64
 
 
+def test_retrieve_model(client):
+    card = client.get("/v1/models/fake-model").json()
+    assert card["object"] == "model" and card["id"] == "fake-model"
+    assert client.get("/v1/models/default").json()["id"] == "fake-model"  # the alias names the served model
+    assert assert_error(client.get("/v1/models/gpt-9"), 404, "model")["code"] == "model_not_found"
+
+
+def test_tool_calls_and_json_mode_get_a_400_naming_the_field(client):
+    tools = [{"type": "function", "function": {"name": "f"}}]
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400, "tools")
+    assert "tool calling is not supported" in error["message"]
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "json_object"}}),
+                         400, "response_format.type")
+    assert "json_object" in error["message"]
+    assert client.post("/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "none"}).status_code == 200
+
+
 def test_models_reports_quantization_and_quality(fake_engine):
     fake_engine.loaded.quantization = {
         "method": "fbquant", "bits": 3, "group_size": 128, "rank": 32, "bits_per_weight": 4.7431,
