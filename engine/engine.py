@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from engine import qdec
+from engine.prefix_cache import SlotPool
 from engine.sequence import Sequence
 from engine.types import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
 from models.llama import KVCache
@@ -64,8 +65,10 @@ def cpu_threads(threads: int | None = None, decode_threads: int | None = None,
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = None,
                  threads: int | None = None, decode_threads: int | None = None,
-                 decode_graphs: bool | None = None, merge_projections: bool | None = None) -> None:
-        """`decode_graphs`: None replays decode steps from CUDA graphs on a CUDA device (engine.cuda_graph_decode);
+                 decode_graphs: bool | None = None, merge_projections: bool | None = None,
+                 prefix_caching: bool = True) -> None:
+        """`prefix_caching`: a prompt reuses the keys and values a free slot holds for its leading tokens
+        (engine.prefix_cache). `decode_graphs`: None replays decode steps from CUDA graphs on a CUDA device (engine.cuda_graph_decode);
         False never; True also off CUDA, where the same static step runs eagerly (tests).
         `merge_projections`: None merges q/k/v and gate/up into one quantized layer each on a CUDA device
         (engine.merge); False never; True also off CUDA (tests: Triton under the interpreter)."""
@@ -116,7 +119,7 @@ class Engine:
         self._lock = threading.Lock()
         self._waiting: deque[Sequence] = deque()
         self._running: dict[int, Sequence] = {}
-        self._free_slots = list(range(max_batch - 1, -1, -1))
+        self._slots = SlotPool(max_batch, reuse=prefix_caching)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
 
@@ -184,6 +187,8 @@ class Engine:
             "waiting": len(self._waiting) + self._inbox.qsize(),
             "kv_cache_bytes": self.model.kv_cache_bytes(),
             "kv_cache_used_ratio": used / (self.max_batch * self.max_seq_len),
+            "prefix_cache_queried_tokens": self._slots.queried_tokens,
+            "prefix_cache_hit_tokens": self._slots.hit_tokens,
             **qdec.stats(self.model),
         }
 
@@ -195,6 +200,10 @@ class Engine:
         from engine.cpu_decode import unavailable_reason
 
         return {"enabled": False, "reason": unavailable_reason(self.model) or "not installed", "threads": self.threads}
+
+    def prefix_cache_status(self) -> dict[str, object]:
+        """/health's view of prefix reuse (engine.prefix_cache)."""
+        return self._slots.status()
 
     def merged_projections_status(self) -> dict[str, object]:
         """/health's view of engine.merge: q/k/v and gate/up merged (how many layers) or why not."""
@@ -272,7 +281,8 @@ class Engine:
             except Exception as exc:  # a failed step fails its requests, never the worker
                 log.exception("engine step failed")
                 for seq in list(self._running.values()):
-                    self._finish(seq, GenerationOutput(seq.request_id, finish_reason="error", error=str(exc)))
+                    self._finish(seq, GenerationOutput(seq.request_id, finish_reason="error", error=str(exc)),
+                                 cache_valid=False)
 
     def _drain_inbox(self, block: bool) -> None:
         try:
@@ -295,40 +305,47 @@ class Engine:
                 self._release(seq)
                 log.info("request %s cancelled after %d tokens", seq.request_id, len(seq.output_ids))
 
-    def _release(self, seq: Sequence) -> None:
+    def _release(self, seq: Sequence, cache_valid: bool = True) -> None:
+        """Free the slot; it keeps the keys and values of the tokens fed so far for a later prompt to reuse,
+        unless `cache_valid` is False (a step failed part way: what it wrote cannot be trusted)."""
         if self._running.pop(seq.slot, None) is not None:
-            self._free_slots.append(seq.slot)
+            self._slots.release(seq.slot, seq.fed_ids() if cache_valid else [])
 
-    def _finish(self, seq: Sequence, event: GenerationOutput) -> None:
-        self._release(seq)
+    def _finish(self, seq: Sequence, event: GenerationOutput, cache_valid: bool = True) -> None:
+        self._release(seq, cache_valid)
         seq.emit(event)
 
     def _admit(self) -> None:
         """Prefill waiting requests into free slots (one at a time; each joins the next decode step)."""
-        while self._waiting and self._free_slots:
+        while self._waiting and len(self._slots):
             seq = self._waiting.popleft()
-            seq.slot = self._free_slots.pop()
+            params = seq.request.params
+            seq.slot, seq.cached_tokens = self._slots.acquire(seq.request.prompt_token_ids,
+                                                              reusable=params.prompt_logprobs is None)
             self._running[seq.slot] = seq
             try:
                 self._use_threads("prefill")
                 self._prefill(seq)
             except Exception as exc:
                 log.exception("prefill of %s failed", seq.request_id)
-                self._finish(seq, GenerationOutput(seq.request_id, finish_reason="error", error=str(exc)))
+                self._finish(seq, GenerationOutput(seq.request_id, finish_reason="error", error=str(exc)),
+                             cache_valid=False)
 
     def _prefill(self, seq: Sequence) -> None:
         queue_wait = time.monotonic() - seq.submitted_at
         ids = seq.request.prompt_token_ids
-        tokens = torch.tensor([ids], dtype=torch.long, device=self.device)
-        positions = torch.arange(len(ids), device=self.device)[None]
+        start = seq.cached_tokens  # keys and values of ids[:start] are already in the slot
+        tokens = torch.tensor([ids[start:]], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, len(ids), device=self.device)[None]
         slots = torch.tensor([seq.slot], device=self.device)
-        hidden = self.model.hidden_states(tokens, positions, slots)  # (1, T, hidden)
+        hidden = self.model.hidden_states(tokens, positions, slots)  # (1, T - start, hidden)
         prompt_lp = None
         if seq.request.params.prompt_logprobs is not None:
             prompt_lp = self._prompt_logprobs(hidden[0], ids, seq)
         if seq.request.params.max_tokens == 0:
             self._finish(seq, GenerationOutput(seq.request_id, finish_reason="length", prompt_logprobs=prompt_lp,
-                                               prompt_tokens=len(ids), queue_wait_s=queue_wait))
+                                               prompt_tokens=len(ids), queue_wait_s=queue_wait,
+                                               cached_tokens=start))
             return
         logits = self.model.lm_head(hidden[0, -1]).float().cpu()
         self._after_sample(seq, seq.step(logits, prompt_lp, queue_wait))

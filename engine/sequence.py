@@ -20,6 +20,7 @@ class Sequence:
     tokenizer: object
     submitted_at: float = field(default_factory=time.monotonic)
     slot: int = -1
+    cached_tokens: int = 0  # leading prompt tokens whose keys and values the slot already held
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -38,6 +39,11 @@ class Sequence:
     def position(self) -> int:
         """Cache position of the next token fed to the model (the last sampled one)."""
         return len(self.request.prompt_token_ids) + len(self.output_ids) - 1
+
+    def fed_ids(self) -> list[int]:
+        """The tokens whose keys and values are in the slot, at positions 0..: the prompt and every sampled
+        token but the last (fed at the next step, which has not run)."""
+        return self.request.prompt_token_ids + self.output_ids[:-1]
 
     def step(self, logits: torch.Tensor, prompt_logprobs: list[TokenLogprob | None] | None = None,
              queue_wait_s: float | None = None) -> GenerationOutput:
@@ -72,5 +78,6 @@ class Sequence:
         if self.first_event:
             event.prompt_logprobs = prompt_logprobs
             event.queue_wait_s = queue_wait_s
+            event.cached_tokens = self.cached_tokens
             self.first_event = False
         return event

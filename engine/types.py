@@ -59,6 +59,7 @@ class GenerationOutput:
     prompt_tokens: int = 0
     completion_tokens: int = 0  # total so far
     queue_wait_s: float | None = None  # set on the first event: seconds between submit and prefill start
+    cached_tokens: int = 0  # set on the first event: prompt tokens reused from the KV cache, not computed
 
 
 class EngineError(Exception):

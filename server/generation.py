@@ -142,10 +142,13 @@ class Choice:
     prompt_logprobs: list[TokenLogprob | None] | None = None
     finish_reason: str | None = None
     completion_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens the engine reused from its prefix cache
     events: int = 0
     text_offset: int = 0  # legacy completions logprobs: where the next token's text starts
 
     def add(self, out: GenerationOutput) -> None:
+        if self.events == 0:
+            self.cached_tokens = out.cached_tokens
         self.events += 1
         self.text += out.text
         self.token_ids.extend(out.token_ids)
@@ -170,7 +173,10 @@ def make_choices(prompts: list[list[int]], n: int, params: list[SamplingParams])
 
 def usage_of(choices: list[Choice]) -> UsageInfo:
     prompt = {c.prompt_index: len(c.prompt_ids) for c in choices}  # a prompt counts once for its n choices
-    return UsageInfo.of(sum(prompt.values()), sum(c.completion_tokens for c in choices))
+    cached: dict[int, int] = {}  # ... and is cached as far as all of its choices found it cached
+    for c in choices:
+        cached[c.prompt_index] = min(cached.get(c.prompt_index, c.cached_tokens), c.cached_tokens)
+    return UsageInfo.of(sum(prompt.values()), sum(c.completion_tokens for c in choices), sum(cached.values()))
 
 
 async def _no_generation(choice: Choice) -> AsyncIterator[GenerationOutput]:

@@ -23,7 +23,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 
 log = logging.getLogger("fbserve.metrics")
 # the Engine's optional paths that report `<path>_status()` (/health and fbserve_path_enabled; qdec apart)
-ENGINE_PATHS = ("cpu_decode", "cuda_graph", "merged_projections")
+ENGINE_PATHS = ("cpu_decode", "cuda_graph", "merged_projections", "prefix_cache")
 
 # No `*_created` series next to every counter and histogram: noise for dashboards (process-wide setting).
 disable_created_metrics()
@@ -124,6 +124,11 @@ class EngineCollector:
         channels.add_metric([], stats.get("qdec_channels_fetched", 0))
         fetched = CounterMetricFamily("fbserve_qdec_bytes_fetched", "QDEC residual bytes fetched.")
         fetched.add_metric([], stats.get("qdec_bytes_fetched", 0))
+        queried = CounterMetricFamily("fbserve_prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+        queried.add_metric([], stats.get("prefix_cache_queried_tokens", 0))
+        hits = CounterMetricFamily("fbserve_prefix_cache_hits", "Prompt tokens whose keys and values were reused "
+                                   "from the prefix cache instead of computed.")
+        hits.add_metric([], stats.get("prefix_cache_hit_tokens", 0))
 
         kernel = GaugeMetricFamily("fbserve_kernel_info", "Kernel path in use (1 per row).",
                                    labels=["path", "bits", "device"])
@@ -138,11 +143,12 @@ class EngineCollector:
         if card is not None and card.quantization is not None:
             bpw.add_metric([card.id, card.quantization.method], card.quantization.bits_per_weight)
         paths = GaugeMetricFamily("fbserve_path_enabled", "Optional serving paths (qdec, cuda_graph, cpu_decode, "
-                                  "merged_projections): "
+                                  "merged_projections, prefix_cache): "
                                   "1 when live, 0 with the reason why not.", labels=["path", "reason"])
         for name, status in self._path_status(engine).items():
             paths.add_metric([name, str(status.get("reason") or "")], 1 if status.get("enabled") else 0)
-        return [running, waiting, kv_ratio, memory, weights, residual, channels, fetched, kernel, bpw, paths]
+        return [running, waiting, kv_ratio, memory, weights, residual, channels, fetched, queried, hits, kernel,
+                bpw, paths]
 
     def _path_status(self, engine: Any) -> dict[str, dict]:
         """/health's status objects of the optional paths (empty before the model is loaded)."""
@@ -288,6 +294,8 @@ VLLM_NAMES: dict[str, tuple[str, ...]] = {
     "fbserve_request_duration_seconds": ("vllm:e2e_request_latency_seconds",),
     "fbserve_prompt_tokens": ("vllm:prompt_tokens",),
     "fbserve_generation_tokens": ("vllm:generation_tokens",),
+    "fbserve_prefix_cache_queries": ("vllm:prefix_cache_queries",),
+    "fbserve_prefix_cache_hits": ("vllm:prefix_cache_hits",),
 }
 
 

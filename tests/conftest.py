@@ -61,6 +61,7 @@ class FakeEngine:
     requests: list[GenerationRequest] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     running: int = 0
+    cached_tokens: int = 0  # reported on each request's first event, as a prefix-cache hit
     started: bool = False
     loaded: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(quantization=None))
 
@@ -71,7 +72,8 @@ class FakeEngine:
         self.started = False
 
     def stats(self) -> dict:
-        return {"running": self.running, "waiting": 0, "kv_cache_bytes": 1024, "kv_cache_used_ratio": 0.0}
+        return {"running": self.running, "waiting": 0, "kv_cache_bytes": 1024, "kv_cache_used_ratio": 0.0,
+                "prefix_cache_queried_tokens": 40, "prefix_cache_hit_tokens": 30}
 
     def memory_report(self) -> dict:
         return {("cpu", "kv_cache"): 1024}
@@ -93,7 +95,7 @@ class FakeEngine:
         done = False
         try:
             first = GenerationOutput(request.request_id, prompt_tokens=len(request.prompt_token_ids),
-                                     queue_wait_s=0.001)
+                                     queue_wait_s=0.001, cached_tokens=self.cached_tokens)
             if p.prompt_logprobs is not None:
                 first.prompt_logprobs = [None] + [self._logprob(t, p.prompt_logprobs)
                                                   for t in request.prompt_token_ids[1:]]

@@ -49,6 +49,8 @@ CONTRACT_OTHER = {
     "fbserve_requests_cancelled_total",
     "fbserve_qdec_channels_fetched_total",
     "fbserve_qdec_bytes_fetched_total",
+    "fbserve_prefix_cache_queries_total",
+    "fbserve_prefix_cache_hits_total",
     "fbserve_requests_running",
     "fbserve_requests_waiting",
     "fbserve_model_weight_bytes",

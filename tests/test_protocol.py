@@ -109,6 +109,16 @@ def test_resolve_max_tokens():
         assert err.value.status == 400
 
 
+def test_usage_counts_a_prompt_cached_as_far_as_all_its_choices_found_it():
+    from server.generation import usage_of
+
+    choices = make_choices([[1, 2, 3, 4], [5, 6]], 2, [CompletionRequest(prompt="p").to_sampling_params(4)] * 2)
+    for choice, cached in zip(choices, [3, 1, 0, 1]):
+        choice.cached_tokens = cached
+    usage = usage_of(choices)
+    assert (usage.prompt_tokens, usage.prompt_tokens_details.cached_tokens) == (6, 1)
+
+
 def test_seeds_per_choice():
     base = CompletionRequest(prompt="p", seed=10).to_sampling_params(4)
     choices = make_choices([[1], [2]], 3, [base, base])

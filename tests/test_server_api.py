@@ -43,7 +43,8 @@ def test_chat_completion(client, fake_engine):
     assert choice["finish_reason"] == "length" and choice["logprobs"] is None
     prompt = fake_engine.tokenizer.apply_chat_template(CHAT["messages"], add_generation_prompt=True)
     assert fake_engine.requests[0].prompt_token_ids == fake_engine.tokenizer.encode(prompt)
-    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 5, "total_tokens": len(prompt) + 5}
+    assert body["usage"] == {"prompt_tokens": len(prompt), "completion_tokens": 5, "total_tokens": len(prompt) + 5,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_model_alias_and_absent_model(client):

@@ -27,6 +27,8 @@ def test_serve_options():
     assert (defaults.threads, defaults.decode_threads) == (None, None)
     threads = cli.build_parser().parse_args(["serve", "--threads", "4", "--decode-threads", "2"])
     assert (threads.threads, threads.decode_threads) == (4, 2)
+    assert defaults.prefix_caching == "on"
+    assert cli.build_parser().parse_args(["serve", "--prefix-caching", "off"]).prefix_caching == "off"
 
 
 def test_subcommand_modules(monkeypatch, caplog):

@@ -196,6 +196,20 @@ def test_vllm_metric_names(fake_engine):
     assert "fbserve_time_to_first_token_seconds_bucket" in text  # ours stay
 
 
+def test_prefix_cache_counters_and_cached_tokens_in_usage(fake_engine):
+    fake_engine.cached_tokens = 3
+    with make_client(fake_engine, metrics_compat="vllm") as c:
+        body = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2,
+                                                    "n": 2}).json()
+        assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 3}  # the prompt counts once for n = 2
+        frames = c.post("/v1/completions", json={**COMPLETION, "stream": True,
+                                                 "stream_options": {"include_usage": True}}).text
+        text = c.get("/metrics").text
+    assert '"prompt_tokens_details":{"cached_tokens":3}' in frames
+    assert "fbserve_prefix_cache_queries_total 40.0" in text and "fbserve_prefix_cache_hits_total 30.0" in text
+    assert 'vllm:prefix_cache_hits_total{model_name="fake-model"} 30.0' in text
+
+
 def test_without_compat_no_vllm_names(client):
     assert "vllm:" not in client.get("/metrics").text
 

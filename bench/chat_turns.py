@@ -1,0 +1,122 @@
+"""Time to first token of each turn of a chat, prefix caching on vs off, in one process and one run.
+
+A conversation about a WikiText-2 test article (the system prompt holds its first `--doc-tokens` tokens):
+`--turns` user questions, each answered greedily with up to `--max-tokens` tokens by an engine with prefix
+caching on. Every turn's prompt (the whole history, rendered by the chat template) is then sent to a second
+engine with it off (`--prefix-caching off`), which prefills all of it. Both engines load the same model
+and run one after the other, never at once.
+
+    .venv/bin/python bench/chat_turns.py                          # embedded model, unquantized
+    .venv/bin/python bench/chat_turns.py --model default-fbquant  # the `make serve` preset
+
+Prints a markdown table: turn, prompt tokens, tokens reused, TTFT with and without reuse, ratio.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import engine  # noqa: E402,F401  # before torch: sets OpenMP's wait policy
+
+QUESTIONS = [
+    "What is this text about? Answer in one sentence.",
+    "Who or what is mentioned first?",
+    "Give one date or number from the text.",
+    "Summarise the second half in two sentences.",
+    "What might a reader ask next about this subject?",
+    "Write a title for the text.",
+]
+
+
+def article(doc_tokens: int, tokenizer) -> str:
+    """The start of the WikiText-2 test set, cut to about `doc_tokens` tokens (fails clearly if missing)."""
+    from quant.calibration import data_dir
+
+    path = data_dir() / "wikitext-2-raw" / "wiki.test.raw"
+    if not path.is_file():
+        raise SystemExit(f"evaluation text not found: {path} (set FBSERVE_DATA to the folder holding wikitext-2-raw/)")
+    ids = tokenizer.encode(path.read_text(encoding="utf-8")[: doc_tokens * 8], add_special_tokens=False)
+    return tokenizer.decode(ids[:doc_tokens]).strip()
+
+
+def prompt_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    return list(out["input_ids"] if not isinstance(out, list) else out)
+
+
+async def timed(eng, rid: str, ids: list[int], max_tokens: int) -> tuple[float, int, str]:
+    """(seconds to the first event, prompt tokens reused, text) of one greedy request."""
+    from engine.types import GenerationRequest, SamplingParams
+
+    start, ttft, cached, text = time.perf_counter(), None, 0, ""
+    async for out in eng.generate(GenerationRequest(rid, ids, SamplingParams(max_tokens=max_tokens, temperature=0.0))):
+        if ttft is None:
+            ttft, cached = time.perf_counter() - start, out.cached_tokens
+        text += out.text
+    return ttft, cached, text
+
+
+def run(args: argparse.Namespace) -> list[tuple[int, int, int, float, float]]:
+    from engine.engine import Engine
+    from models.loader import load_model
+
+    with_cache = Engine(load_model(args.model, args.device), max_batch=args.max_batch, max_seq_len=args.max_seq_len)
+    without = Engine(load_model(args.model, args.device), max_batch=args.max_batch, max_seq_len=args.max_seq_len,
+                     prefix_caching=False)
+    for eng in (with_cache, without):
+        eng.start()
+    tok = with_cache.tokenizer
+    messages = [{"role": "system", "content": "Answer questions about this text.\n\n" + article(args.doc_tokens, tok)}]
+    rows = []
+    try:
+        for eng in (with_cache, without):  # warm-up: first calls allocate and pick kernels
+            asyncio.run(timed(eng, "warm", prompt_ids(tok, [{"role": "user", "content": "Hi"}]), 2))
+        for turn, question in enumerate(QUESTIONS[: args.turns], 1):
+            messages.append({"role": "user", "content": question})
+            ids = prompt_ids(tok, messages)
+            ttft_on, cached, reply = asyncio.run(timed(with_cache, f"on-{turn}", ids, args.max_tokens))
+            ttft_off, _, _ = asyncio.run(timed(without, f"off-{turn}", ids, 1))
+            messages.append({"role": "assistant", "content": reply})
+            rows.append((turn, len(ids), cached, ttft_on, ttft_off))
+            print(f"# turn {turn}: {len(ids)} prompt tokens, {cached} reused, TTFT {ttft_on * 1e3:.0f} ms with reuse, "
+                  f"{ttft_off * 1e3:.0f} ms without", file=sys.stderr, flush=True)
+    finally:
+        for eng in (with_cache, without):
+            eng.shutdown()
+    return rows
+
+
+def table(rows: list[tuple[int, int, int, float, float]]) -> str:
+    lines = ["| turn | prompt tokens | reused | TTFT with reuse ms | TTFT without ms | without / with |",
+             "|---:|---:|---:|---:|---:|---:|"]
+    for turn, n, cached, on, off in rows:
+        lines.append(f"| {turn} | {n} | {cached} | {on * 1e3:.0f} | {off * 1e3:.0f} | {off / on:.2f}x |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="default")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-batch", type=int, default=2)
+    p.add_argument("--max-seq-len", type=int, default=2048)
+    p.add_argument("--doc-tokens", type=int, default=600)
+    p.add_argument("--turns", type=int, default=len(QUESTIONS), choices=range(1, len(QUESTIONS) + 1))
+    p.add_argument("--max-tokens", type=int, default=64)
+    args = p.parse_args()
+    load_before = os.getloadavg()
+    rows = run(args)
+    load_after = os.getloadavg()
+    print(table(rows))
+    print(f"\nmodel {args.model}, {args.device}; load average (1, 5, 15 min) before: "
+          f"{' '.join(f'{x:.2f}' for x in load_before)}; after: {' '.join(f'{x:.2f}' for x in load_after)}; "
+          f"CPUs: {os.cpu_count()}")
+
+
+if __name__ == "__main__":
+    main()
