@@ -9,7 +9,9 @@ and run one after the other, never at once.
     .venv/bin/python bench/chat_turns.py                          # embedded model, unquantized
     .venv/bin/python bench/chat_turns.py --model default-fbquant  # the `make serve` preset
 
-Prints a markdown table: turn, prompt tokens, tokens reused, TTFT with and without reuse, ratio.
+Prints a markdown table: turn, prompt tokens, tokens reused, TTFT with and without reuse, ratio. Then
+`--choices N` concurrent requests with the whole chat as one prompt (as `n = N` runs them) on each engine, from
+a slot that holds none of it: the time until every one has its first token, and the tokens reused.
 """
 from __future__ import annotations
 
@@ -61,7 +63,14 @@ async def timed(eng, rid: str, ids: list[int], max_tokens: int) -> tuple[float, 
     return ttft, cached, text
 
 
-def run(args: argparse.Namespace) -> list[tuple[int, int, int, float, float]]:
+async def concurrent(eng, tag: str, ids: list[int], n: int) -> tuple[float, int]:
+    """(seconds until all n requests with the same prompt have a first token, prompt tokens they reused)."""
+    start = time.perf_counter()
+    results = await asyncio.gather(*(timed(eng, f"{tag}-{i}", ids, 1) for i in range(n)))
+    return time.perf_counter() - start, sum(cached for _, cached, _ in results)
+
+
+def run(args: argparse.Namespace) -> tuple[list[tuple[int, int, int, float, float]], str]:
     from engine.engine import Engine
     from models.loader import load_model
 
@@ -85,10 +94,17 @@ def run(args: argparse.Namespace) -> list[tuple[int, int, int, float, float]]:
             rows.append((turn, len(ids), cached, ttft_on, ttft_off))
             print(f"# turn {turn}: {len(ids)} prompt tokens, {cached} reused, TTFT {ttft_on * 1e3:.0f} ms with reuse, "
                   f"{ttft_off * 1e3:.0f} ms without", file=sys.stderr, flush=True)
+        # The whole chat and one more question, behind a first token no slot holds: nothing comes from the turns.
+        fresh = [tok.eos_token_id] + prompt_ids(tok, messages + [{"role": "user", "content": "Summarise it all."}])
+        (on, hit), (off, _) = (asyncio.run(concurrent(eng, name, fresh, args.choices))
+                               for eng, name in ((with_cache, "n-on"), (without, "n-off")))
+        summary = (f"{args.choices} concurrent requests, one {len(fresh)}-token prompt: all first tokens after "
+                   f"{on * 1e3:.0f} ms with reuse ({hit} prompt tokens reused) vs {off * 1e3:.0f} ms without "
+                   f"({off / on:.2f}x)")
     finally:
         for eng in (with_cache, without):
             eng.shutdown()
-    return rows
+    return rows, summary
 
 
 def table(rows: list[tuple[int, int, int, float, float]]) -> str:
@@ -108,11 +124,13 @@ def main() -> None:
     p.add_argument("--doc-tokens", type=int, default=600)
     p.add_argument("--turns", type=int, default=len(QUESTIONS), choices=range(1, len(QUESTIONS) + 1))
     p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--choices", type=int, default=2, help="concurrent requests with one prompt (<= --max-batch)")
     args = p.parse_args()
     load_before = os.getloadavg()
-    rows = run(args)
+    rows, summary = run(args)
     load_after = os.getloadavg()
     print(table(rows))
+    print(f"\n{summary}")
     print(f"\nmodel {args.model}, {args.device}; load average (1, 5, 15 min) before: "
           f"{' '.join(f'{x:.2f}' for x in load_before)}; after: {' '.join(f'{x:.2f}' for x in load_after)}; "
           f"CPUs: {os.cpu_count()}")

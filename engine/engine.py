@@ -319,9 +319,11 @@ class Engine:
         """Prefill waiting requests into free slots (one at a time; each joins the next decode step)."""
         while self._waiting and len(self._slots):
             seq = self._waiting.popleft()
-            params = seq.request.params
-            seq.slot, seq.cached_tokens = self._slots.acquire(seq.request.prompt_token_ids,
-                                                              reusable=params.prompt_logprobs is None)
+            running = {slot: s.fed_ids() for slot, s in self._running.items()}
+            seq.slot, seq.cached_tokens, source = self._slots.acquire(
+                seq.request.prompt_token_ids, reusable=seq.request.params.prompt_logprobs is None, running=running)
+            if source is not None:  # a running slot holds the prefix: copy it rather than compute it
+                self.model.copy_cache_prefix(source, seq.slot, seq.cached_tokens)
             self._running[seq.slot] = seq
             try:
                 self._use_threads("prefill")

@@ -233,6 +233,13 @@ class Transformer(nn.Module):
                                                self.config.head_dim, dtype, p.device)
         self.max_seq_len = max_seq_len
 
+    def copy_cache_prefix(self, source: int, dest: int, length: int) -> None:
+        """Copy the keys and values at positions 0..length-1 of cache slot `source` into slot `dest`."""
+        for layer in self.model.layers:
+            cache = layer.self_attn.kv_cache
+            cache.k[dest, :, :length] = cache.k[source, :, :length]
+            cache.v[dest, :, :length] = cache.v[source, :, :length]
+
     def kv_cache_bytes(self) -> int:
         caches = [layer.self_attn.kv_cache for layer in self.model.layers if layer.self_attn.kv_cache is not None]
         return sum(c.k.numel() * c.k.element_size() * 2 for c in caches)

@@ -24,22 +24,22 @@ def test_pool_takes_the_slot_with_the_longest_shared_prefix():
     pool.release(0, [1, 2, 3, 4])
     pool.release(1, [1, 2, 7])
     pool.release(2, [5, 6])
-    assert pool.acquire([1, 2, 3, 9, 9]) == (0, 3)
-    assert pool.acquire([5, 6, 8]) == (2, 2)
+    assert pool.acquire([1, 2, 3, 9, 9]) == (0, 3, None)
+    assert pool.acquire([5, 6, 8]) == (2, 2, None)
     assert pool.status() == {"enabled": True, "held_tokens": 3, "queried_tokens": 11, "hit_tokens": 5}
 
 
 def test_pool_always_computes_the_last_prompt_token_and_honours_no_reuse():
     pool = SlotPool(1)
-    slot, _ = pool.acquire([1])
+    slot = pool.acquire([1])[0]
     pool.release(slot, [1, 2, 3])
-    assert pool.acquire([1, 2, 3]) == (0, 2)  # the whole prompt is held, its last token is computed again
+    assert pool.acquire([1, 2, 3]) == (0, 2, None)  # the whole prompt is held, its last token is computed again
     pool.release(0, [1, 2, 3])
-    assert pool.acquire([1, 2, 3, 4], reusable=False) == (0, 0)  # e.g. prompt log-probs: every position needed
+    assert pool.acquire([1, 2, 3, 4], reusable=False) == (0, 0, None)  # e.g. prompt log-probs: every position needed
     pool.release(0, [1, 2, 3])
     off = SlotPool(1, reuse=False)
     off.release(off.acquire([1])[0], [1, 2])
-    assert off.acquire([1, 2, 3]) == (0, 0) and off.status()["enabled"] is False
+    assert off.acquire([1, 2, 3]) == (0, 0, None) and off.status()["enabled"] is False
 
 
 def test_pool_without_a_match_takes_an_empty_slot_then_the_least_recently_released():
@@ -54,6 +54,31 @@ def test_pool_without_a_match_takes_an_empty_slot_then_the_least_recently_releas
     assert pool.acquire([7])[0] == 2  # then released longest ago
     with pytest.raises(RuntimeError, match="twice"):
         pool.release(1, [])
+
+
+def test_pool_reuses_nothing_below_a_quarter_of_the_prompt():
+    pool = SlotPool(2)
+    for _ in range(2):
+        pool.acquire([0])
+    pool.release(1, [7])
+    conversation = [1, 2, 3] + list(range(100, 120))
+    pool.release(0, conversation)
+    other = [1, 2, 3] + list(range(200, 210))  # shares 3 of 13 tokens (< 1/4): a fresh prefill is faster
+    assert pool.acquire(other) == (1, 0, None)  # the least recently released slot, from position 0
+    assert pool.status()["hit_tokens"] == 0
+    pool.release(1, other)
+    assert pool.acquire(conversation + [5]) == (0, len(conversation), None)
+
+
+def test_pool_copies_from_a_running_slot_when_it_shares_more():
+    pool = SlotPool(3)
+    for _ in range(3):
+        pool.acquire([0])
+    pool.release(1, [1, 2])
+    pool.release(2, [])
+    running = {0: [1, 2, 3, 4]}  # e.g. the first choice of an n = 2 request, prefilled a moment ago
+    assert pool.acquire([1, 2, 3, 4, 5], running=running) == (2, 4, 0)  # an empty slot, filled from slot 0
+    assert pool.acquire([1, 2, 9], running=running) == (1, 2, None)  # a tie keeps the slot's own copy
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +118,25 @@ def test_a_prompt_extending_a_prefilled_one_reuses_it_with_the_same_logits(engin
     assert ids == ref_ids and text == ref_text
     for got, want in zip(events[0].logprobs[0].top.items(), ref_events[0].logprobs[0].top.items()):
         assert got[0] == want[0] and abs(got[1] - want[1]) < 1e-3  # the keys it reused were computed alike
+
+
+def test_concurrent_requests_with_one_prompt_copy_its_keys_instead_of_computing_them(engines):
+    cached, plain = engines
+    ids = cached.tokenizer.encode("Three things every traveller should pack are", add_special_tokens=False)
+
+    async def both():
+        async def one(rid):
+            params = SamplingParams(max_tokens=6, temperature=0.0, logprobs=3)
+            return [ev async for ev in cached.generate(GenerationRequest(rid, ids, params))]
+        return await asyncio.gather(one("twin-a"), one("twin-b"))
+
+    a, b = asyncio.run(both())
+    assert sorted([a[0].cached_tokens, b[0].cached_tokens]) == [0, len(ids) - 1]
+    assert [t for e in a for t in e.token_ids] == [t for e in b for t in e.token_ids]
+    _, ref_ids, ref = generate(plain, "twin-ref", ids, max_tokens=6, temperature=0.0, logprobs=3)
+    for events in (a, b):
+        assert [t for e in events for t in e.token_ids] == ref_ids
+        assert abs(events[0].logprobs[0].logprob - ref[0].logprobs[0].logprob) < 1e-3
 
 
 def test_the_next_chat_turn_reuses_the_history_and_the_reply(engines):
