@@ -8,6 +8,7 @@ and run one after the other, never at once.
 
     .venv/bin/python bench/chat_turns.py                          # embedded model, unquantized
     .venv/bin/python bench/chat_turns.py --model default-fbquant  # the `make serve` preset
+    .venv/bin/python bench/chat_turns.py --model default-fbquant --prefill-cost 600,1500
 
 Prints a markdown table: turn, prompt tokens, tokens reused, TTFT with and without reuse, ratio. Then
 `--choices N` concurrent requests with the whole chat as one prompt (as `n = N` runs them) on each engine, from
@@ -107,6 +108,31 @@ def run(args: argparse.Namespace) -> tuple[list[tuple[int, int, int, float, floa
     return rows, summary
 
 
+def prefill_cost(model_name: str, device: str, lengths: list[int], repeats: int = 3) -> str:
+    """Prefill ms of a T-token prompt into a slot already holding its first R tokens, for R from 0 to T/2:
+    where reusing a short prefix costs more (attention with an explicit mask) than it saves."""
+    import torch
+
+    from models.loader import load_model
+
+    torch.set_grad_enabled(False)
+    model = load_model(model_name, device).model
+    model.setup_cache(1, max(lengths))
+    slot = torch.tensor([0], device=device)
+    lines = ["| T | R | prefill ms (best of %d) |" % repeats, "|---:|---:|---:|"]
+    for t in lengths:
+        ids = torch.randint(0, model.config.vocab_size, (1, t), generator=torch.Generator().manual_seed(t)).to(device)
+        model.hidden_states(ids, torch.arange(t, device=device)[None], slot)  # warm-up; fills the slot
+        for r in (0, 4, 32, 128, t // 4, t // 2):
+            best = float("inf")
+            for _ in range(repeats):
+                start = time.perf_counter()
+                model.hidden_states(ids[:, r:], torch.arange(r, t, device=device)[None], slot)
+                best = min(best, time.perf_counter() - start)
+            lines.append(f"| {t} | {r} | {best * 1e3:.0f} |")
+    return "\n".join(lines)
+
+
 def table(rows: list[tuple[int, int, int, float, float]]) -> str:
     lines = ["| turn | prompt tokens | reused | TTFT with reuse ms | TTFT without ms | without / with |",
              "|---:|---:|---:|---:|---:|---:|"]
@@ -125,12 +151,16 @@ def main() -> None:
     p.add_argument("--turns", type=int, default=len(QUESTIONS), choices=range(1, len(QUESTIONS) + 1))
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--choices", type=int, default=2, help="concurrent requests with one prompt (<= --max-batch)")
+    p.add_argument("--prefill-cost", metavar="T1,T2", help="instead: prefill ms of T-token prompts with R reused")
     args = p.parse_args()
     load_before = os.getloadavg()
-    rows, summary = run(args)
+    if args.prefill_cost:
+        print(prefill_cost(args.model, args.device, [int(t) for t in args.prefill_cost.split(",")]))
+    else:
+        rows, summary = run(args)
+        print(table(rows))
+        print(f"\n{summary}")
     load_after = os.getloadavg()
-    print(table(rows))
-    print(f"\n{summary}")
     print(f"\nmodel {args.model}, {args.device}; load average (1, 5, 15 min) before: "
           f"{' '.join(f'{x:.2f}' for x in load_before)}; after: {' '.join(f'{x:.2f}' for x in load_after)}; "
           f"CPUs: {os.cpu_count()}")

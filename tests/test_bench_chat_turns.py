@@ -1,0 +1,30 @@
+"""bench/chat_turns.py: runs a short chat end to end on the default model and fails clearly without data."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench" / "chat_turns.py"
+
+
+def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+
+
+def test_two_turns_reuse_the_first_and_report_both_engines():
+    proc = bench("--turns", "2", "--max-tokens", "4", "--doc-tokens", "120", "--max-seq-len", "512")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "turn" not in line]
+    assert [int(r[0]) for r in rows] == [1, 2]
+    prompt2, reused2 = int(rows[1][1]), int(rows[1][2])
+    assert int(rows[0][2]) == 0 and prompt2 // 2 < reused2 < prompt2  # turn 2 reuses the first turn's tokens
+    assert "2 concurrent requests" in proc.stdout and "tokens reused" in proc.stdout
+
+
+def test_missing_text_fails_clearly(tmp_path):
+    proc = bench("--turns", "1", env={"FBSERVE_DATA": str(tmp_path)})
+    assert proc.returncode != 0 and "evaluation text not found" in proc.stderr
