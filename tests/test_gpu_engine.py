@@ -80,6 +80,44 @@ def test_engine_serves_through_graphs(quantized):  # noqa: F811
 
 
 @cuda_only
+def test_prefix_reuse_through_graphs_matches_an_engine_without_it(quantized):  # noqa: F811
+    """A follow-up prompt reuses what graphed decode steps wrote into the slot (and a twin request copies a
+    running slot's prefix on the GPU); the greedy tokens equal those of an engine that prefills everything."""
+    from engine.engine import Engine
+    from engine.types import GenerationRequest, SamplingParams
+    from models.loader import load_model
+
+    def tokens(eng: Engine, rid: str, ids: list[int], twins: int = 1) -> list[tuple[int, list[int]]]:
+        async def one(i: int) -> tuple[int, list[int]]:
+            params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+            events = [e async for e in eng.generate(GenerationRequest(f"{rid}-{i}", ids, params))]
+            return events[0].cached_tokens, [t for e in events for t in e.token_ids]
+
+        async def all_():
+            return await asyncio.gather(*[one(i) for i in range(twins)])
+        return asyncio.run(all_())
+
+    cached = Engine(load_model(str(quantized), device=DEV), max_batch=4, max_seq_len=64)
+    plain = Engine(load_model(str(quantized), device=DEV), max_batch=4, max_seq_len=64, prefix_caching=False)
+    for eng in (cached, plain):
+        eng.start()
+    try:
+        first = [5, 9, 13, 7, 21, 4]
+        (_, reply), = tokens(cached, "turn1", first)
+        follow = first + reply + [11, 12]
+        (hit, got), = tokens(cached, "turn2", follow)
+        (_, want), = tokens(plain, "turn2", follow)
+        twins = tokens(cached, "twin", [30, 31, 32, 33, 34, 35, 36], twins=2)
+    finally:
+        for eng in (cached, plain):
+            eng.shutdown()
+    record("prefix_cache_cuda", reused=hit, prompt=len(follow), twins=[h for h, _ in twins])
+    assert hit == len(first) + len(reply) - 1 and got == want
+    assert sorted(h for h, _ in twins) == [0, 6] and twins[0][1] == twins[1][1]
+    assert cached.cuda_graph_status()["replays"] > 0
+
+
+@cuda_only
 def test_merged_projections_match_the_layers_apart(quantized):  # noqa: F811
     """engine.merge compiled on the GPU: the model's logits merged vs apart (fp16)."""
     from engine.merge import merge_projections
