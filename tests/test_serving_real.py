@@ -123,11 +123,25 @@ def test_optional_paths_are_exported_with_their_reason(server):
     rows = {path: (reason, float(v)) for path, reason, v in
             re.findall(r'^fbserve_path_enabled\{path="(\w+)",reason="([^"]*)"\} (\S+)$', text, re.MULTILINE)}
     health = httpx.get(f"{server.url}/health", timeout=60).json()
-    assert set(rows) == {"qdec", "cuda_graph", "cpu_decode", "merged_projections"}, rows
+    assert set(rows) == {"qdec", "cuda_graph", "cpu_decode", "merged_projections", "prefix_cache"}, rows
     for path in rows:
         assert rows[path] == (health[path].get("reason") or "", 1.0 if health[path]["enabled"] else 0.0), path
     assert rows["cuda_graph"] == ("not a CUDA device", 0.0)
     assert rows["merged_projections"] == ("not a CUDA device", 0.0)
+
+
+def test_a_chat_follow_up_reports_its_reused_prompt_tokens(server):
+    """The next turn of a chat prefills only what is new: usage and the prefix-cache counters say so."""
+    first = [{"role": "user", "content": "Name three colours of the rainbow."}]
+    body = {"messages": first, "max_tokens": 12, "temperature": 0}
+    hits_before = server.metric("fbserve_prefix_cache_hits_total")
+    r1 = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=300).json()
+    follow = first + [r1["choices"][0]["message"], {"role": "user", "content": "And two more?"}]
+    r2 = httpx.post(f"{server.url}/v1/chat/completions", json={**body, "messages": follow}, timeout=300).json()
+    cached = r2["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert r1["usage"]["prompt_tokens"] <= cached < r2["usage"]["prompt_tokens"], (r1["usage"], r2["usage"])
+    assert server.metric("fbserve_prefix_cache_hits_total") - hits_before >= cached
+    assert httpx.get(f"{server.url}/health", timeout=60).json()["prefix_cache"]["enabled"] is True
 
 
 def test_sigterm_finishes_streams_refuses_new_requests_and_exits_0(server):
