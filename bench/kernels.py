@@ -229,24 +229,55 @@ def cpu_us(fn: Callable[[], object], reps: int = 300) -> float:
     return min(times) * 1e6
 
 
+def native_builds_us(x: torch.Tensor, layer: tuple) -> list[str]:
+    """Microseconds per call of each build of fbserve's CPU kernel (cuda_ext.cpu_native.ISAS) on one layer,
+    or why it cannot run here."""
+    from cuda_ext import cpu_native
+
+    before = os.environ.get(cpu_native.ISA_ENV)
+    cols = []
+    try:
+        for isa in cpu_native.ISAS:
+            os.environ[cpu_native.ISA_ENV] = isa
+            cpu_native._load.cache_clear()
+            why = cpu_native.native_reason()
+            if why is not None:
+                cols.append(f"n/a ({why})")
+                continue
+            group = cpu_native.NativeGroup([cpu_native.prepare_native(*layer)])
+            cols.append(f"{cpu_us(lambda group=group: group(x)):.0f}")
+    finally:
+        if before is None:
+            os.environ.pop(cpu_native.ISA_ENV, None)
+        else:
+            os.environ[cpu_native.ISA_ENV] = before
+        cpu_native._load.cache_clear()
+    return cols
+
+
 def cpu_bench(m: int = 1) -> None:
-    """CPU path (torch int4 CPU op + fp32 branch) vs fp32 F.linear on SmolLM2-135M's linears."""
+    """CPU paths (torch's int4 CPU op + fp32 branch; each build of fbserve's own kernel) vs fp32 F.linear on
+    SmolLM2-135M's linears."""
+    from cuda_ext.cpu_native import ISAS
+
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     print(f"# CPU: {torch.get_num_threads()} threads, torch {torch.__version__}, m={m}, fastest of 300 calls, "
           f"load average {load:.1f}")
-    print("| layer (N x K) | fp32 F.linear us | ours 4-bit us | ours 3-bit us | 3-bit + rank-32 us |")
-    print("|---|---|---|---|---|")
+    builds = " | ".join(f"fbserve-{isa} 3-bit + r32 us" for isa in ISAS)
+    print(f"| layer (N x K) | fp32 F.linear us | torch int4 4-bit us | 3-bit us | 3-bit + rank-32 us | {builds} |")
+    print("|---|---|---|---|---|" + "---|" * len(ISAS))
     for n, k in MODELS["SmolLM2-135M"]:
         x = torch.randn(m, k)
         w = torch.randn(n, k) * 0.02
-        cols = [cpu_us(lambda: F.linear(x, w))]
+        cols = [f"{cpu_us(lambda: F.linear(x, w)):.0f}"]
         for bits, rank in ((4, 0), (3, 0), (3, 32)):
             p, a, b = random_layer(n, k, bits, GROUP, rank=rank)
             cw = prepare_cpu(p)
             a_t = None if a is None else a.float().t().contiguous()
             b_t = None if b is None else b.float().t().contiguous()
-            cols.append(cpu_us(lambda cw=cw, a_t=a_t, b_t=b_t: cpu_matmul(x, cw, a_t, b_t)))
-        print(f"| {n} x {k} | " + " | ".join(f"{c:.0f}" for c in cols) + " |")
+            cols.append(f"{cpu_us(lambda cw=cw, a_t=a_t, b_t=b_t: cpu_matmul(x, cw, a_t, b_t)):.0f}")
+        cols += native_builds_us(x, (p, a, b))
+        print(f"| {n} x {k} | " + " | ".join(cols) + " |")
 
 
 def kernel_profile(model: str, bits: int = 3, rank: int = 64, calls: int = 50) -> list[dict]:

@@ -1,7 +1,9 @@
 /* fbserve's CPU kernel for quantized linears: y = x @ dequant(Wq)^T + (x @ A^T) @ B^T + bias, for a few
  * rows of x (decode), reading 2/3/4-bit codes at 2/3.25/4 bits per weight (3-bit g128; not a 4-bit
- * container) and the fp16 low-rank branch in the same pass. x86-64 with AVX-512 BF16 only; built and
- * loaded by cuda_ext/cpu_native.py, which also defines the tile layout below (`tile_words`).
+ * container) and the fp16 low-rank branch in the same pass. x86-64, built twice by cuda_ext/cpu_native.py
+ * (which also defines the tile layout below, `tile_words`): for AVX-512 BF16 (FBQ_AVX512 below) and for
+ * AVX2 + FMA + F16C (most laptop CPUs): the same layout, algebra and threading; the ISA-specific parts
+ * (tile_kernel, the branch's A x, the decode step's norm / attention / SiLU) exist once per ISA.
  *
  * Tile layout (per 16 output columns, per quantization group, contiguous): the group's k values in pairs
  * (k, k + 1); word q holds pairs j = S q + s, s < S, with code[k] at bit b s and code[k + 1] at bit
@@ -11,7 +13,8 @@
  * which vdpbf16ps multiplies with the bf16 pair (x[k], x[k + 1]) and adds to fp32.
  *
  * Arithmetic: x is rounded to bf16 (as torch's int4 CPU op does); the codes are exact in bf16; products
- * and sums are fp32.  Per group: acc = X + sum(x * code) / L, X = sum(x) over the group, so
+ * and sums are fp32 (the AVX2 build decodes the same fields into fp32 1 + code / L, multiplies them by the
+ * bf16-rounded x held as fp32, and sums in fp32 too).  Per group: acc = X + sum(x * code) / L, X = sum(x) over the group, so
  * sum(x * (code - zero)) * scale = sa * acc - sb * X with sa = L * scale and sb = scale * (L + zero),
  * both exact in fp32 (prepared in Python).  The branch:
  * t = A x in fp32 from the fp16 A, then y += B t from the fp16 B^T.
@@ -33,14 +36,26 @@ typedef struct {
   int32_t n, n_pad, bits, group, rank, y_off, words_per_tile, pad_;
 } fbq_part;
 
-#define INLINE static inline __attribute__((always_inline))
+#if defined(__AVX512F__) && defined(__AVX512BF16__)
+#define FBQ_AVX512 1
+typedef uint16_t x_t;   /* x as the kernel reads it: bf16 bits */
 #define MAX_ROWS 4
+#else
+typedef float x_t;      /* bf16-rounded x held as fp32 (no bf16 dot product without AVX-512 BF16) */
+#define MAX_ROWS 2      /* 16 ymm registers: two rows of four accumulators each */
+#endif
+#define X_BYTES 4       /* scratch bytes per x element, whichever x_t (cpu_native.py sizes the scratch) */
+
+#define INLINE static inline __attribute__((always_inline))
 #define PREFETCH_TILES 4  /* software prefetch distance, in tiles (measured: bench/RESULTS.md) */
 
+#ifdef FBQ_AVX512
 /* 16 bf16 pairs (1 + field / L) from a word rotated so the field sits at the mask's bits */
 #define DECODE(w, rot, mask) _mm512_ternarylogic_epi32(_mm512_ror_epi32((w), (rot)), (mask), one, 0xEA)
 #define XPAIR(mi, k) ({ uint32_t xp_; memcpy(&xp_, xb + (size_t)(m0 + (mi)) * k_pad + (k), 4); \
                         (__m512bh)_mm512_set1_epi32((int)xp_); })
+
+#endif
 
 INLINE float group_sum(const float *xs32, int kg, int ke) {
   float s = 0.f;
@@ -62,9 +77,10 @@ static inline void prefetch_tile(const fbq_part *p, int tile, int G) {
   }
 }
 
+#ifdef FBQ_AVX512
 /* one 16-column tile of one part for rows m0 .. m0 + ROWS - 1 */
 INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, const int bits, int K, int k_pad,
-                        const uint16_t *xb, const float *xs32, const float *t, int t_ld, float *y, int ldy) {
+                        const x_t *xb, const float *xs32, const float *t, int t_ld, float *y, int ldy) {
   const int g = p->group, n_pad = p->n_pad, n0 = tile * 16;
   const int G = (K + g - 1) / g;
   const __m512i one = _mm512_set1_epi32(0x3F803F80);
@@ -125,16 +141,134 @@ INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, con
     _mm512_mask_storeu_ps(y + (size_t)(m0 + mi) * ldy + p->y_off + n0, keep, yacc[mi]);
 }
 
+/* t[j] = A[j] . x for one fp16 row of A */
+static float dot_fp16(const uint16_t *ar, const float *xr, int K) {
+  __m512 acc = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + 16 <= K; k += 16)
+    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ar + k))), _mm512_loadu_ps(xr + k), acc);
+  float s = _mm512_reduce_add_ps(acc);
+  for (; k < K; k++) s += _cvtsh_ss(ar[k]) * xr[k];
+  return s;
+}
+#else
+/* lanes' field (at bit `from`) as fp32 1 + code / L: moved to bit 16 + pos (where a bf16's mantissa field
+ * sits in fp32, so L is the AVX-512 build's), masked, OR 1.0 */
+INLINE __m256 field_ps(__m256i w, int from, int to, __m256i fmask, __m256i one) {
+  const __m256i v = to >= from ? _mm256_slli_epi32(w, to - from) : _mm256_srli_epi32(w, from - to);
+  return _mm256_castsi256_ps(_mm256_or_si256(_mm256_and_si256(v, fmask), one));
+}
+
+/* one 16-column tile of one part for rows m0 .. m0 + ROWS - 1: columns 0-7 and 8-15 in two ymm halves */
+INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, const int bits, int K, int k_pad,
+                        const x_t *xf, const float *xs32, const float *t, int t_ld, float *y, int ldy) {
+  const int g = p->group, n_pad = p->n_pad, n0 = tile * 16;
+  const int G = (K + g - 1) / g;
+  const int S = bits == 2 ? 8 : bits == 3 ? 5 : 4, pos = bits == 4 ? 3 : 4;
+  const __m256i one = _mm256_set1_epi32(0x3F800000), fmask = _mm256_set1_epi32(((1 << bits) - 1) << (16 + pos));
+  const int32_t *w = p->words + (size_t)tile * p->words_per_tile * 16;
+  if (m0 == 0 && tile + PREFETCH_TILES < n_pad / 16) prefetch_tile(p, tile + PREFETCH_TILES, G);
+  __m256 ylo[MAX_ROWS], yhi[MAX_ROWS];
+  for (int mi = 0; mi < ROWS; mi++) ylo[mi] = yhi[mi] = _mm256_setzero_ps();
+  for (int gi = 0; gi < G; gi++) {
+    const int kg = gi * g, ke = kg + g < k_pad ? kg + g : k_pad;
+    __m256 a0[MAX_ROWS][2], a1[MAX_ROWS][2];  /* two chains per half: FMA latency */
+    for (int mi = 0; mi < ROWS; mi++) a0[mi][0] = a0[mi][1] = a1[mi][0] = a1[mi][1] = _mm256_setzero_ps();
+    const int pairs = (ke - kg) / 2, full = pairs / S, rest = pairs % S;
+    /* pair s of a word: code[k] at bit bits * s, code[k + 1] at 16 + bits * s, both to bit 16 + pos */
+#define STEP2(s, A) { \
+      const __m256 l0 = field_ps(w0, bits * (s), 16 + pos, fmask, one), h0 = field_ps(w0, 16 + bits * (s), 16 + pos, fmask, one); \
+      const __m256 l1 = field_ps(w1, bits * (s), 16 + pos, fmask, one), h1 = field_ps(w1, 16 + bits * (s), 16 + pos, fmask, one); \
+      for (int mi = 0; mi < ROWS; mi++) { \
+        const float *xk = xf + (size_t)(m0 + mi) * k_pad + k0 + 2 * (s); \
+        const __m256 xa = _mm256_broadcast_ss(xk), xc = _mm256_broadcast_ss(xk + 1); \
+        A[mi][0] = _mm256_fmadd_ps(h0, xc, _mm256_fmadd_ps(l0, xa, A[mi][0])); \
+        A[mi][1] = _mm256_fmadd_ps(h1, xc, _mm256_fmadd_ps(l1, xa, A[mi][1])); } }
+    for (int q = 0; q < full; q++) {
+      const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + 16 * q));
+      const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 16 * q + 8));
+      const int k0 = kg + 2 * S * q;
+      if (bits == 2) { STEP2(0, a0) STEP2(1, a1) STEP2(2, a0) STEP2(3, a1) STEP2(4, a0) STEP2(5, a1) STEP2(6, a0) STEP2(7, a1) }
+      else if (bits == 3) { STEP2(0, a0) STEP2(1, a1) STEP2(2, a0) STEP2(3, a1) STEP2(4, a0) }
+      else { STEP2(0, a0) STEP2(1, a1) STEP2(2, a0) STEP2(3, a1) }
+    }
+    if (rest) {  /* a partly filled last word */
+      const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + 16 * full));
+      const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 16 * full + 8));
+      const int k0 = kg + 2 * S * full;
+      for (int s2 = 0; s2 < rest; s2++) STEP2(s2, a1)
+    }
+#undef STEP2
+    w += (size_t)(full + (rest ? 1 : 0)) * 16;
+    const float *sap = p->sa + ((size_t)tile * G + gi) * 16, *sbp = p->sb + ((size_t)tile * G + gi) * 16;
+    const __m256 sa0 = _mm256_loadu_ps(sap), sa1 = _mm256_loadu_ps(sap + 8);
+    const __m256 sb0 = _mm256_loadu_ps(sbp), sb1 = _mm256_loadu_ps(sbp + 8);
+    for (int mi = 0; mi < ROWS; mi++) {
+      const __m256 xg = _mm256_set1_ps(group_sum(xs32 + (size_t)(m0 + mi) * (k_pad / 32), kg, ke));
+      ylo[mi] = _mm256_fnmadd_ps(sb0, xg, _mm256_fmadd_ps(sa0, _mm256_add_ps(a0[mi][0], a1[mi][0]), ylo[mi]));
+      yhi[mi] = _mm256_fnmadd_ps(sb1, xg, _mm256_fmadd_ps(sa1, _mm256_add_ps(a0[mi][1], a1[mi][1]), yhi[mi]));
+    }
+  }
+  if (p->bt)
+    for (int j = 0; j < p->rank; j++) {
+      const uint16_t *bj = p->bt + ((size_t)tile * p->rank + j) * 16;
+      const __m256 b0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)bj));
+      const __m256 b1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bj + 8)));
+      for (int mi = 0; mi < ROWS; mi++) {
+        const __m256 tv = _mm256_set1_ps(t[(size_t)(m0 + mi) * t_ld + j]);
+        ylo[mi] = _mm256_fmadd_ps(tv, b0, ylo[mi]);
+        yhi[mi] = _mm256_fmadd_ps(tv, b1, yhi[mi]);
+      }
+    }
+  if (p->bias) {
+    const __m256 b0 = _mm256_loadu_ps(p->bias + n0), b1 = _mm256_loadu_ps(p->bias + n0 + 8);
+    for (int mi = 0; mi < ROWS; mi++) { ylo[mi] = _mm256_add_ps(ylo[mi], b0); yhi[mi] = _mm256_add_ps(yhi[mi], b1); }
+  }
+  const int nn = p->n - n0 < 16 ? p->n - n0 : 16;
+  for (int mi = 0; mi < ROWS; mi++) {
+    float *out = y + (size_t)(m0 + mi) * ldy + p->y_off + n0;
+    if (nn == 16) {
+      _mm256_storeu_ps(out, ylo[mi]);
+      _mm256_storeu_ps(out + 8, yhi[mi]);
+    } else {
+      float tmp[16];
+      _mm256_storeu_ps(tmp, ylo[mi]);
+      _mm256_storeu_ps(tmp + 8, yhi[mi]);
+      memcpy(out, tmp, sizeof(float) * (size_t)nn);
+    }
+  }
+}
+
+INLINE float hsum256(__m256 v) {
+  const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+
+/* t[j] = A[j] . x for one fp16 row of A */
+static float dot_fp16(const uint16_t *ar, const float *xr, int K) {
+  __m256 acc = _mm256_setzero_ps();
+  int k = 0;
+  for (; k + 8 <= K; k += 8)
+    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ar + k))), _mm256_loadu_ps(xr + k), acc);
+  float s = hsum256(acc);
+  for (; k < K; k++) s += _cvtsh_ss(ar[k]) * xr[k];
+  return s;
+}
+#endif
+
 #define TILE_BITS(ROWS) \
   switch (p->bits) { \
     case 2: tile_kernel(p, tile, m0, ROWS, 2, K, k_pad, xb, xs32, t, t_ld, y, ldy); break; \
     case 3: tile_kernel(p, tile, m0, ROWS, 3, K, k_pad, xb, xs32, t, t_ld, y, ldy); break; \
     default: tile_kernel(p, tile, m0, ROWS, 4, K, k_pad, xb, xs32, t, t_ld, y, ldy); break; }
 
-static void tile_all_rows(const fbq_part *p, int tile, int M, int K, int k_pad, const uint16_t *xb, const float *xs32,
+static void tile_all_rows(const fbq_part *p, int tile, int M, int K, int k_pad, const x_t *xb, const float *xs32,
                           const float *t, int t_ld, float *y, int ldy) {
   int m0 = 0;
+#ifdef FBQ_AVX512
   for (; m0 + 4 <= M; m0 += 4) TILE_BITS(4)
+#endif
   for (; m0 + 2 <= M; m0 += 2) TILE_BITS(2)
   for (; m0 < M; m0++) TILE_BITS(1)
 }
@@ -158,41 +292,38 @@ static float bf16_value(uint16_t h) {
  * branch's t = A x (fp32), all in the caller's scratch. */
 typedef struct {
   int M, K, k_pad, r_total, tiles;
-  const uint16_t *xb;
+  const x_t *xb;
   const float *xs32, *t;
 } mm_input;
 
-/* scratch bytes: M * (k_pad * 2 + k_pad / 32 * 4 + sum(rank) * 4) */
+/* scratch bytes: M * (k_pad * X_BYTES + k_pad / 32 * 4 + sum(rank) * 4) */
 static mm_input mm_prepare(int M, int K, const float *x, int ldx, int n_parts, const fbq_part *parts, void *scratch) {
   const int k_pad = (K + 31) / 32 * 32;
   int r_total = 0, tiles = 0;
   for (int i = 0; i < n_parts; i++) { r_total += parts[i].rank; tiles += parts[i].n_pad / 16; }
-  uint16_t *xb = (uint16_t *)scratch;
-  float *xs32 = (float *)(xb + (size_t)M * k_pad);
+  x_t *xb = (x_t *)scratch;
+  float *xs32 = (float *)((char *)scratch + (size_t)M * k_pad * X_BYTES);
   float *t = xs32 + (size_t)M * (k_pad / 32);
   for (int m = 0; m < M; m++) {
     const float *xr = x + (size_t)m * ldx;
-    uint16_t *xbr = xb + (size_t)m * k_pad;
+    x_t *xbr = xb + (size_t)m * k_pad;
+#ifdef FBQ_AVX512
     for (int k = 0; k < K; k++) xbr[k] = bf16_round(xr[k]);
+#define X_VALUE(v) bf16_value(v)
+#else
+    for (int k = 0; k < K; k++) xbr[k] = bf16_value(bf16_round(xr[k]));
+#define X_VALUE(v) (v)
+#endif
     for (int k = K; k < k_pad; k++) xbr[k] = 0;
     for (int j = 0; j < k_pad / 32; j++) {
       float s = 0.f;
-      for (int k = 32 * j; k < 32 * j + 32; k++) s += bf16_value(xbr[k]);
+      for (int k = 32 * j; k < 32 * j + 32; k++) s += X_VALUE(xbr[k]);
       xs32[(size_t)m * (k_pad / 32) + j] = s;
     }
+#undef X_VALUE
     int r0 = 0;
     for (int i = 0; i < n_parts; i++) {
-      for (int j = 0; j < parts[i].rank; j++) {
-        const uint16_t *ar = parts[i].a + (size_t)j * K;
-        __m512 acc = _mm512_setzero_ps();
-        int k = 0;
-        for (; k + 16 <= K; k += 16)
-          acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ar + k))),
-                                _mm512_loadu_ps(xr + k), acc);
-        float s = _mm512_reduce_add_ps(acc);
-        for (; k < K; k++) s += _cvtsh_ss(ar[k]) * xr[k];
-        t[(size_t)m * r_total + r0 + j] = s;
-      }
+      for (int j = 0; j < parts[i].rank; j++) t[(size_t)m * r_total + r0 + j] = dot_fp16(parts[i].a + (size_t)j * K, xr, K);
       r0 += parts[i].rank;
     }
   }
@@ -244,6 +375,7 @@ typedef struct {
   int32_t C, H, Hkv, D, I, max_len, n_layers, pad_;
 } fbq_dims;
 
+#ifdef FBQ_AVX512
 static inline __m512 exp512(__m512 x) {  /* e^x, Cephes expf polynomial; ~1 ulp on [-87, 88] */
   x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
   const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -307,6 +439,90 @@ static void attend(const float *q, const float *keys, const float *values, int L
     }
   }
 }
+
+/* ar = SiLU(gr) * ur over I values */
+static void silu_mul(const float *gr, const float *ur, float *ar, int I) {
+  int i = 0;
+  for (; i + 16 <= I; i += 16) {
+    const __m512 g = _mm512_loadu_ps(gr + i);
+    const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
+    _mm512_storeu_ps(ar + i, _mm512_mul_ps(sg, _mm512_loadu_ps(ur + i)));
+  }
+  for (; i < I; i++) ar[i] = gr[i] / (1.0f + expf(-gr[i])) * ur[i];
+}
+#else
+static inline __m256 exp256(__m256 x) {  /* e^x, the same Cephes polynomial; inputs clamped to normal results */
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.3f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));  /* * 2^n, n in [-126, 127] */
+}
+
+static void rms_norm(const float *x, const float *w, float eps, int C, float *out) {
+  __m256 acc = _mm256_setzero_ps();
+  int c = 0;
+  for (; c + 8 <= C; c += 8) { const __m256 v = _mm256_loadu_ps(x + c); acc = _mm256_fmadd_ps(v, v, acc); }
+  float ss = hsum256(acc);
+  for (; c < C; c++) ss += x[c] * x[c];
+  const float inv = 1.0f / sqrtf(ss / (float)C + eps);
+  for (c = 0; c < C; c++) out[c] = w[c] * (x[c] * inv);
+}
+
+/* one row's attention for kv head j: G query heads q (G, D) over keys/values (L, D) -> out (G, D); D % 8 == 0 */
+static void attend(const float *q, const float *keys, const float *values, int L, int G, int D, float *scores,
+                   float *out) {
+  const float scale = 1.0f / sqrtf((float)D);
+  for (int g = 0; g < G; g++) {
+    const float *qg = q + (size_t)g * D;
+    float *s = scores + (size_t)g * L;
+    for (int l = 0; l < L; l++) {
+      const float *kl = keys + (size_t)l * D;
+      __m256 acc = _mm256_setzero_ps();
+      for (int d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kl + d), acc);
+      s[l] = hsum256(acc) * scale;
+    }
+    float mx = s[0];
+    for (int l = 1; l < L; l++) mx = s[l] > mx ? s[l] : mx;
+    __m256 sum = _mm256_setzero_ps();
+    int l = 0;
+    for (; l + 8 <= L; l += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(mx)));
+      _mm256_storeu_ps(s + l, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    float total = hsum256(sum);
+    for (; l < L; l++) { s[l] = expf(s[l] - mx); total += s[l]; }
+    const float inv = 1.0f / total;
+    float *og = out + (size_t)g * D;
+    for (int d = 0; d < D; d += 8) {
+      __m256 acc = _mm256_setzero_ps();
+      for (int k = 0; k < L; k++) acc = _mm256_fmadd_ps(_mm256_set1_ps(s[k]), _mm256_loadu_ps(values + (size_t)k * D + d), acc);
+      _mm256_storeu_ps(og + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+    }
+  }
+}
+
+/* ar = SiLU(gr) * ur over I values */
+static void silu_mul(const float *gr, const float *ur, float *ar, int I) {
+  int i = 0;
+  for (; i + 8 <= I; i += 8) {
+    const __m256 g = _mm256_loadu_ps(gr + i);
+    const __m256 sg = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
+    _mm256_storeu_ps(ar + i, _mm256_mul_ps(sg, _mm256_loadu_ps(ur + i)));
+  }
+  for (; i < I; i++) ar[i] = gr[i] / (1.0f + expf(-gr[i])) * ur[i];
+}
+#endif
 
 /* A barrier for the team of one decode step: spin briefly (the phases between barriers are microseconds
  * apart), then yield the core, so that on a machine with as many threads as cores a team member waiting for
@@ -391,17 +607,8 @@ void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, f
       }
       team_matmul(&bar, tid, nth, &in, B, C, h, C, L->n_gu, L->gu, mm_scratch, gu, 2 * I);
       if (tid == 0)
-        for (int b = 0; b < B; b++) {  /* SiLU(gate) * up */
-          const float *gr = gu + (size_t)b * 2 * I, *ur = gr + I;
-          float *ar = act + (size_t)b * I;
-          int i = 0;
-          for (; i + 16 <= I; i += 16) {
-            const __m512 g = _mm512_loadu_ps(gr + i);
-            const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-            _mm512_storeu_ps(ar + i, _mm512_mul_ps(sg, _mm512_loadu_ps(ur + i)));
-          }
-          for (; i < I; i++) ar[i] = gr[i] / (1.0f + expf(-gr[i])) * ur[i];
-        }
+        for (int b = 0; b < B; b++)  /* SiLU(gate) * up */
+          silu_mul(gu + (size_t)b * 2 * I, gu + (size_t)b * 2 * I + I, act + (size_t)b * I, I);
       team_matmul(&bar, tid, nth, &in, B, I, act, I, 1, L->down, mm_scratch, tmp, C);
       if (tid == 0)
         for (size_t i = 0; i < (size_t)B * C; i++) x[i] += tmp[i];

@@ -1,8 +1,10 @@
 """fbserve's own CPU kernel (cpu_native.c): quantized matmul + low-rank branch + bias in one pass.
 
-Where the CPU has AVX-512 BF16 and a C compiler is present, the kernel is compiled once (~1 s) into
-$FBSERVE_HOME/native/<source hash>/ and loaded with ctypes; `native_reason()` says why not otherwise,
-and the CPU path then stays on torch's int4 op (cuda_ext.cpu), reported as such (no silent switch).
+Where the CPU has AVX-512 BF16, or else AVX2 + FMA + F16C (most laptops), and a C compiler is present, the
+kernel is compiled once (~1 s) for the best of the two into $FBSERVE_HOME/native/<source and flags hash>/
+and loaded with ctypes; `kernel_name()` says which (`fbserve-avx512bf16` / `fbserve-avx2`),
+`native_reason()` why neither otherwise, and the CPU path then stays on torch's int4 op (cuda_ext.cpu),
+reported as such (no silent switch). FBSERVE_CPU_NATIVE_ISA=avx2 forces the AVX2 build (tests, benchmarks).
 
 Against torch's int4 op + the fp32 branch it reads the codes nearly at their own width (3-bit g128:
 3.25 bits per weight, not a 4-bit container), the scales in fp32 (exact) and the fp16 branch factors as stored, and
@@ -36,10 +38,15 @@ from .packing import PackedWeight, codes_k_major
 log = logging.getLogger("fbserve.kernels")
 ENV = "FBSERVE_CPU_NATIVE"
 SOURCE = Path(__file__).with_name("cpu_native.c")
-CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq",
-          "-mavx512bf16", "-mf16c", "-mfma"]
-CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma")
-KERNEL_NAME = "fbserve-avx512bf16"
+ISA_ENV = "FBSERVE_CPU_NATIVE_ISA"
+BASE_CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
+# the builds of cpu_native.c, best first: name -> (compiler flags, /proc/cpuinfo flags it needs)
+ISAS: dict[str, tuple[list[str], tuple[str, ...]]] = {
+    "avx512bf16": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mf16c", "-mfma"],
+                   ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma")),
+    "avx2": (["-mavx2", "-mf16c", "-mfma"], ("avx2", "f16c", "fma")),
+}
+CPU_FLAGS = ISAS["avx512bf16"][1]  # the best build's
 
 
 class _Part(ctypes.Structure):
@@ -70,19 +77,45 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
-def _build_dir() -> Path:
+def _isa() -> tuple[str | None, str | None]:
+    """(the build this CPU runs best, None) or (None, why none): FBSERVE_CPU_NATIVE_ISA may pick a lesser one."""
+    flags = _cpu_flags()
+    forced = os.environ.get(ISA_ENV, "").strip().lower()
+    if forced and forced not in ISAS:
+        return None, f"{ISA_ENV}={forced} is not one of {', '.join(ISAS)}"
+    for name, (_, needs) in ISAS.items():
+        if forced and name != forced:
+            continue
+        missing = [f for f in needs if f not in flags]
+        if not missing:
+            return name, None
+        if forced or name == "avx2":
+            return None, f"this CPU lacks {', '.join(missing)}" + ("" if forced else " (and AVX-512 BF16)")
+    raise AssertionError("unreachable")
+
+
+def kernel_name() -> str:
+    """`fbserve-<isa>` of the build in use (or that would be: see native_reason())."""
+    return f"fbserve-{_isa()[0] or 'unavailable'}"
+
+
+def _cflags(isa: str) -> list[str]:
+    return BASE_CFLAGS + ISAS[isa][0]
+
+
+def _build_dir(isa: str) -> Path:
     home = Path(os.environ.get("FBSERVE_HOME", Path.home() / ".cache" / "fbserve")).expanduser()
-    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(CFLAGS).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(SOURCE.read_bytes() + " ".join(_cflags(isa)).encode()).hexdigest()[:16]
     return home / "native" / digest
 
 
-def _compile(cc: str, out: Path) -> None:
+def _compile(cc: str, out: Path, isa: str) -> None:
     """Compile to a temporary file beside `out`, then rename: concurrent builders never see half a file."""
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        proc = subprocess.run([cc, *CFLAGS, str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
+        proc = subprocess.run([cc, *_cflags(isa), str(SOURCE), "-o", tmp, "-lm"], capture_output=True, text=True,
                               timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:400]}")
@@ -98,20 +131,20 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get(ENV, "1").strip().lower() in ("0", "off", ""):
         return None, f"disabled ({ENV}=0)"
     if platform.machine().lower() not in ("x86_64", "amd64") or platform.system() != "Linux":
-        return None, f"needs Linux x86-64 with AVX-512 BF16 ({platform.system()} {platform.machine()})"
-    missing = [f for f in CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return None, f"this CPU lacks {', '.join(missing)}"
-    out = _build_dir() / "libfbq_cpu.so"
+        return None, f"needs Linux x86-64 with AVX2 or AVX-512 BF16 ({platform.system()} {platform.machine()})"
+    isa, why = _isa()
+    if isa is None:
+        return None, why
+    out = _build_dir(isa) / "libfbq_cpu.so"
     if not out.exists():
         cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
         if cc is None:
             return None, "no C compiler (cc) to build cuda_ext/cpu_native.c"
         try:
-            _compile(cc, out)
+            _compile(cc, out, isa)
         except (OSError, RuntimeError, subprocess.TimeoutExpired) as e:
             return None, f"build failed: {e}"[:500]
-        log.info("built the CPU kernel %s", out)
+        log.info("built the CPU kernel %s (%s)", out, isa)
     try:
         lib = ctypes.CDLL(str(out))
     except OSError as e:
@@ -260,7 +293,7 @@ class NativeGroup:
         self._parts = (_Part * len(weights))(*[w.part(o) for w, o in zip(weights, self.offsets)])
         self._fn = lib.fbq_cpu_matmul
         k_pad = -(-self.in_features // 32) * 32
-        self._scratch_per_row = k_pad * 2 + k_pad // 32 * 4 + sum(w.rank for w in weights) * 4
+        self._scratch_per_row = k_pad * 4 + k_pad // 32 * 4 + sum(w.rank for w in weights) * 4  # X_BYTES = 4
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.in_features:

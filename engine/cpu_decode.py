@@ -9,7 +9,7 @@ evaluation, no cache) takes the ordinary module path. What it changes (memory: s
     RoPE, KV write, attention, o, SiLU * up, down, residual adds; fp32 but the projections' bf16 x);
     status()["layers"] says so, or why not; FBSERVE_CPU_NATIVE_LAYERS=0 keeps the Python loop below.
   * q/k/v and gate/up of each layer read the same input, so they run as ONE matmul each:
-    - QuantLinear on fbserve's CPU kernel (cuda_ext/cpu_native.c, where the CPU has AVX-512 BF16):
+    - QuantLinear on fbserve's CPU kernel (cuda_ext/cpu_native.c, where the CPU has AVX-512 BF16 or AVX2):
       one kernel call over the layers' own weights (branch and bias inside), outputs side by side.
     - QuantLinear on torch's int4 op: one torch int4 CPU matmul over the output-concatenated weight
       (cuda_ext.cpu.fuse_cpu); each QuantLinear's own CPU weight becomes a view of it, so the
@@ -52,7 +52,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cuda_ext.cpu import fuse_cpu
-from cuda_ext.cpu_native import LayerWeights, NativeGroup, NativeLayers
+from cuda_ext.cpu_native import LayerWeights, NativeGroup, NativeLayers, kernel_name
 from engine.fp16_linear import PATH as FP16_PATH
 from engine.fp16_linear import Fp16Linear, fp16_linear, fp16_pack
 from engine.quant_linear import QuantLinear
@@ -349,7 +349,7 @@ class CpuDecoder:
 
 def _native_layers(model: nn.Module, layers: list[_Layer]) -> tuple[NativeLayers | None, str]:
     """Whole layers in one kernel call per step where every projection is on fbserve's CPU kernel:
-    (NativeLayers, "fbserve-avx512bf16"), else (None, "python (<why>)") and the per-layer loop runs."""
+    (NativeLayers, "fbserve-<isa>"), else (None, "python (<why>)") and the per-layer loop runs."""
     if os.environ.get(LAYERS_ENV, "1").strip().lower() in ("0", "off", ""):
         return None, f"python (disabled: {LAYERS_ENV}=0)"
     if not all(isinstance(p, _NativeProj) for lay in layers for p in (lay.qkv, lay.o, lay.gate_up, lay.down)):
@@ -363,7 +363,7 @@ def _native_layers(model: nn.Module, layers: list[_Layer]) -> tuple[NativeLayers
                              cfg.intermediate_size)
     except ValueError as e:
         return None, f"python ({e})"
-    return stack, "fbserve-avx512bf16"
+    return stack, kernel_name()
 
 
 def _own_parameters(model: nn.Module) -> None:

@@ -4,7 +4,7 @@ kernel path from the device and reports it.
 Paths:
   triton     CUDA tensors: cuda_ext's Triton kernels (decode m <= 16 fused branch, prefill m > 16)
   cpu_int4   CPU tensors (converted once per .to()): fbserve's own kernel (cuda_ext/cpu_native.c: the
-             codes at 2/3.25/4 bits per weight, the branch in the same call) where the CPU has AVX-512 BF16 and a
+             codes at 2/3.25/4 bits per weight, the branch in the same call) where the CPU has AVX-512 BF16 or AVX2 and a
              C compiler is present, else torch's int4 CPU matmul + the branch in fp32 (kernel_paths()
              rows say which, key "decode", and why); calls of many rows (prefill) dequantize to bf16 for
              oneDNN's GEMM where the CPU has native bf16 (cuda_ext.cpu.bf16_prefill_rows; key "prefill")
@@ -26,7 +26,7 @@ from cuda_ext import (PackedWeight, block_diagonal_b, cpu_matmul, interpreting, 
                       quant_matmul_ref)
 from cuda_ext.launch import check_segments
 from cuda_ext.cpu import bf16_prefill_reason, bf16_prefill_rows
-from cuda_ext.cpu_native import KERNEL_NAME, NativeGroup, NativeWeight, native_matmul, native_reason, prepare_native
+from cuda_ext.cpu_native import NativeGroup, NativeWeight, kernel_name, native_matmul, native_reason, prepare_native
 
 log = logging.getLogger("fbserve.kernels")
 PATHS = ("triton", "cpu_int4", "reference")
@@ -208,16 +208,16 @@ class QuantLinear(nn.Module):
 def cpu_decode_kernel() -> str:
     """What cpu_int4 layers run calls of few rows with: fbserve's CPU kernel, or "torch-int4 (<why not>)"."""
     why = native_reason()
-    return KERNEL_NAME if why is None else f"torch-int4 ({why})"
+    return kernel_name() if why is None else f"torch-int4 ({why})"
 
 
 def cpu_prefill_path() -> str:
     """How cpu_int4 layers run calls of many rows: "bf16-gemm from N rows", or the small-call kernel
-    with why not bf16: "fbserve-avx512bf16 (<why>)" / "int4 (<why>)" (torch's op)."""
+    with why not bf16: "fbserve-<isa> (<why>)" / "int4 (<why>)" (torch's op)."""
     rows = bf16_prefill_rows()
     if rows is not None:
         return f"bf16-gemm from {rows} rows"
-    return f"{KERNEL_NAME if native_reason() is None else 'int4'} ({bf16_prefill_reason()})"
+    return f"{kernel_name() if native_reason() is None else 'int4'} ({bf16_prefill_reason()})"
 
 
 def kernel_paths() -> list[dict]:

@@ -154,33 +154,38 @@ def client(fake_engine):
 
 
 def _cpu_kernel(monkeypatch, kind: str) -> None:
+    """kind: "torch-int4", or "native-<isa>" (a build of fbserve's kernel, cuda_ext.cpu_native.ISAS)."""
     from cuda_ext import cpu_native
 
     if kind == "torch-int4":
         monkeypatch.setenv(cpu_native.ENV, "0")
     else:
         monkeypatch.delenv(cpu_native.ENV, raising=False)
+        monkeypatch.setenv(cpu_native.ISA_ENV, kind.removeprefix("native-"))
     cpu_native._load.cache_clear()
     why = cpu_native.native_reason()
-    if kind == "native" and why is not None:
-        pytest.skip(f"fbserve's CPU kernel is unavailable here: {why}")
+    if kind != "torch-int4" and why is not None:
+        pytest.skip(f"fbserve's CPU kernel ({kind}) is unavailable here: {why}")
 
 
-@pytest.fixture(params=["native", "torch-int4"])
+NATIVE_BUILDS = ["native-avx512bf16", "native-avx2"]
+
+
+@pytest.fixture(params=[*NATIVE_BUILDS, "torch-int4"])
 def cpu_kernel(request, monkeypatch):
-    """Run the test once per CPU kernel of the cpu_int4 path: fbserve's (cuda_ext/cpu_native.c; skipped,
-    with the reason, where the CPU or compiler cannot run it) and torch's int4 op."""
+    """Run the test once per CPU kernel of the cpu_int4 path: each build of fbserve's (cuda_ext/cpu_native.c;
+    skipped, with the reason, where the CPU or compiler cannot run it) and torch's int4 op."""
     _cpu_kernel(monkeypatch, request.param)
-    yield request.param
+    yield "native" if request.param.startswith("native") else request.param
     from cuda_ext import cpu_native
 
     cpu_native._load.cache_clear()
 
 
-@pytest.fixture
-def native_kernel(monkeypatch):
-    """fbserve's CPU kernel (skipped, with the reason, where unavailable)."""
-    _cpu_kernel(monkeypatch, "native")
+@pytest.fixture(params=NATIVE_BUILDS)
+def native_kernel(request, monkeypatch):
+    """fbserve's CPU kernel, once per build (skipped, with the reason, where unavailable)."""
+    _cpu_kernel(monkeypatch, request.param)
     yield
     from cuda_ext import cpu_native
 

@@ -1,5 +1,5 @@
-"""cuda_ext.cpu_native: fbserve's CPU kernel (AVX-512 BF16). The tile layout round-trips everywhere; the
-kernel (where this CPU and a compiler can run it; skipped with the reason elsewhere) matches the fp32
+"""cuda_ext.cpu_native: fbserve's CPU kernel (AVX-512 BF16 and AVX2 builds). The tile layout round-trips everywhere; the
+kernel, each build (where this CPU and a compiler can run it; skipped with the reason elsewhere), matches the fp32
 reference within the bound of its one rounding (x to bf16), runs several layers in one call exactly as
 separately, gives the same result on 1 and 2 threads; and every reason it is not used is reported.
 
@@ -128,16 +128,36 @@ def test_every_reason_to_stay_on_torch_int4_is_reported(fresh):
     assert native_reason() == "disabled (FBSERVE_CPU_NATIVE=0)"
     fresh.delenv(cpu_native.ENV)
     machine = cpu_native.platform.machine
-    for patch, expected in ((lambda: fresh.setattr(cpu_native.platform, "machine", lambda: "aarch64"), "needs Linux x86-64"),
-                            (lambda: fresh.setattr(cpu_native, "_cpu_flags", lambda: {"avx2", "fma", "f16c"}),
-                             "this CPU lacks avx512f")):
+    avx2_only = {"avx", "avx2", "fma", "f16c"}
+    for patch, expected in (
+            (lambda: fresh.setattr(cpu_native.platform, "machine", lambda: "aarch64"), "needs Linux x86-64"),
+            (lambda: fresh.setattr(cpu_native, "_cpu_flags", lambda: {"sse4_2", "fma"}),
+             "this CPU lacks avx2, f16c (and AVX-512 BF16)"),
+            (lambda: (fresh.setattr(cpu_native, "_cpu_flags", lambda: avx2_only),
+                      fresh.setenv(cpu_native.ISA_ENV, "avx512bf16")), "this CPU lacks avx512f, avx512bw"),
+            (lambda: fresh.setenv(cpu_native.ISA_ENV, "neon"), "FBSERVE_CPU_NATIVE_ISA=neon is not one of")):
         fresh.setattr(cpu_native.platform, "machine", machine)
+        fresh.delenv(cpu_native.ISA_ENV, raising=False)
         cpu_native._load.cache_clear()
         patch()
-        assert native_reason().startswith(expected)
+        assert native_reason().startswith(expected), native_reason()
+
+
+def test_a_cpu_without_avx512_gets_the_avx2_build(fresh):
+    if "avx2" not in cpu_native._cpu_flags():
+        pytest.skip("this CPU lacks AVX2")
+    fresh.delenv(cpu_native.ISA_ENV, raising=False)
+    fresh.setattr(cpu_native, "_cpu_flags", lambda: {"avx", "avx2", "fma", "f16c"})
+    assert native_reason() is None and cpu_native.kernel_name() == "fbserve-avx2"
+    packed, a, b = random_layer(48, 520, 3, 64, rank=8)
+    x = torch.randn(3, 520)
+    ref = quant_matmul_ref(x, packed, a, b)
+    assert bool(((NativeGroup([prepare_native(packed, a, b)])(x) - ref).abs()
+                 <= _bound(x, packed) + 1e-5 * ref.abs().max()).all())
 
 
 def test_missing_compiler_and_failed_build_are_reported(fresh, tmp_path):
+    fresh.delenv(cpu_native.ISA_ENV, raising=False)
     fresh.setattr(cpu_native, "_cpu_flags", lambda: set(cpu_native.CPU_FLAGS))
     fresh.delenv("CC", raising=False)
     fresh.setattr(cpu_native.shutil, "which", lambda name: None)

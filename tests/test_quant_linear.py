@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 
 import engine.quant_linear as ql  # noqa: E402
 from cuda_ext import quant_matmul_ref  # noqa: E402
+from cuda_ext.cpu_native import kernel_name  # noqa: E402
 from cuda_ext.testing import random_layer, rel_err  # noqa: E402
 from engine.quant_linear import QuantLinear, kernel_paths, weight_bytes  # noqa: E402
 
@@ -59,9 +60,9 @@ def test_kernel_paths_log_and_weight_bytes(caplog, cpu_kernel):
     rows = [r for r in kernel_paths() if r["bits"] == 2 and r["path"] == "cpu_int4"]
     assert rows and rows[0]["device"] == "cpu" and rows[0]["layers"] >= 1 and rows[0]["fallback"] is None
     assert rows[0]["prefill"] == ql.cpu_prefill_path()
-    assert rows[0]["prefill"].startswith(("bf16-gemm from ", "int4 (", "fbserve-avx512bf16 ("))
+    assert rows[0]["prefill"].startswith(("bf16-gemm from ", "int4 (", "fbserve-avx512bf16 (", "fbserve-avx2 ("))
     assert rows[0]["decode"] == ql.cpu_decode_kernel()
-    assert rows[0]["decode"] == ("fbserve-avx512bf16" if cpu_kernel == "native" else "torch-int4 (disabled (FBSERVE_CPU_NATIVE=0))")
+    assert rows[0]["decode"] == (kernel_name() if cpu_kernel == "native" else "torch-int4 (disabled (FBSERVE_CPU_NATIVE=0))")
     wb = layer.weight_bytes()
     assert wb["packed"] == 64 * 576 * 2 // 8
     assert wb["scales_zeros"] == 2 * 2 * 5 * 64
@@ -125,7 +126,7 @@ def test_cpu_prefill_rows_use_the_bf16_gemm_when_asked(monkeypatch, cpu_kernel):
     x = torch.randn(40, 576)
     monkeypatch.setenv(cpu_mod.BF16_PREFILL_ENV, "0")
     int4 = layer(x)
-    assert ql.cpu_prefill_path().startswith(("int4 (disabled", "fbserve-avx512bf16 (disabled"))
+    assert ql.cpu_prefill_path().startswith(("int4 (disabled", "fbserve-avx512bf16 (disabled", "fbserve-avx2 (disabled"))
     monkeypatch.setenv(cpu_mod.BF16_PREFILL_ENV, "32")
     monkeypatch.setattr(cpu_mod, "_native_bf16", lambda: True)
     assert ql.cpu_prefill_path() == "bf16-gemm from 32 rows"
