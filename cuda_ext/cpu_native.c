@@ -43,6 +43,8 @@ typedef uint16_t x_t;   /* x as the kernel reads it: bf16 bits */
 #else
 typedef float x_t;      /* bf16-rounded x held as fp32 (no bf16 dot product without AVX-512 BF16) */
 #define MAX_ROWS 2      /* 16 ymm registers: two rows of four accumulators each */
+#define MANY_ROWS 4     /* more rows than this: tile_many_rows decodes each group once per block of rows */
+#define ROW_BLOCK 64    /* rows per block: 64 rows of x (K = 1536: 384 KB) stay in L2 across the tiles */
 #endif
 #define X_BYTES 4       /* scratch bytes per x element, whichever x_t (cpu_native.py sizes the scratch) */
 
@@ -239,6 +241,75 @@ INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, con
   }
 }
 
+/* Many rows (prefill) of one tile: each group's 16 x g weights are decoded once into an L1 buffer of fp32
+ * (1 + code / L) and every row runs FMAs over it, two rows at a time (eight accumulator chains), instead of
+ * decoding the words again for every two rows. Same arithmetic as tile_kernel. */
+static void tile_many_rows(const fbq_part *p, int tile, int M, const int bits, int K, int k_pad, const x_t *xf,
+                           const float *xs32, const float *t, int t_ld, float *y, int ldy) {
+  const int g = p->group, n0 = tile * 16, G = (K + g - 1) / g;
+  const int S = bits == 2 ? 8 : bits == 3 ? 5 : 4, pos = bits == 4 ? 3 : 4;
+  const __m256i one = _mm256_set1_epi32(0x3F800000), fmask = _mm256_set1_epi32(((1 << bits) - 1) << (16 + pos));
+  const int32_t *w = p->words + (size_t)tile * p->words_per_tile * 16;
+  float wbuf[128 * 16] __attribute__((aligned(32)));  /* (k in the group, 16 columns); g <= 128 */
+  const int nn = p->n - n0 < 16 ? p->n - n0 : 16;
+  for (int m = 0; m < M; m++) memset(y + (size_t)m * ldy + p->y_off + n0, 0, sizeof(float) * (size_t)nn);
+  for (int gi = 0; gi < G; gi++) {
+    const int kg = gi * g, ke = kg + g < k_pad ? kg + g : k_pad, pairs = (ke - kg) / 2;
+    for (int j = 0; j < pairs; j++) {
+      const int q = j / S, sh = bits * (j % S);
+      const __m256i w0 = _mm256_loadu_si256((const __m256i *)(w + 16 * q));
+      const __m256i w1 = _mm256_loadu_si256((const __m256i *)(w + 16 * q + 8));
+      float *row = wbuf + (size_t)2 * j * 16;
+      _mm256_store_ps(row, field_ps(w0, sh, 16 + pos, fmask, one));
+      _mm256_store_ps(row + 8, field_ps(w1, sh, 16 + pos, fmask, one));
+      _mm256_store_ps(row + 16, field_ps(w0, 16 + sh, 16 + pos, fmask, one));
+      _mm256_store_ps(row + 24, field_ps(w1, 16 + sh, 16 + pos, fmask, one));
+    }
+    w += (size_t)((pairs + S - 1) / S) * 16;
+    const float *sap = p->sa + ((size_t)tile * G + gi) * 16, *sbp = p->sb + ((size_t)tile * G + gi) * 16;
+    for (int m0 = 0; m0 < M; m0 += 4) {  /* four rows x two halves: eight FMA chains, six loads per eight FMAs */
+      const int rows = M - m0 < 4 ? M - m0 : 4;
+      __m256 acc[4][2];
+      for (int r = 0; r < 4; r++) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      const float *xr[4];
+      for (int r = 0; r < 4; r++) xr[r] = xf + (size_t)(m0 + (r < rows ? r : 0)) * k_pad + kg;
+      for (int k = 0; k < ke - kg; k++) {
+        const __m256 lo = _mm256_load_ps(wbuf + (size_t)k * 16), hi = _mm256_load_ps(wbuf + (size_t)k * 16 + 8);
+        for (int r = 0; r < 4; r++) {
+          const __m256 xv = _mm256_broadcast_ss(xr[r] + k);
+          acc[r][0] = _mm256_fmadd_ps(lo, xv, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(hi, xv, acc[r][1]);
+        }
+      }
+      for (int r = 0; r < rows; r++) {
+        float *out = y + (size_t)(m0 + r) * ldy + p->y_off + n0, tmp[16];
+        const __m256 xg = _mm256_set1_ps(group_sum(xs32 + (size_t)(m0 + r) * (k_pad / 32), kg, ke));
+        for (int h = 0; h < 2; h++) {
+          const __m256 part = _mm256_fnmadd_ps(_mm256_loadu_ps(sbp + 8 * h), xg,
+                                               _mm256_mul_ps(_mm256_loadu_ps(sap + 8 * h), acc[r][h]));
+          _mm256_storeu_ps(tmp + 8 * h, part);
+        }
+        for (int c = 0; c < nn; c++) out[c] += tmp[c];
+      }
+    }
+  }
+  const __m256 bias0 = p->bias ? _mm256_loadu_ps(p->bias + n0) : _mm256_setzero_ps();
+  const __m256 bias1 = p->bias ? _mm256_loadu_ps(p->bias + n0 + 8) : _mm256_setzero_ps();
+  const uint16_t *bt = p->bt ? p->bt + (size_t)tile * p->rank * 16 : NULL;
+  for (int m = 0; m < M; m++) {  /* branch and bias */
+    __m256 v0 = bias0, v1 = bias1;
+    for (int j = 0; j < p->rank; j++) {
+      const __m256 tv = _mm256_set1_ps(t[(size_t)m * t_ld + j]);
+      v0 = _mm256_fmadd_ps(tv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bt + (size_t)j * 16))), v0);
+      v1 = _mm256_fmadd_ps(tv, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(bt + (size_t)j * 16 + 8))), v1);
+    }
+    float *out = y + (size_t)m * ldy + p->y_off + n0, tmp[16];
+    _mm256_storeu_ps(tmp, v0);
+    _mm256_storeu_ps(tmp + 8, v1);
+    for (int c = 0; c < nn; c++) out[c] += tmp[c];
+  }
+}
+
 INLINE float hsum256(__m256 v) {
   const __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -297,14 +368,21 @@ typedef struct {
 } mm_input;
 
 /* scratch bytes: M * (k_pad * X_BYTES + k_pad / 32 * 4 + sum(rank) * 4) */
-static mm_input mm_prepare(int M, int K, const float *x, int ldx, int n_parts, const fbq_part *parts, void *scratch) {
+static mm_input mm_layout(int M, int K, int n_parts, const fbq_part *parts, void *scratch) {
   const int k_pad = (K + 31) / 32 * 32;
   int r_total = 0, tiles = 0;
   for (int i = 0; i < n_parts; i++) { r_total += parts[i].rank; tiles += parts[i].n_pad / 16; }
-  x_t *xb = (x_t *)scratch;
-  float *xs32 = (float *)((char *)scratch + (size_t)M * k_pad * X_BYTES);
-  float *t = xs32 + (size_t)M * (k_pad / 32);
-  for (int m = 0; m < M; m++) {
+  const float *xs32 = (const float *)((char *)scratch + (size_t)M * k_pad * X_BYTES);
+  return (mm_input){M, K, k_pad, r_total, tiles, (const x_t *)scratch, xs32, xs32 + (size_t)M * (k_pad / 32)};
+}
+
+/* rows [m0, m1) of what every tile reads: x rounded, its sums per 32, t = A x */
+static void mm_prepare_rows(const mm_input *in, const float *x, int ldx, int n_parts, const fbq_part *parts, int m0,
+                            int m1) {
+  const int K = in->K, k_pad = in->k_pad, r_total = in->r_total;
+  x_t *xb = (x_t *)in->xb;
+  float *xs32 = (float *)in->xs32, *t = (float *)in->t;
+  for (int m = m0; m < m1; m++) {
     const float *xr = x + (size_t)m * ldx;
     x_t *xbr = xb + (size_t)m * k_pad;
 #ifdef FBQ_AVX512
@@ -327,7 +405,12 @@ static mm_input mm_prepare(int M, int K, const float *x, int ldx, int n_parts, c
       r0 += parts[i].rank;
     }
   }
-  return (mm_input){M, K, k_pad, r_total, tiles, xb, xs32, t};
+}
+
+static mm_input mm_prepare(int M, int K, const float *x, int ldx, int n_parts, const fbq_part *parts, void *scratch) {
+  const mm_input in = mm_layout(M, K, n_parts, parts, scratch);
+  mm_prepare_rows(&in, x, ldx, n_parts, parts, 0, M);
+  return in;
 }
 
 /* tiles [t0, t1) of the parts (numbered across parts, in order), each for every row */
@@ -341,6 +424,22 @@ static void mm_tiles(const mm_input *in, int n_parts, const fbq_part *parts, flo
     for (int d = 0; d < PREFETCH_TILES && first + d < n && d < left; d++) prefetch_tile(parts + pi, first + d, G);
     left -= n - first;
   }
+#ifndef FBQ_AVX512
+  if (in->M > MANY_ROWS) {  /* blocks of rows whose x stays in L2, each over this thread's tiles */
+    const int i0 = i, tile0 = tile, r00 = r0;
+    for (int mb = 0; mb < in->M; mb += ROW_BLOCK) {
+      const int rb = in->M - mb < ROW_BLOCK ? in->M - mb : ROW_BLOCK;
+      i = i0, tile = tile0, r0 = r00;
+      for (int ti = t0; ti < t1; ti++) {
+        tile_many_rows(parts + i, tile, rb, parts[i].bits, in->K, in->k_pad, in->xb + (size_t)mb * in->k_pad,
+                       in->xs32 + (size_t)mb * (in->k_pad / 32), in->t + (size_t)mb * in->r_total + r0, in->r_total,
+                       y + (size_t)mb * ldy, ldy);
+        if (++tile == parts[i].n_pad / 16 && i + 1 < n_parts) { tile = 0; r0 += parts[i].rank; i++; }
+      }
+    }
+    return;
+  }
+#endif
   for (int ti = t0; ti < t1; ti++) {
     tile_all_rows(parts + i, tile, in->M, in->K, in->k_pad, in->xb, in->xs32, in->t + r0, in->r_total, y, ldy);
     if (++tile == parts[i].n_pad / 16 && i + 1 < n_parts) { tile = 0; r0 += parts[i].rank; i++; }
@@ -349,10 +448,17 @@ static void mm_tiles(const mm_input *in, int n_parts, const fbq_part *parts, flo
 
 void fbq_cpu_matmul(int M, int K, const float *x, int ldx, float *y, int ldy, int n_parts, const fbq_part *parts,
                     int n_threads, void *scratch) {
-  const mm_input in = mm_prepare(M, K, x, ldx, n_parts, parts, scratch);
+  const mm_input in = mm_layout(M, K, n_parts, parts, scratch);
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    if (M >= 2 * nth) {  /* many rows (prefill): each thread prepares a share, all meet before the tiles */
+      mm_prepare_rows(&in, x, ldx, n_parts, parts, (int)((long)M * tid / nth), (int)((long)M * (tid + 1) / nth));
+#pragma omp barrier
+    } else {
+#pragma omp single
+      mm_prepare_rows(&in, x, ldx, n_parts, parts, 0, M);
+    }
     mm_tiles(&in, n_parts, parts, y, ldy, (int)((long)in.tiles * tid / nth), (int)((long)in.tiles * (tid + 1) / nth));
   }
 }
