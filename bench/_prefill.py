@@ -7,7 +7,7 @@ in one process, so the rows compare.
 
 Rows: "<kernel>, masked SDPA" (the path before bf16 prefill and the causal flag: FBSERVE_CPU_BF16_PREFILL_ROWS=0
 and models.llama told that no prompt starts at position 0; <kernel> is what runs calls of few rows,
-fbserve-avx512bf16 or torch-int4, see kernel_paths()), "<kernel>, causal SDPA", "bf16 GEMM, causal SDPA"
+fbserve-<isa> or torch-int4, see kernel_paths()), "<kernel>, causal SDPA", "bf16 GEMM, causal SDPA"
 (the default). Each figure is the median of 3 prefills of WikiText-2 test tokens from an empty cache,
 logits of the last position only (what serving computes), after one warm-up; max |dlogit| of each row
 to the first.
@@ -92,7 +92,7 @@ def main() -> None:
         return model(ids[:, :t], positions=torch.arange(t)[None], slots=torch.tensor([0]), last_only=True)
 
     never_from_start = mock.patch.object(llama.torch, "equal", lambda *a: False)  # the explicit mask
-    small = cpu_decode_kernel().split(" ")[0]  # the per-call kernel: fbserve-avx512bf16 or torch-int4
+    small = cpu_decode_kernel().split(" ")[0]  # the per-call kernel: fbserve-<isa> or torch-int4
     rows = [(f"{small}, masked SDPA", "0", never_from_start), (f"{small}, causal SDPA", "0", None),
             ("bf16 GEMM, causal SDPA", None, None)]
     print(f"{args.spec}: threads {args.threads}, load {os.getloadavg()[0]:.2f}; default prefill path: {cpu_prefill_path()}")
