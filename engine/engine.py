@@ -68,8 +68,8 @@ class Engine:
                  decode_graphs: bool | None = None, merge_projections: bool | None = None,
                  prefix_caching: bool = True) -> None:
         """`prefix_caching`: a prompt reuses the keys and values a free slot holds for its leading tokens
-        (engine.prefix_cache). `decode_graphs`: None replays decode steps from CUDA graphs on a CUDA device (engine.cuda_graph_decode);
-        False never; True also off CUDA, where the same static step runs eagerly (tests).
+        (engine.prefix_cache). `decode_graphs`: None replays decode steps from CUDA graphs on a CUDA device
+        (engine.cuda_graph_decode); False never; True also off CUDA, where the same static step runs eagerly (tests).
         `merge_projections`: None merges q/k/v and gate/up into one quantized layer each on a CUDA device
         (engine.merge); False never; True also off CUDA (tests: Triton under the interpreter)."""
         self.loaded = loaded

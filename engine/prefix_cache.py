@@ -7,11 +7,12 @@ of low, adjacent slots reads the cache as one view), else the least recently rel
 conversations seen last stay longest.
 
 A prompt that would reuse less than a quarter of itself prefills from the start instead, in the slot it
-would take without a match: attention of a prompt that starts at position 0 runs with the
-causal flag, which skips the masked half, while one that starts later needs an explicit mask. Measured on
-2 cores (bench/RESULTS.md "Prefix caching"): a 1500-token prompt reusing 4 tokens took 18% longer than no
-reuse, 375 tokens (a quarter) broke even, 750 saved 25%. Positions past the reused prefix are overwritten as the new request
-runs, and attention never reads a position beyond the one being computed, so stale entries are harmless.
+would take without a match: attention of a prompt that starts at position 0 runs with the causal flag,
+which skips the masked half, while one that starts later needs an explicit mask. Measured on 2 cores
+(bench/RESULTS.md "Prefix caching"): a 1500-token prompt reusing 4 tokens took 15-18% longer than no reuse,
+375 (a quarter) about as long, 750 a quarter to a third less. Positions past the reused prefix are overwritten as the
+new request runs, and attention never reads a position beyond the one being computed, so stale entries
+are harmless.
 """
 from __future__ import annotations
 
@@ -89,5 +90,5 @@ class SlotPool:
         """/health's view: on or off, tokens the free slots hold for reuse, and the hit rate so far."""
         if not self.reuse:
             return {"enabled": False, "reason": "disabled (--prefix-caching off)"}
-        return {"enabled": True, "held_tokens": sum(len(self._held[slot]) for slot in self._free),
+        return {"enabled": True, "held_tokens": sum(len(self._held[slot]) for slot in list(self._free)),
                 "queried_tokens": self.queried_tokens, "hit_tokens": self.hit_tokens}

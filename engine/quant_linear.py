@@ -4,9 +4,9 @@ kernel path from the device and reports it.
 Paths:
   triton     CUDA tensors: cuda_ext's Triton kernels (decode m <= 16 fused branch, prefill m > 16)
   cpu_int4   CPU tensors (converted once per .to()): fbserve's own kernel (cuda_ext/cpu_native.c: the
-             codes at 2/3.25/4 bits per weight, the branch in the same call) where the CPU has AVX-512 BF16 or AVX2 and a
-             C compiler is present, else torch's int4 CPU matmul + the branch in fp32 (kernel_paths()
-             rows say which, key "decode", and why); calls of many rows (prefill) dequantize to bf16 for
+             codes at 2/3.25/4 bits per weight, the branch in the same call) where the CPU has AVX-512 BF16
+             or AVX2 and a C compiler is present, else torch's int4 CPU matmul + the branch in fp32
+             (kernel_paths() rows say which, key "decode", and why); calls of many rows (prefill) dequantize to bf16 for
              oneDNN's GEMM where the CPU has native bf16 (cuda_ext.cpu.bf16_prefill_rows; key "prefill")
   reference  cuda_ext.reference in fp32; only when asked (path="reference" or FBSERVE_KERNEL_PATH)
 The environment variable FBSERVE_KERNEL_PATH (auto|triton|cpu_int4|reference) overrides the

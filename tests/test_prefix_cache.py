@@ -12,7 +12,8 @@ from models.loader import load_model
 
 
 @pytest.mark.parametrize("a, b, n", [([], [1], 0), ([1, 2, 3], [1, 2, 3], 3), ([1, 2, 3], [1, 2], 2),
-                                     ([1, 2, 3], [1, 5, 3], 1), ([4], [1], 0), (list(range(999)), list(range(998)) + [0], 998)])
+                                     ([1, 2, 3], [1, 5, 3], 1), ([4], [1], 0),
+                                     (list(range(999)), list(range(998)) + [0], 998)])
 def test_common_prefix_length(a, b, n):
     assert common_prefix_length(a, b) == n == common_prefix_length(b, a)
 
@@ -106,7 +107,8 @@ def chat_ids(engine: Engine, messages: list[dict[str, str]]) -> list[int]:
 
 def test_a_prompt_extending_a_prefilled_one_reuses_it_with_the_same_logits(engines):
     cached, plain = engines
-    prefix = cached.tokenizer.encode("The history of the Roman Empire spans many centuries, and", add_special_tokens=False)
+    prefix = cached.tokenizer.encode("The history of the Roman Empire spans many centuries, and",
+                                     add_special_tokens=False)
     generate(cached, "warm", prefix, max_tokens=1, temperature=0.0)  # the slot now holds the prefix
     longer = prefix + cached.tokenizer.encode(" its emperors ruled from", add_special_tokens=False)
     before = cached.stats()["prefix_cache_hit_tokens"]
