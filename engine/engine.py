@@ -322,7 +322,7 @@ class Engine:
             running = {slot: s.fed_ids() for slot, s in self._running.items()}
             seq.slot, seq.cached_tokens, source = self._slots.acquire(
                 seq.request.prompt_token_ids, reusable=seq.request.params.prompt_logprobs is None, running=running)
-            if source is not None:  # a running slot holds the prefix: copy it rather than compute it
+            if source is not None:  # another slot holds the prefix: copy it rather than compute it
                 self.model.copy_cache_prefix(source, seq.slot, seq.cached_tokens)
             self._running[seq.slot] = seq
             try:

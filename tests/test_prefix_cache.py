@@ -25,9 +25,21 @@ def test_pool_takes_the_slot_with_the_longest_shared_prefix():
     pool.release(0, [1, 2, 3, 4])
     pool.release(1, [1, 2, 7])
     pool.release(2, [5, 6])
+    assert pool.acquire([5, 6, 8]) == (2, 2, None)  # slot 2 holds a prefix of the prompt: the next turn
+    # slot 0 shares [1, 2, 3] of what it holds and is the least recently released: given up, its prefix reused
     assert pool.acquire([1, 2, 3, 9, 9]) == (0, 3, None)
-    assert pool.acquire([5, 6, 8]) == (2, 2, None)
     assert pool.status() == {"enabled": True, "held_tokens": 3, "queried_tokens": 11, "hit_tokens": 5}
+
+
+def test_chats_sharing_a_system_prompt_keep_each_other_s_history():
+    system = list(range(100, 124))  # every chat of a template starts with the same system prompt
+    pool = SlotPool(3)
+    slot_a, _, _ = pool.acquire(system + [1, 2, 3])
+    pool.release(slot_a, system + [1, 2, 3, 4, 5, 6])  # chat A: prompt and reply
+    slot_b, reused, source = pool.acquire(system + [7, 8, 9])  # chat B shares only the system prompt
+    assert slot_b != slot_a and (reused, source) == (len(system), slot_a)
+    pool.release(slot_b, system + [7, 8, 9, 10])
+    assert pool.acquire(system + [1, 2, 3, 4, 5, 6, 11]) == (slot_a, len(system) + 6, None)  # A's next turn
 
 
 def test_pool_always_computes_the_last_prompt_token_and_honours_no_reuse():
@@ -156,6 +168,22 @@ def test_the_next_chat_turn_reuses_the_history_and_the_reply(engines):
     first, ref_first = events[0].logprobs[0], ref_events[0].logprobs[0]
     assert first.token_id == ref_first.token_id and abs(first.logprob - ref_first.logprob) < 0.05
     assert ids[:4] == ref_ids[:4]
+
+
+def test_a_second_chat_copies_the_shared_system_prompt_and_the_first_keeps_its_history(engines):
+    cached, plain = engines
+    chat_a = [{"role": "user", "content": "Which ocean is the largest?"}]
+    _, _, _ = generate(cached, "a1", chat_ids(cached, chat_a), max_tokens=10, temperature=0.0)
+    chat_b = [{"role": "user", "content": "Spell the word cat backwards."}]
+    ids_b = chat_ids(cached, chat_b)
+    text_b, _, events_b = generate(cached, "b1", ids_b, max_tokens=10, temperature=0.0)
+    shared = common_prefix_length(chat_ids(cached, chat_a), ids_b)  # the template's system prompt and more
+    assert events_b[0].cached_tokens == shared > 0
+    assert text_b == generate(plain, "b1-full", ids_b, max_tokens=10, temperature=0.0)[0]
+    reply_a = generate(plain, "a1-text", chat_ids(cached, chat_a), max_tokens=10, temperature=0.0)[0]
+    ids_a2 = chat_ids(cached, chat_a + [{"role": "assistant", "content": reply_a},
+                                        {"role": "user", "content": "And the smallest?"}])
+    assert generate(cached, "a2", ids_a2, max_tokens=1, temperature=0.0)[2][0].cached_tokens > shared
 
 
 def test_prompt_logprobs_and_a_disabled_cache_reuse_nothing(engines):
