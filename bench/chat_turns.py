@@ -2,7 +2,7 @@
 
 A conversation about a WikiText-2 test article (the system prompt holds its first `--doc-tokens` tokens):
 `--turns` user questions, each answered greedily with up to `--max-tokens` tokens by an engine with prefix
-caching on. Every turn's prompt (the whole history, rendered by the chat template) is then sent to a second
+caching on; `--chats N` interleaves N such conversations (same system prompt, other questions). Every turn's prompt (the whole history, rendered by the chat template) is then sent to a second
 engine with it off (`--prefix-caching off`), which prefills all of it. Both engines load the same model
 and run one after the other, never at once.
 
@@ -71,7 +71,7 @@ async def concurrent(eng, tag: str, ids: list[int], n: int) -> tuple[float, int]
     return time.perf_counter() - start, sum(cached for _, cached, _ in results)
 
 
-def run(args: argparse.Namespace) -> tuple[list[tuple[int, int, int, float, float]], str]:
+def run(args: argparse.Namespace) -> tuple[list[tuple[int, int, int, int, float, float]], str]:
     from engine.engine import Engine
     from models.loader import load_model
 
@@ -81,20 +81,23 @@ def run(args: argparse.Namespace) -> tuple[list[tuple[int, int, int, float, floa
     for eng in (with_cache, without):
         eng.start()
     tok = with_cache.tokenizer
-    messages = [{"role": "system", "content": "Answer questions about this text.\n\n" + article(args.doc_tokens, tok)}]
+    system = {"role": "system", "content": "Answer questions about this text.\n\n" + article(args.doc_tokens, tok)}
+    chats = [[system] for _ in range(args.chats)]  # every chat about the same text, turns interleaved
     rows = []
     try:
         for eng in (with_cache, without):  # warm-up: first calls allocate and pick kernels
             asyncio.run(timed(eng, "warm", prompt_ids(tok, [{"role": "user", "content": "Hi"}]), 2))
-        for turn, question in enumerate(QUESTIONS[: args.turns], 1):
-            messages.append({"role": "user", "content": question})
-            ids = prompt_ids(tok, messages)
-            ttft_on, cached, reply = asyncio.run(timed(with_cache, f"on-{turn}", ids, args.max_tokens))
-            ttft_off, _, _ = asyncio.run(timed(without, f"off-{turn}", ids, 1))
-            messages.append({"role": "assistant", "content": reply})
-            rows.append((turn, len(ids), cached, ttft_on, ttft_off))
-            print(f"# turn {turn}: {len(ids)} prompt tokens, {cached} reused, TTFT {ttft_on * 1e3:.0f} ms with reuse, "
-                  f"{ttft_off * 1e3:.0f} ms without", file=sys.stderr, flush=True)
+        for turn in range(1, args.turns + 1):
+            for c, messages in enumerate(chats, 1):
+                messages.append({"role": "user", "content": QUESTIONS[(turn - 1 + c - 1) % len(QUESTIONS)]})
+                ids = prompt_ids(tok, messages)
+                ttft_on, cached, reply = asyncio.run(timed(with_cache, f"on-{c}-{turn}", ids, args.max_tokens))
+                ttft_off, _, _ = asyncio.run(timed(without, f"off-{c}-{turn}", ids, 1))
+                messages.append({"role": "assistant", "content": reply})
+                rows.append((turn, c, len(ids), cached, ttft_on, ttft_off))
+                print(f"# turn {turn} chat {c}: {len(ids)} prompt tokens, {cached} reused, TTFT {ttft_on * 1e3:.0f} "
+                      f"ms with reuse, {ttft_off * 1e3:.0f} ms without", file=sys.stderr, flush=True)
+        messages = chats[0]
         # The whole chat and one more question, behind a first token no slot holds: nothing comes from the turns.
         fresh = [tok.eos_token_id] + prompt_ids(tok, messages + [{"role": "user", "content": "Summarise it all."}])
         (on, hit), (off, _) = (asyncio.run(concurrent(eng, name, fresh, args.choices))
@@ -133,11 +136,11 @@ def prefill_cost(model_name: str, device: str, lengths: list[int], repeats: int 
     return "\n".join(lines)
 
 
-def table(rows: list[tuple[int, int, int, float, float]]) -> str:
-    lines = ["| turn | prompt tokens | reused | TTFT with reuse ms | TTFT without ms | without / with |",
-             "|---:|---:|---:|---:|---:|---:|"]
-    for turn, n, cached, on, off in rows:
-        lines.append(f"| {turn} | {n} | {cached} | {on * 1e3:.0f} | {off * 1e3:.0f} | {off / on:.2f}x |")
+def table(rows: list[tuple[int, int, int, int, float, float]]) -> str:
+    lines = ["| turn | chat | prompt tokens | reused | TTFT with reuse ms | TTFT without ms | without / with |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
+    for turn, chat, n, cached, on, off in rows:
+        lines.append(f"| {turn} | {chat} | {n} | {cached} | {on * 1e3:.0f} | {off * 1e3:.0f} | {off / on:.2f}x |")
     return "\n".join(lines)
 
 
@@ -149,6 +152,8 @@ def main() -> None:
     p.add_argument("--max-seq-len", type=int, default=2048)
     p.add_argument("--doc-tokens", type=int, default=600)
     p.add_argument("--turns", type=int, default=len(QUESTIONS), choices=range(1, len(QUESTIONS) + 1))
+    p.add_argument("--chats", type=int, default=1, help="conversations about the same text, turns interleaved "
+                   "(each keeps its slot's history while there are --max-batch slots)")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--choices", type=int, default=2, help="concurrent requests with one prompt (<= --max-batch)")
     p.add_argument("--prefill-cost", metavar="T1,T2", help="instead: prefill ms of T-token prompts with R reused")

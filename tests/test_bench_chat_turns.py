@@ -19,9 +19,9 @@ def test_two_turns_reuse_the_first_and_report_both_engines():
     proc = bench("--turns", "2", "--max-tokens", "4", "--doc-tokens", "120", "--max-seq-len", "512")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines() if line.startswith("| ") and "turn" not in line]
-    assert [int(r[0]) for r in rows] == [1, 2]
-    prompt2, reused2 = int(rows[1][1]), int(rows[1][2])
-    assert int(rows[0][2]) == 0 and prompt2 // 2 < reused2 < prompt2  # turn 2 reuses the first turn's tokens
+    assert [(int(r[0]), int(r[1])) for r in rows] == [(1, 1), (2, 1)]
+    prompt2, reused2 = int(rows[1][2]), int(rows[1][3])
+    assert int(rows[0][3]) == 0 and prompt2 // 2 < reused2 < prompt2  # turn 2 reuses the first turn's tokens
     assert "2 concurrent requests" in proc.stdout and "tokens reused" in proc.stdout
 
 
