@@ -48,6 +48,50 @@ typedef float x_t;      /* bf16-rounded x held as fp32 (no bf16 dot product with
 #endif
 #define X_BYTES 4       /* scratch bytes per x element, whichever x_t (cpu_native.py sizes the scratch) */
 
+/* Code written once for both builds (the branch's A x, the decode step's elementwise parts): `vf` is a zmm
+ * (16 floats) or a ymm (8). */
+#ifdef FBQ_AVX512
+typedef __m512 vf;
+#define VW 16
+#define V_LOAD _mm512_loadu_ps
+#define V_STORE _mm512_storeu_ps
+#define V_SET1 _mm512_set1_ps
+#define V_ZERO _mm512_setzero_ps
+#define V_ADD _mm512_add_ps
+#define V_SUB _mm512_sub_ps
+#define V_MUL _mm512_mul_ps
+#define V_DIV _mm512_div_ps
+#define V_MIN _mm512_min_ps
+#define V_MAX _mm512_max_ps
+#define V_FMA _mm512_fmadd_ps
+#define V_FNMA _mm512_fnmadd_ps
+#define V_SUM _mm512_reduce_add_ps
+#define V_LOADH(p) _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(p)))  /* VW fp16 -> fp32 */
+#define V_ROUND(v) _mm512_roundscale_ps((v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define V_SCALE2(p, n) _mm512_scalef_ps((p), (n))  /* p * 2^n */
+#else
+typedef __m256 vf;
+#define VW 8
+#define V_LOAD _mm256_loadu_ps
+#define V_STORE _mm256_storeu_ps
+#define V_SET1 _mm256_set1_ps
+#define V_ZERO _mm256_setzero_ps
+#define V_ADD _mm256_add_ps
+#define V_SUB _mm256_sub_ps
+#define V_MUL _mm256_mul_ps
+#define V_DIV _mm256_div_ps
+#define V_MIN _mm256_min_ps
+#define V_MAX _mm256_max_ps
+#define V_FMA _mm256_fmadd_ps
+#define V_FNMA _mm256_fnmadd_ps
+#define V_SUM hsum256
+#define V_LOADH(p) _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(p)))
+#define V_ROUND(v) _mm256_round_ps((v), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC)
+#define V_SCALE2(p, n) _mm256_mul_ps((p), _mm256_castsi256_ps(_mm256_slli_epi32( \
+    _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23)))  /* p * 2^n, n in [-126, 127] */
+#endif
+
+
 #define INLINE static inline __attribute__((always_inline))
 #define PREFETCH_TILES 4  /* software prefetch distance, in tiles (measured: bench/RESULTS.md) */
 
@@ -143,16 +187,6 @@ INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, con
     _mm512_mask_storeu_ps(y + (size_t)(m0 + mi) * ldy + p->y_off + n0, keep, yacc[mi]);
 }
 
-/* t[j] = A[j] . x for one fp16 row of A */
-static float dot_fp16(const uint16_t *ar, const float *xr, int K) {
-  __m512 acc = _mm512_setzero_ps();
-  int k = 0;
-  for (; k + 16 <= K; k += 16)
-    acc = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ar + k))), _mm512_loadu_ps(xr + k), acc);
-  float s = _mm512_reduce_add_ps(acc);
-  for (; k < K; k++) s += _cvtsh_ss(ar[k]) * xr[k];
-  return s;
-}
 #else
 /* lanes' field (at bit `from`) as fp32 1 + code / L: moved to bit 16 + pos (where a bf16's mantissa field
  * sits in fp32, so L is the AVX-512 build's), masked, OR 1.0 */
@@ -315,18 +349,17 @@ INLINE float hsum256(__m256 v) {
   const __m128 h = _mm_add_ps(s, _mm_movehl_ps(s, s));
   return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 }
+#endif
 
 /* t[j] = A[j] . x for one fp16 row of A */
 static float dot_fp16(const uint16_t *ar, const float *xr, int K) {
-  __m256 acc = _mm256_setzero_ps();
+  vf acc = V_ZERO();
   int k = 0;
-  for (; k + 8 <= K; k += 8)
-    acc = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ar + k))), _mm256_loadu_ps(xr + k), acc);
-  float s = hsum256(acc);
+  for (; k + VW <= K; k += VW) acc = V_FMA(V_LOADH(ar + k), V_LOAD(xr + k), acc);
+  float s = V_SUM(acc);
   for (; k < K; k++) s += _cvtsh_ss(ar[k]) * xr[k];
   return s;
 }
-#endif
 
 #define TILE_BITS(ROWS) \
   switch (p->bits) { \
@@ -481,34 +514,32 @@ typedef struct {
   int32_t C, H, Hkv, D, I, max_len, n_layers, pad_;
 } fbq_dims;
 
-#ifdef FBQ_AVX512
-static inline __m512 exp512(__m512 x) {  /* e^x, Cephes expf polynomial; ~1 ulp on [-87, 88] */
-  x = _mm512_max_ps(_mm512_min_ps(x, _mm512_set1_ps(88.3762626647949f)), _mm512_set1_ps(-103.0f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
+static inline vf v_exp(vf x) {  /* e^x, Cephes expf polynomial; ~1 ulp; x clamped to [-87.3, 88] */
+  x = V_MAX(V_MIN(x, V_SET1(88.0f)), V_SET1(-87.3f));
+  const vf n = V_ROUND(V_MUL(x, V_SET1(1.44269504088896341f)));
+  vf r = V_FNMA(n, V_SET1(0.693359375f), x);
+  r = V_FNMA(n, V_SET1(-2.12194440e-4f), r);
+  vf p = V_SET1(1.9875691500e-4f);
+  p = V_FMA(p, r, V_SET1(1.3981999507e-3f));
+  p = V_FMA(p, r, V_SET1(8.3334519073e-3f));
+  p = V_FMA(p, r, V_SET1(4.1665795894e-2f));
+  p = V_FMA(p, r, V_SET1(1.6666665459e-1f));
+  p = V_FMA(p, r, V_SET1(5.0000001201e-1f));
+  p = V_FMA(p, V_MUL(r, r), V_ADD(r, V_SET1(1.0f)));
+  return V_SCALE2(p, n);
 }
 
 static void rms_norm(const float *x, const float *w, float eps, int C, float *out) {
-  __m512 acc = _mm512_setzero_ps();
+  vf acc = V_ZERO();
   int c = 0;
-  for (; c + 16 <= C; c += 16) { const __m512 v = _mm512_loadu_ps(x + c); acc = _mm512_fmadd_ps(v, v, acc); }
-  float ss = _mm512_reduce_add_ps(acc);
+  for (; c + VW <= C; c += VW) { const vf v = V_LOAD(x + c); acc = V_FMA(v, v, acc); }
+  float ss = V_SUM(acc);
   for (; c < C; c++) ss += x[c] * x[c];
   const float inv = 1.0f / sqrtf(ss / (float)C + eps);
   for (c = 0; c < C; c++) out[c] = w[c] * (x[c] * inv);
 }
 
-/* one row's attention for kv head j: G query heads q (G, D) over keys/values (L, D) -> out (G, D) */
+/* one row's attention for kv head j: G query heads q (G, D) over keys/values (L, D) -> out (G, D); D % VW == 0 */
 static void attend(const float *q, const float *keys, const float *values, int L, int G, int D, float *scores,
                    float *out) {
   const float scale = 1.0f / sqrtf((float)D);
@@ -517,103 +548,27 @@ static void attend(const float *q, const float *keys, const float *values, int L
     float *s = scores + (size_t)g * L;
     for (int l = 0; l < L; l++) {
       const float *kl = keys + (size_t)l * D;
-      __m512 acc = _mm512_setzero_ps();
-      for (int d = 0; d < D; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + d), _mm512_loadu_ps(kl + d), acc);
-      s[l] = _mm512_reduce_add_ps(acc) * scale;
+      vf acc = V_ZERO();
+      for (int d = 0; d < D; d += VW) acc = V_FMA(V_LOAD(qg + d), V_LOAD(kl + d), acc);
+      s[l] = V_SUM(acc) * scale;
     }
     float mx = s[0];
     for (int l = 1; l < L; l++) mx = s[l] > mx ? s[l] : mx;
-    __m512 sum = _mm512_setzero_ps();
+    vf sum = V_ZERO();
     int l = 0;
-    for (; l + 16 <= L; l += 16) {
-      const __m512 e = exp512(_mm512_sub_ps(_mm512_loadu_ps(s + l), _mm512_set1_ps(mx)));
-      _mm512_storeu_ps(s + l, e);
-      sum = _mm512_add_ps(sum, e);
+    for (; l + VW <= L; l += VW) {
+      const vf e = v_exp(V_SUB(V_LOAD(s + l), V_SET1(mx)));
+      V_STORE(s + l, e);
+      sum = V_ADD(sum, e);
     }
-    if (l < L) {
-      const __mmask16 m = (__mmask16)((1u << (L - l)) - 1u);
-      const __m512 e = _mm512_maskz_mov_ps(m, exp512(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, s + l), _mm512_set1_ps(mx))));
-      _mm512_mask_storeu_ps(s + l, m, e);
-      sum = _mm512_add_ps(sum, e);
-    }
-    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-    float *og = out + (size_t)g * D;
-    for (int d = 0; d < D; d += 16) {
-      __m512 acc = _mm512_setzero_ps();
-      for (int k = 0; k < L; k++) acc = _mm512_fmadd_ps(_mm512_set1_ps(s[k]), _mm512_loadu_ps(values + (size_t)k * D + d), acc);
-      _mm512_storeu_ps(og + d, _mm512_mul_ps(acc, _mm512_set1_ps(inv)));
-    }
-  }
-}
-
-/* ar = SiLU(gr) * ur over I values */
-static void silu_mul(const float *gr, const float *ur, float *ar, int I) {
-  int i = 0;
-  for (; i + 16 <= I; i += 16) {
-    const __m512 g = _mm512_loadu_ps(gr + i);
-    const __m512 sg = _mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), exp512(_mm512_sub_ps(_mm512_setzero_ps(), g))));
-    _mm512_storeu_ps(ar + i, _mm512_mul_ps(sg, _mm512_loadu_ps(ur + i)));
-  }
-  for (; i < I; i++) ar[i] = gr[i] / (1.0f + expf(-gr[i])) * ur[i];
-}
-#else
-static inline __m256 exp256(__m256 x) {  /* e^x, the same Cephes polynomial; inputs clamped to normal results */
-  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.3f));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
-                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));  /* * 2^n, n in [-126, 127] */
-}
-
-static void rms_norm(const float *x, const float *w, float eps, int C, float *out) {
-  __m256 acc = _mm256_setzero_ps();
-  int c = 0;
-  for (; c + 8 <= C; c += 8) { const __m256 v = _mm256_loadu_ps(x + c); acc = _mm256_fmadd_ps(v, v, acc); }
-  float ss = hsum256(acc);
-  for (; c < C; c++) ss += x[c] * x[c];
-  const float inv = 1.0f / sqrtf(ss / (float)C + eps);
-  for (c = 0; c < C; c++) out[c] = w[c] * (x[c] * inv);
-}
-
-/* one row's attention for kv head j: G query heads q (G, D) over keys/values (L, D) -> out (G, D); D % 8 == 0 */
-static void attend(const float *q, const float *keys, const float *values, int L, int G, int D, float *scores,
-                   float *out) {
-  const float scale = 1.0f / sqrtf((float)D);
-  for (int g = 0; g < G; g++) {
-    const float *qg = q + (size_t)g * D;
-    float *s = scores + (size_t)g * L;
-    for (int l = 0; l < L; l++) {
-      const float *kl = keys + (size_t)l * D;
-      __m256 acc = _mm256_setzero_ps();
-      for (int d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qg + d), _mm256_loadu_ps(kl + d), acc);
-      s[l] = hsum256(acc) * scale;
-    }
-    float mx = s[0];
-    for (int l = 1; l < L; l++) mx = s[l] > mx ? s[l] : mx;
-    __m256 sum = _mm256_setzero_ps();
-    int l = 0;
-    for (; l + 8 <= L; l += 8) {
-      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(s + l), _mm256_set1_ps(mx)));
-      _mm256_storeu_ps(s + l, e);
-      sum = _mm256_add_ps(sum, e);
-    }
-    float total = hsum256(sum);
+    float total = V_SUM(sum);
     for (; l < L; l++) { s[l] = expf(s[l] - mx); total += s[l]; }
     const float inv = 1.0f / total;
     float *og = out + (size_t)g * D;
-    for (int d = 0; d < D; d += 8) {
-      __m256 acc = _mm256_setzero_ps();
-      for (int k = 0; k < L; k++) acc = _mm256_fmadd_ps(_mm256_set1_ps(s[k]), _mm256_loadu_ps(values + (size_t)k * D + d), acc);
-      _mm256_storeu_ps(og + d, _mm256_mul_ps(acc, _mm256_set1_ps(inv)));
+    for (int d = 0; d < D; d += VW) {
+      vf acc = V_ZERO();
+      for (int k = 0; k < L; k++) acc = V_FMA(V_SET1(s[k]), V_LOAD(values + (size_t)k * D + d), acc);
+      V_STORE(og + d, V_MUL(acc, V_SET1(inv)));
     }
   }
 }
@@ -621,14 +576,12 @@ static void attend(const float *q, const float *keys, const float *values, int L
 /* ar = SiLU(gr) * ur over I values */
 static void silu_mul(const float *gr, const float *ur, float *ar, int I) {
   int i = 0;
-  for (; i + 8 <= I; i += 8) {
-    const __m256 g = _mm256_loadu_ps(gr + i);
-    const __m256 sg = _mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), exp256(_mm256_sub_ps(_mm256_setzero_ps(), g))));
-    _mm256_storeu_ps(ar + i, _mm256_mul_ps(sg, _mm256_loadu_ps(ur + i)));
+  for (; i + VW <= I; i += VW) {
+    const vf g = V_LOAD(gr + i);
+    V_STORE(ar + i, V_MUL(V_DIV(g, V_ADD(V_SET1(1.0f), v_exp(V_SUB(V_ZERO(), g)))), V_LOAD(ur + i)));
   }
   for (; i < I; i++) ar[i] = gr[i] / (1.0f + expf(-gr[i])) * ur[i];
 }
-#endif
 
 /* A barrier for the team of one decode step: spin briefly (the phases between barriers are microseconds
  * apart), then yield the core, so that on a machine with as many threads as cores a team member waiting for
