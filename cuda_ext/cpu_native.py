@@ -66,15 +66,16 @@ class _Dims(ctypes.Structure):
     _fields_ = [(name, ctypes.c_int32) for name in ("C", "H", "Hkv", "D", "I", "max_len", "n_layers", "pad_")]
 
 
-def _cpu_flags() -> set[str]:
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        return set()
+        return frozenset()
     for line in text.splitlines():
         if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
+            return frozenset(line.split(":", 1)[1].split())
+    return frozenset()
 
 
 def _isa() -> tuple[str | None, str | None]:

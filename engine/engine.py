@@ -319,7 +319,7 @@ class Engine:
         """Prefill waiting requests into free slots (one at a time; each joins the next decode step)."""
         while self._waiting and len(self._slots):
             seq = self._waiting.popleft()
-            running = {slot: s.fed_ids() for slot, s in self._running.items()}
+            running = {slot: s.fed_ids() for slot, s in self._running.items()} if self._slots.reuse else None
             seq.slot, seq.cached_tokens, source = self._slots.acquire(
                 seq.request.prompt_token_ids, reusable=seq.request.params.prompt_logprobs is None, running=running)
             if source is not None:  # another slot holds the prefix: copy it rather than compute it
