@@ -84,15 +84,12 @@ def _isa() -> tuple[str | None, str | None]:
     forced = os.environ.get(ISA_ENV, "").strip().lower()
     if forced and forced not in ISAS:
         return None, f"{ISA_ENV}={forced} is not one of {', '.join(ISAS)}"
-    for name, (_, needs) in ISAS.items():
-        if forced and name != forced:
-            continue
-        missing = [f for f in needs if f not in flags]
-        if not missing:
+    candidates = [forced] if forced else list(ISAS)
+    for name in candidates:
+        if all(f in flags for f in ISAS[name][1]):
             return name, None
-        if forced or name == "avx2":
-            return None, f"this CPU lacks {', '.join(missing)}" + ("" if forced else " (and AVX-512 BF16)")
-    raise AssertionError("unreachable")
+    missing = [f for f in ISAS[candidates[-1]][1] if f not in flags]
+    return None, f"this CPU lacks {', '.join(missing)}" + ("" if forced else " (and AVX-512 BF16)")
 
 
 def kernel_name() -> str:
