@@ -500,19 +500,45 @@ void fbq_cpu_matmul(int M, int K, const float *x, int ldx, float *y, int ldy, in
  * Llama layers whose seven projections all run on the kernel above, in one call per step: RMSNorm,
  * q/k/v, RoPE (cos/sin given per row), KV-cache write, attention of each row over its own cached
  * positions 0..pos (GQA: kv head j serves query heads j*G .. j*G+G-1), o, RMSNorm, gate/up, SiLU * up,
- * down, residual adds. All fp32 except the projections' bf16 x (above). */
+ * down, residual adds. All fp32 except the projections' bf16 x (above) and the KV cache's type (fp32, fp16
+ * or bf16: keys and values are rounded to it when written, read back as fp32). */
 
 typedef struct {
   const float *ln1, *ln2;        /* RMSNorm weights (C) */
   const fbq_part *qkv, *o, *gu, *down;
-  float *k_cache, *v_cache;      /* (slots, Hkv, max_len, D) fp32 contiguous */
+  void *k_cache, *v_cache;       /* (slots, Hkv, max_len, D) contiguous, of fbq_dims.kv_type */
   float eps1, eps2;
   int32_t n_qkv, n_gu, pad_[2];
 } fbq_layer;
 
+/* KV cache element types (fbq_dims.kv_type): a narrower cache halves the bytes attention reads */
+enum { KV_F32 = 0, KV_F16 = 1, KV_BF16 = 2 };
+
 typedef struct {
-  int32_t C, H, Hkv, D, I, max_len, n_layers, pad_;
+  int32_t C, H, Hkv, D, I, max_len, n_layers, kv_type;
 } fbq_dims;
+
+#ifdef FBQ_AVX512
+#define V_LOADB(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32( \
+    _mm256_loadu_si256((const __m256i *)(p))), 16))  /* VW bf16 -> fp32 */
+#else
+#define V_LOADB(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32( \
+    _mm_loadu_si128((const __m128i *)(p))), 16))
+#endif
+
+/* VW cache values from element i of a cache of `type`, as fp32 */
+INLINE vf kv_load(const void *cache, size_t i, const int type) {
+  if (type == KV_F16) return V_LOADH((const uint16_t *)cache + i);
+  if (type == KV_BF16) return V_LOADB((const uint16_t *)cache + i);
+  return V_LOAD((const float *)cache + i);
+}
+
+/* D fp32 values into element i of a cache of `type`, rounded to nearest even */
+static void kv_store(void *cache, size_t i, const float *src, int D, int type) {
+  if (type == KV_F32) { memcpy((float *)cache + i, src, sizeof(float) * (size_t)D); return; }
+  uint16_t *dst = (uint16_t *)cache + i;
+  for (int d = 0; d < D; d++) dst[d] = type == KV_F16 ? _cvtss_sh(src[d], _MM_FROUND_TO_NEAREST_INT) : bf16_round(src[d]);
+}
 
 static inline vf v_exp(vf x) {  /* e^x, Cephes expf polynomial; ~1 ulp; x clamped to [-87.3, 88] */
   x = V_MAX(V_MIN(x, V_SET1(88.0f)), V_SET1(-87.3f));
@@ -539,17 +565,17 @@ static void rms_norm(const float *x, const float *w, float eps, int C, float *ou
   for (c = 0; c < C; c++) out[c] = w[c] * (x[c] * inv);
 }
 
-/* one row's attention for kv head j: G query heads q (G, D) over keys/values (L, D) -> out (G, D); D % VW == 0 */
-static void attend(const float *q, const float *keys, const float *values, int L, int G, int D, float *scores,
-                   float *out) {
+/* one row's attention for kv head j: G query heads q (G, D) over keys/values (L, D) of `type` -> out (G, D);
+ * D % VW == 0 */
+INLINE void attend_typed(const float *q, const void *keys, const void *values, int L, int G, int D, float *scores,
+                         float *out, const int type) {
   const float scale = 1.0f / sqrtf((float)D);
   for (int g = 0; g < G; g++) {
     const float *qg = q + (size_t)g * D;
     float *s = scores + (size_t)g * L;
     for (int l = 0; l < L; l++) {
-      const float *kl = keys + (size_t)l * D;
       vf acc = V_ZERO();
-      for (int d = 0; d < D; d += VW) acc = V_FMA(V_LOAD(qg + d), V_LOAD(kl + d), acc);
+      for (int d = 0; d < D; d += VW) acc = V_FMA(V_LOAD(qg + d), kv_load(keys, (size_t)l * D + d, type), acc);
       s[l] = V_SUM(acc) * scale;
     }
     float mx = s[0];
@@ -567,9 +593,18 @@ static void attend(const float *q, const float *keys, const float *values, int L
     float *og = out + (size_t)g * D;
     for (int d = 0; d < D; d += VW) {
       vf acc = V_ZERO();
-      for (int k = 0; k < L; k++) acc = V_FMA(V_SET1(s[k]), V_LOAD(values + (size_t)k * D + d), acc);
+      for (int k = 0; k < L; k++) acc = V_FMA(V_SET1(s[k]), kv_load(values, (size_t)k * D + d, type), acc);
       V_STORE(og + d, V_MUL(acc, V_SET1(inv)));
     }
+  }
+}
+
+static void attend(const float *q, const void *keys, const void *values, int L, int G, int D, float *scores,
+                   float *out, int type) {
+  switch (type) {  /* one specialised copy per cache type */
+    case KV_F16: attend_typed(q, keys, values, L, G, D, scores, out, KV_F16); break;
+    case KV_BF16: attend_typed(q, keys, values, L, G, D, scores, out, KV_BF16); break;
+    default: attend_typed(q, keys, values, L, G, D, scores, out, KV_F32); break;
   }
 }
 
@@ -647,16 +682,18 @@ void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, f
           const size_t base = (size_t)slots[b] * Hkv * dm->max_len;
           for (int j = 0; j < Hkv; j++) {
             const size_t at = (base + (size_t)j * dm->max_len + pos[b]) * D;
-            memcpy(L->k_cache + at, row + Nq + (size_t)j * D, sizeof(float) * D);
-            memcpy(L->v_cache + at, row + Nq + Nkv + (size_t)j * D, sizeof(float) * D);
+            kv_store(L->k_cache, at, row + Nq + (size_t)j * D, D, dm->kv_type);
+            kv_store(L->v_cache, at, row + Nq + Nkv + (size_t)j * D, D, dm->kv_type);
           }
         }
       barrier_wait(&bar, nth);
       for (int bj = tid; bj < B * Hkv; bj += nth) {
         const int b = bj / Hkv, j = bj % Hkv;
         const size_t at = ((size_t)slots[b] * Hkv + j) * dm->max_len * D;
-        attend(qkv + (size_t)b * Nqkv + (size_t)j * G * D, L->k_cache + at, L->v_cache + at, pos[b] + 1, G, D,
-               scores + (size_t)bj * G * dm->max_len, att + (size_t)b * Nq + (size_t)j * G * D);
+        const size_t off = at * (dm->kv_type == KV_F32 ? 4 : 2);  /* bytes */
+        attend(qkv + (size_t)b * Nqkv + (size_t)j * G * D, (const char *)L->k_cache + off,
+               (const char *)L->v_cache + off, pos[b] + 1, G, D,
+               scores + (size_t)bj * G * dm->max_len, att + (size_t)b * Nq + (size_t)j * G * D, dm->kv_type);
       }
       barrier_wait(&bar, nth);
       team_matmul(&bar, tid, nth, &in, B, Nq, att, Nq, 1, L->o, mm_scratch, tmp, C);

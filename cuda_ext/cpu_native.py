@@ -63,7 +63,10 @@ class _Layer(ctypes.Structure):
 
 
 class _Dims(ctypes.Structure):
-    _fields_ = [(name, ctypes.c_int32) for name in ("C", "H", "Hkv", "D", "I", "max_len", "n_layers", "pad_")]
+    _fields_ = [(name, ctypes.c_int32) for name in ("C", "H", "Hkv", "D", "I", "max_len", "n_layers", "kv_type")]
+
+
+KV_TYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}  # cpu_native.c KV_F32 / KV_F16 / KV_BF16
 
 
 @functools.cache
@@ -334,7 +337,8 @@ def native_matmul(x: torch.Tensor, group: NativeGroup, packed: PackedWeight | No
 class LayerWeights:
     """What one Llama decoder layer's decode step reads: RMSNorm weights (fp32 (C,)) and eps, the four
     projection groups (q/k/v, o, gate/up, down) on the kernel, and the layer's KV cache (`kv_cache`: an
-    object with .k and .v fp32 (slots, Hkv, max_len, D), read at every call: the engine may replace it)."""
+    object with .k and .v (slots, Hkv, max_len, D) in fp32, fp16 or bf16, read at every call: the engine may
+    replace it)."""
 
     ln1: torch.Tensor
     eps1: float
@@ -380,27 +384,31 @@ class NativeLayers:
         groups = [g for lw in layers for g in (lw.qkv, lw.o, lw.gate_up, lw.down)]
         self._mm_per_row = max(g._scratch_per_row for g in groups)
 
-    def _bind_caches(self) -> int:
-        """Point the structs at the current KV caches (re-done only when the engine replaced them); max_len."""
+    def _bind_caches(self) -> tuple[int, int]:
+        """Point the structs at the current KV caches (re-done only when the engine replaced them);
+        (max_len, the C kernel's code for the caches' dtype)."""
         tensors = [(lw.attn.kv_cache.k, lw.attn.kv_cache.v) for lw in self.layers]
         ptrs = [k.data_ptr() for k, _ in tensors]
+        dtype = tensors[0][0].dtype
         if ptrs != self._caches:
             for s, (k, v) in zip(self._structs, tensors):
-                if k.dtype != torch.float32 or not (k.is_contiguous() and v.is_contiguous()):
-                    raise ValueError("the KV cache must be contiguous fp32 for the CPU layer kernel")
+                if not (k.dtype == v.dtype == dtype and dtype in KV_TYPE_CODES):
+                    raise ValueError(f"the KV cache must be fp32, fp16 or bf16 in every layer, got {k.dtype}/{v.dtype}")
+                if not (k.is_contiguous() and v.is_contiguous()):
+                    raise ValueError("the KV cache must be contiguous for the CPU layer kernel")
                 s.k_cache, s.v_cache = k.data_ptr(), v.data_ptr()
             self._caches = ptrs
-        return int(tensors[0][0].shape[2])
+        return int(tensors[0][0].shape[2]), KV_TYPE_CODES[dtype]
 
     def __call__(self, x: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                  sin_signed: torch.Tensor) -> None:
         if x.dtype != torch.float32 or not x.is_contiguous() or x.dim() != 2 or x.shape[1] != self.c:
             raise ValueError(f"x: expected contiguous fp32 (B, {self.c}), got {x.dtype} {tuple(x.shape)}")
         b = x.shape[0]
-        max_len = self._bind_caches()
+        max_len, kv_type = self._bind_caches()
         if int(positions.max()) >= max_len:
             raise ValueError(f"position {int(positions.max())} is beyond the KV cache ({max_len} tokens)")
-        dims = _Dims(self.c, self.h, self.hkv, self.d, self.inter, max_len, len(self.layers), 0)
+        dims = _Dims(self.c, self.h, self.hkv, self.d, self.inter, max_len, len(self.layers), kv_type)
         nqkv = (self.h + 2 * self.hkv) * self.d
         floats = b * (self.c + nqkv + self.h * self.d + 3 * self.inter + self.c) + self.h * b * max_len
         scratch = torch.empty(floats)

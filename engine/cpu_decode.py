@@ -328,7 +328,7 @@ class CpuDecoder:
             for i in range(b):
                 cache.k[sl[i], :, pos[i]] = qk[i, h:]
                 cache.v[sl[i], :, pos[i]] = v[i]
-            keys, values = cache.k[rows, :, :length], cache.v[rows, :, :length]  # (B, Hkv, L, D)
+            keys, values = cache.read(rows, length, x.dtype)  # (B, Hkv, L, D)
             # The G query heads of one kv head as G queries of one position: SDPA without GQA expansion.
             y = F.scaled_dot_product_attention(qk[:, :h].view(b, hkv, g, d), keys, values, attn_mask=mask)
             x = x + lay.o(y.reshape(b, h * d))

@@ -20,7 +20,7 @@ from engine import qdec
 from engine.prefix_cache import SlotPool
 from engine.sequence import Sequence
 from engine.types import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
-from models.llama import KVCache
+from models.llama import KV_CACHE_DTYPES, KVCache
 from models.loader import LoadedModel
 
 log = logging.getLogger("fbserve.engine")
@@ -62,12 +62,27 @@ def cpu_threads(threads: int | None = None, decode_threads: int | None = None,
     return prefill, prefill if team_step else max(1, prefill - 1)
 
 
+def kv_cache_dtype_for(name: str, model_dtype: torch.dtype, device: torch.device) -> str:
+    """The KV cache's dtype name for `name` ("auto" or a KV_CACHE_DTYPES name). "auto": fp16 for a model
+    computing in fp32 on a CPU (half the memory, and half the bytes each decode step's attention reads; on
+    SmolLM2 the logits move by less than the fp32 kernels' own rounding: bench/RESULTS.md "KV cache"), else
+    the model's own dtype."""
+    if name == "auto":
+        if device.type == "cpu" and model_dtype == torch.float32:
+            return "float16"
+        return next((k for k, v in KV_CACHE_DTYPES.items() if v == model_dtype), "float16")
+    if name not in KV_CACHE_DTYPES:
+        raise ValueError(f"kv_cache_dtype must be auto or one of {', '.join(KV_CACHE_DTYPES)}, got {name!r}")
+    return name
+
+
 class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = None,
                  threads: int | None = None, decode_threads: int | None = None,
                  decode_graphs: bool | None = None, merge_projections: bool | None = None,
-                 prefix_caching: bool = True) -> None:
-        """`prefix_caching`: a prompt reuses the keys and values a free slot holds for its leading tokens
+                 prefix_caching: bool = True, kv_cache_dtype: str = "auto") -> None:
+        """`kv_cache_dtype`: "auto" (`kv_cache_dtype_for`) or a name of models.llama.KV_CACHE_DTYPES.
+        `prefix_caching`: a prompt reuses the keys and values a free slot holds for its leading tokens
         (engine.prefix_cache). `decode_graphs`: None replays decode steps from CUDA graphs on a CUDA device
         (engine.cuda_graph_decode); False never; True also off CUDA, where the same static step runs eagerly (tests).
         `merge_projections`: None merges q/k/v and gate/up into one quantized layer each on a CUDA device
@@ -89,7 +104,8 @@ class Engine:
             self.merge_status = merge(self.model)
         elif merge_projections is False:
             self.merge_status = {"enabled": False, "reason": "disabled by the caller"}
-        self.model.setup_cache(max_batch, self.max_seq_len)
+        self.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, self.model.lm_head.weight.dtype, self.device)
+        self.model.setup_cache(max_batch, self.max_seq_len, KV_CACHE_DTYPES[self.kv_cache_dtype])
         self.graph_decoder = None
         self.graph_reason: str | None = "not a CUDA device"
         if decode_graphs or (decode_graphs is None and self.device.type == "cuda"):
@@ -191,6 +207,11 @@ class Engine:
             "prefix_cache_hit_tokens": self._slots.hit_tokens,
             **qdec.stats(self.model),
         }
+
+    def kv_cache_status(self) -> dict[str, object]:
+        """/health's view of the KV cache: element dtype, bytes allocated, slots and tokens per slot."""
+        return {"dtype": self.kv_cache_dtype, "bytes": self.model.kv_cache_bytes(), "slots": self.max_batch,
+                "max_seq_len": self.max_seq_len}
 
     def cpu_decode_status(self) -> dict[str, object]:
         """/health's view of the CPU decode fast path (engine.cpu_decode): on or off, its lm_head path,

@@ -64,10 +64,15 @@ def rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+KV_CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 class KVCache(nn.Module):
     """Preallocated keys and values of one layer: (slots, Hkv, max_seq_len, D).
 
-    A slot is one sequence; the engine assigns slots and positions.
+    A slot is one sequence; the engine assigns slots and positions. The cache's dtype may be narrower than
+    the activations' (fp16 keys and values for an fp32 model on a CPU: half the memory and half the bytes
+    a long-context decode step reads); attention then computes in the activations' dtype.
     """
 
     def __init__(self, slots: int, kv_heads: int, max_seq_len: int, head_dim: int, dtype: torch.dtype,
@@ -77,15 +82,15 @@ class KVCache(nn.Module):
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor, length: int,
-               rows: slice | Tensor) -> tuple[Tensor, Tensor]:
-        """Write k, v (B, T, Hkv, D) at `positions` (B, T) of `slots` (B,); return (B, Hkv, length, D).
+    def write(self, slots: Tensor, positions: Tensor, k: Tensor, v: Tensor) -> None:
+        """Write k, v (B, T, Hkv, D) at `positions` (B, T) of `slots` (B,), rounded to the cache's dtype."""
+        self.k[slots[:, None], :, positions] = k.to(self.k.dtype)
+        self.v[slots[:, None], :, positions] = v.to(self.v.dtype)
 
-        `rows` selects the slots to read: a slice when they are contiguous (a view, no copy), else `slots`.
-        """
-        self.k[slots[:, None], :, positions] = k
-        self.v[slots[:, None], :, positions] = v
-        return self.k[rows, :, :length], self.v[rows, :, :length]
+    def read(self, rows: slice | Tensor, length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Keys and values (B, Hkv, length, D) of `rows` in `dtype`: a slice of contiguous slots reads a
+        view (no copy where the dtypes match), a tensor of slots gathers them in its order."""
+        return self.k[rows, :, :length].to(dtype), self.v[rows, :, :length].to(dtype)
 
 
 # Up to this many new tokens per row, attention is two small matmuls (CPU SDPA kernels are slow for
@@ -152,11 +157,14 @@ class Attention(nn.Module):
             k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
             y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
         else:
-            keys, values = self.kv_cache.update(slots, positions, k, v, length, rows)  # (B, Hkv, L, D)
             gqa = self.n_kv_heads != self.n_heads
+            self.kv_cache.write(slots, positions, k, v)
             if from_start and t > _DECODE_QUERIES:  # positions 0..T-1: the mask below is the causal one
-                y = F.scaled_dot_product_attention(q, keys, values, is_causal=True, enable_gqa=gqa)
+                # ... and the cache holds just this k, v: attend to them as computed, not as stored
+                k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, T, D)
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
             else:
+                keys, values = self.kv_cache.read(rows, length, v.dtype)  # (B, Hkv, L, D)
                 if mask is None:
                     mask = cached_keys_mask(positions, length)
                 if t <= _DECODE_QUERIES:
@@ -224,10 +232,14 @@ class Transformer(nn.Module):
         # returns logits (B, 1, V) or None to let the module path below run.
         self.decode_fn = None
 
-    def setup_cache(self, slots: int, max_seq_len: int) -> None:
-        """Allocate a KV cache of `slots` sequences of up to `max_seq_len` tokens each."""
+    def setup_cache(self, slots: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
+        """Allocate a KV cache of `slots` sequences of up to `max_seq_len` tokens each, in `dtype`
+        (default: the model's; one of fp32, fp16, bf16)."""
         p = self.lm_head.weight
-        dtype = p.dtype if p.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float16
+        if dtype is None:
+            dtype = p.dtype if p.dtype in KV_CACHE_DTYPES.values() else torch.float16
+        if dtype not in KV_CACHE_DTYPES.values():
+            raise ValueError(f"unsupported KV cache dtype {dtype} (supported: {', '.join(KV_CACHE_DTYPES)})")
         for layer in self.model.layers:
             layer.self_attn.kv_cache = KVCache(slots, self.config.num_key_value_heads, max_seq_len,
                                                self.config.head_dim, dtype, p.device)

@@ -78,7 +78,8 @@ def serve(args: argparse.Namespace) -> int:
         loaded = load_model(args.model, device)
         attach_for_serving(loaded, args)  # QDEC residuals when asked; never raises for bad residual files
         return Engine(loaded, max_batch=args.max_batch, max_seq_len=args.max_seq_len, threads=args.threads,
-                      decode_threads=args.decode_threads, prefix_caching=args.prefix_caching == "on")
+                      decode_threads=args.decode_threads, prefix_caching=args.prefix_caching == "on",
+                      kv_cache_dtype=args.kv_cache_dtype)
 
     failed: list[BaseException] = []
     config = uvicorn.Config(None, host=args.host, port=args.port, log_config=None,  # our logging config
@@ -136,6 +137,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--prefix-caching", choices=["on", "off"], default="on",
                    help="a prompt reuses the keys and values a free KV-cache slot still holds for its leading "
                         "tokens (the next turn of a chat, a shared system prompt) and prefills only the rest")
+    p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
+                   help="keys and values of the KV cache: auto = float16 for a model computing in float32 on a "
+                        "CPU (half the memory of float32), else the model's dtype")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    type=str.lower)
     p.set_defaults(func=serve)

@@ -162,3 +162,30 @@ def test_engine_switches_threads_between_prefill_and_decode(engine):
         del model.hidden_states
     assert prefilled == [threads["prefill"]]
     assert text and seen and all(n == threads["decode"] for n in seen)
+
+
+def test_kv_cache_is_fp16_on_cpu_by_default_and_can_be_chosen(engine):
+    """auto: an fp32 model on a CPU keeps fp16 keys and values (half the bytes); float32 keeps them whole;
+    both answer the same greedy question; /health's kv_cache block reports what was allocated."""
+    from engine.engine import kv_cache_dtype_for
+
+    cache = engine.model.model.layers[0].self_attn.kv_cache
+    assert cache.k.dtype == torch.float16 and engine.kv_cache_status()["dtype"] == "float16"
+    status = engine.kv_cache_status()
+    assert status["bytes"] == engine.model.kv_cache_bytes() == 2 * cache.k.numel() * 2 * len(engine.model.model.layers)
+    assert (status["slots"], status["max_seq_len"]) == (4, 256)
+    full = Engine(load_model("default"), max_batch=1, max_seq_len=256, kv_cache_dtype="float32")
+    assert full.kv_cache_status()["dtype"] == "float32" and full.kv_cache_status()["bytes"] == 2 * status["bytes"] // 4
+    full.start()
+    try:
+        ids = chat_ids(engine, "Name three colours.")
+        wide, _ = run(collect(full, "w", ids, max_tokens=16, temperature=0.0))
+        narrow, _ = run(collect(engine, "n", ids, max_tokens=16, temperature=0.0))
+        assert wide == narrow
+    finally:
+        full.shutdown()
+    assert kv_cache_dtype_for("auto", torch.float16, torch.device("cuda")) == "float16"
+    assert kv_cache_dtype_for("auto", torch.bfloat16, torch.device("cpu")) == "bfloat16"
+    assert kv_cache_dtype_for("bfloat16", torch.float32, torch.device("cpu")) == "bfloat16"
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        kv_cache_dtype_for("fp8", torch.float32, torch.device("cpu"))

@@ -29,6 +29,16 @@ def test_serve_options():
     assert (threads.threads, threads.decode_threads) == (4, 2)
     assert defaults.prefix_caching == "on"
     assert cli.build_parser().parse_args(["serve", "--prefix-caching", "off"]).prefix_caching == "off"
+    assert defaults.kv_cache_dtype == "auto"
+
+
+def test_kv_cache_dtype_choices_are_the_models():
+    from models.llama import KV_CACHE_DTYPES
+
+    for name in KV_CACHE_DTYPES:
+        assert cli.build_parser().parse_args(["serve", "--kv-cache-dtype", name]).kv_cache_dtype == name
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["serve", "--kv-cache-dtype", "fp8"])
 
 
 def test_subcommand_modules(monkeypatch, caplog):

@@ -114,6 +114,8 @@ def test_memory_metrics_by_kind(server):
     assert {"weights_fp", "kv_cache_total", "kv_cache_used", "pinned_residuals", "rss"} <= set(rows), rows
     assert float(rows["kv_cache_total"]) > 0 and float(rows["weights_fp"]) > 0
     assert float(rows["kv_cache_used"]) == 0  # nothing running
+    kv = httpx.get(f"{server.url}/health", timeout=60).json()["kv_cache"]  # fp16 by default on a CPU
+    assert kv == {"dtype": "float16", "bytes": int(float(rows["kv_cache_total"])), "slots": MAX_BATCH, "max_seq_len": 256}
     assert server.metric("fbserve_kv_cache_usage_ratio") == 0
 
 
