@@ -80,6 +80,28 @@ def step_ms(model, ids: list[int], lengths: list[int], steps: int, threads: dict
     return out
 
 
+def quality_table(quality: dict, ids: list[int], args: argparse.Namespace, dtypes: list[str]) -> str:
+    """Perplexity of the teacher-forced tokens per cache dtype, and KL / logit change / top-1 against the first."""
+    import torch
+
+    window, base = args.prefill + args.teacher + 1, dtypes[0]
+    lines = [f"| KV cache | perplexity ({args.windows} x {args.teacher} decode steps after {args.prefill} tokens) | "
+             f"mean KL to {base} | max KL | max centred-logit change | top-1 equal |", "|---|---:|---:|---:|---:|---:|"]
+    for name in dtypes:
+        nll, kl, kl_max, dlogit, same, count = 0.0, 0.0, 0.0, 0.0, 0, 0
+        for w, (lp, ref) in enumerate(zip(quality[name], quality[base])):
+            targets = torch.tensor(ids[w * window + args.prefill + 1:(w + 1) * window])
+            nll += float(-lp.gather(1, targets[:, None]).sum())
+            per = (ref.exp() * (ref - lp)).sum(-1)
+            kl, kl_max = kl + float(per.sum()), max(kl_max, float(per.max()))
+            centred = (lp - lp.mean(-1, keepdim=True)) - (ref - ref.mean(-1, keepdim=True))
+            dlogit = max(dlogit, float(centred.abs().max()))
+            same, count = same + int((lp.argmax(-1) == ref.argmax(-1)).sum()), count + len(targets)
+        lines.append(f"| {name} | {torch.tensor(nll / count).exp():.3f} | {kl / count:.2e} | {kl_max:.2e} | "
+                     f"{dlogit:.3f} | {same}/{count} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="default-fbquant")
@@ -119,7 +141,6 @@ def main() -> None:
                          for w in range(args.windows)]
         print(f"# {name}: done", file=sys.stderr, flush=True)
 
-    base = dtypes[0]
     print(f"| KV cache | bytes ({args.max_batch} slots x {args.max_seq_len} tokens) | "
           + " | ".join(f"ms/step at {n}" for n in lengths) + " | " + " | ".join(f"tok/s at {n}" for n in lengths) + " |")
     print("|---|---:|" + "---:|" * (2 * len(lengths)))
@@ -127,20 +148,8 @@ def main() -> None:
         ms = speed[name]
         print(f"| {name} | {memory[name] / 2**20:.0f} MiB | " + " | ".join(f"{ms[n]:.2f}" for n in lengths) + " | "
               + " | ".join(f"{1e3 / ms[n]:.1f}" for n in lengths) + " |")
-    print(f"\n| KV cache | perplexity ({args.windows} x {args.teacher} decode steps after {args.prefill} tokens) | "
-          f"mean KL to {base} | max KL | max centred-logit change | top-1 equal |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name in dtypes:
-        nll, kl, kl_max, dlogit, same, count = 0.0, 0.0, 0.0, 0.0, 0, 0
-        for w, (lp, ref) in enumerate(zip(quality[name], quality[base])):
-            targets = torch.tensor(ids[w * window + args.prefill + 1:(w + 1) * window])
-            nll += float(-lp.gather(1, targets[:, None]).sum())
-            per = (ref.exp() * (ref - lp)).sum(-1)
-            kl, kl_max = kl + float(per.sum()), max(kl_max, float(per.max()))
-            dlogit = max(dlogit, float(((lp - lp.mean(-1, keepdim=True)) - (ref - ref.mean(-1, keepdim=True))).abs().max()))
-            same, count = same + int((lp.argmax(-1) == ref.argmax(-1)).sum()), count + len(targets)
-        print(f"| {name} | {torch.tensor(nll / count).exp():.3f} | {kl / count:.2e} | {kl_max:.2e} | {dlogit:.3f} | "
-              f"{same}/{count} |")
+    if args.windows:
+        print("\n" + quality_table(quality, ids, args, dtypes))
     load_after = os.getloadavg()
     print(f"\nmodel {args.model}, cpu, threads prefill {threads['prefill']} decode {threads['decode']}, decode step "
           f"{eng.cpu_decode_status().get('layers')}; load average before: {' '.join(f'{x:.2f}' for x in load_before)}; "

@@ -565,46 +565,109 @@ static void rms_norm(const float *x, const float *w, float eps, int C, float *ou
   for (c = 0; c < C; c++) out[c] = w[c] * (x[c] * inv);
 }
 
-/* one row's attention for kv head j: G query heads q (G, D) over keys/values (L, D) of `type` -> out (G, D);
- * D % VW == 0 */
-INLINE void attend_typed(const float *q, const void *keys, const void *values, int L, int G, int D, float *scores,
-                         float *out, const int type) {
-  const float scale = 1.0f / sqrtf((float)D);
-  for (int g = 0; g < G; g++) {
-    const float *qg = q + (size_t)g * D;
-    float *s = scores + (size_t)g * L;
-    for (int l = 0; l < L; l++) {
-      vf acc = V_ZERO();
-      for (int d = 0; d < D; d += VW) acc = V_FMA(V_LOAD(qg + d), kv_load(keys, (size_t)l * D + d, type), acc);
-      s[l] = V_SUM(acc) * scale;
+/* Attention of one row for one kv head over its keys/values l0 .. l1-1 (row-major (L, D) of the cache's type),
+ * for GN <= ATT_G of the query heads sharing that kv head (q: (GN, D) fp32): each key and each value row is
+ * read once for all GN heads. Leaves per head g: m[g] = the largest scaled score, z[g] = sum of
+ * exp(score - m[g]), out (GN, D) = sum of exp(score - m[g]) * value (unnormalised: attend_merge divides).
+ * An empty range gives m = -inf, z = 0, out = 0. `scores`: GN rows of `ld` floats (row g at g * ld). */
+#define ATT_G 4                 /* query heads per pass over the keys and values */
+#define ATT_MIN_KEYS 128        /* fewest keys worth a range of their own (fbq_cpu_decode_layers) */
+#ifdef FBQ_AVX512
+#define ATT_V 4                 /* value vectors per pass: ATT_G x ATT_V accumulators (16 of 32 zmm) */
+#else
+#define ATT_V 2                 /* 8 of 16 ymm */
+#endif
+
+INLINE void attend_values(const float *e, int ld, const void *values, int l0, int l1, int D, int d, float *out,
+                          const int GN, const int NV, const int type) {
+  vf acc[ATT_G][ATT_V];
+  for (int g = 0; g < GN; g++)
+    for (int v = 0; v < NV; v++) acc[g][v] = V_ZERO();
+  for (int l = l0; l < l1; l++) {
+    vf val[ATT_V];
+    for (int v = 0; v < NV; v++) val[v] = kv_load(values, (size_t)l * D + d + v * VW, type);
+    for (int g = 0; g < GN; g++) {
+      const vf w = V_SET1(e[(size_t)g * ld + l]);
+      for (int v = 0; v < NV; v++) acc[g][v] = V_FMA(w, val[v], acc[g][v]);
     }
-    float mx = s[0];
-    for (int l = 1; l < L; l++) mx = s[l] > mx ? s[l] : mx;
+  }
+  for (int g = 0; g < GN; g++)
+    for (int v = 0; v < NV; v++) V_STORE(out + (size_t)g * D + d + v * VW, acc[g][v]);
+}
+
+INLINE void attend_heads(const float *q, const void *keys, const void *values, int l0, int l1, int D, float *scores,
+                         int ld, float *out, float *m, float *z, const int GN, const int type) {
+  const float scale = 1.0f / sqrtf((float)D);
+  for (int l = l0; l < l1; l++) {
+    vf acc[ATT_G];
+    for (int g = 0; g < GN; g++) acc[g] = V_ZERO();
+    for (int d = 0; d < D; d += VW) {
+      const vf k = kv_load(keys, (size_t)l * D + d, type);
+      for (int g = 0; g < GN; g++) acc[g] = V_FMA(V_LOAD(q + (size_t)g * D + d), k, acc[g]);
+    }
+    for (int g = 0; g < GN; g++) scores[(size_t)g * ld + l] = V_SUM(acc[g]) * scale;
+  }
+  for (int g = 0; g < GN; g++) {
+    float *s = scores + (size_t)g * ld, mx = -INFINITY;
+    for (int l = l0; l < l1; l++) mx = s[l] > mx ? s[l] : mx;
     vf sum = V_ZERO();
-    int l = 0;
-    for (; l + VW <= L; l += VW) {
+    int l = l0;
+    for (; l + VW <= l1; l += VW) {
       const vf e = v_exp(V_SUB(V_LOAD(s + l), V_SET1(mx)));
       V_STORE(s + l, e);
       sum = V_ADD(sum, e);
     }
     float total = V_SUM(sum);
-    for (; l < L; l++) { s[l] = expf(s[l] - mx); total += s[l]; }
-    const float inv = 1.0f / total;
-    float *og = out + (size_t)g * D;
-    for (int d = 0; d < D; d += VW) {
-      vf acc = V_ZERO();
-      for (int k = 0; k < L; k++) acc = V_FMA(V_SET1(s[k]), kv_load(values, (size_t)k * D + d, type), acc);
-      V_STORE(og + d, V_MUL(acc, V_SET1(inv)));
-    }
+    for (; l < l1; l++) { s[l] = expf(s[l] - mx); total += s[l]; }
+    m[g] = mx;
+    z[g] = total;
+  }
+  int d = 0;
+  for (; d + ATT_V * VW <= D; d += ATT_V * VW) attend_values(scores, ld, values, l0, l1, D, d, out, GN, ATT_V, type);
+  for (; d < D; d += VW) attend_values(scores, ld, values, l0, l1, D, d, out, GN, 1, type);
+}
+
+/* attend_heads for G query heads (any G: blocks of ATT_G), one specialised copy per head count and cache type */
+static void attend_part(const float *q, const void *keys, const void *values, int l0, int l1, int G, int D,
+                        float *scores, int ld, float *out, float *m, float *z, int type) {
+  for (int g0 = 0; g0 < G; g0 += ATT_G) {
+    const int gn = G - g0 < ATT_G ? G - g0 : ATT_G;
+    const float *qg = q + (size_t)g0 * D;
+    float *sg = scores + (size_t)g0 * ld, *og = out + (size_t)g0 * D, *mg = m + g0, *zg = z + g0;
+#define ATT_CASE(T) switch (gn) { \
+      case 1: attend_heads(qg, keys, values, l0, l1, D, sg, ld, og, mg, zg, 1, T); break; \
+      case 2: attend_heads(qg, keys, values, l0, l1, D, sg, ld, og, mg, zg, 2, T); break; \
+      case 3: attend_heads(qg, keys, values, l0, l1, D, sg, ld, og, mg, zg, 3, T); break; \
+      default: attend_heads(qg, keys, values, l0, l1, D, sg, ld, og, mg, zg, 4, T); break; }
+    if (type == KV_F16) ATT_CASE(KV_F16)
+    else if (type == KV_BF16) ATT_CASE(KV_BF16)
+    else ATT_CASE(KV_F32)
+#undef ATT_CASE
   }
 }
 
-static void attend(const float *q, const void *keys, const void *values, int L, int G, int D, float *scores,
-                   float *out, int type) {
-  switch (type) {  /* one specialised copy per cache type */
-    case KV_F16: attend_typed(q, keys, values, L, G, D, scores, out, KV_F16); break;
-    case KV_BF16: attend_typed(q, keys, values, L, G, D, scores, out, KV_BF16); break;
-    default: attend_typed(q, keys, values, L, G, D, scores, out, KV_F32); break;
+/* out (G, D) = the attention of G heads from S partial results over disjoint key ranges (parts: S blocks of
+ * G * (D + 2) floats: out (G, D), m (G), z (G)), rescaled to the largest m of each head */
+static void attend_merge(const float *parts, int S, int G, int D, float *out) {
+  const size_t stride = (size_t)G * (D + 2);
+  for (int g = 0; g < G; g++) {
+    float mx = -INFINITY, total = 0.f;
+    for (int s = 0; s < S; s++) {
+      const float ms = parts[s * stride + (size_t)G * D + g];
+      mx = ms > mx ? ms : mx;
+    }
+    float w[64];  /* S <= 64 (cpu_native.py caps the team) */
+    for (int s = 0; s < S; s++) {
+      const float *ps = parts + s * stride;
+      w[s] = ps[(size_t)G * D + g] == -INFINITY ? 0.f : expf(ps[(size_t)G * D + g] - mx);
+      total += w[s] * ps[(size_t)G * D + G + g];
+    }
+    const float inv = 1.0f / total;
+    for (int d = 0; d < D; d++) {
+      float acc = 0.f;
+      for (int s = 0; s < S; s++) acc += w[s] * parts[s * stride + (size_t)g * D + d];
+      out[(size_t)g * D + d] = acc * inv;
+    }
   }
 }
 
@@ -650,7 +713,8 @@ static void team_matmul(step_barrier *bar, int tid, int nth, mm_input *in, int M
   barrier_wait(bar, nth);
 }
 
-/* scratch floats: B * (C + Nqkv + H*D + 3*I + C) + H * B * max_len, then bytes for the matmuls */
+/* scratch floats: B * (C + Nqkv + H*D + 3*I + C) + H * B * max_len + H * B * n_threads * (D + 2), then bytes for
+ * the matmuls */
 void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, float *x, const int32_t *slots,
                            const int32_t *pos, const float *cos, const float *sin_signed, int n_threads,
                            float *scratch, void *mm_scratch) {
@@ -658,6 +722,9 @@ void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, f
   const int Nq = H * D, Nkv = Hkv * D, Nqkv = Nq + 2 * Nkv;
   float *h = scratch, *qkv = h + (size_t)B * C, *att = qkv + (size_t)B * Nqkv, *gu = att + (size_t)B * Nq;
   float *act = gu + (size_t)B * 2 * I, *tmp = act + (size_t)B * I, *scores = tmp + (size_t)B * C;
+  float *partials = scores + (size_t)H * B * dm->max_len;
+  int longest = 0;
+  for (int b = 0; b < B; b++) longest = pos[b] + 1 > longest ? pos[b] + 1 : longest;
   step_barrier bar = {0, 0};
   mm_input in;
   /* ONE team for the whole step (one OpenMP wake-up instead of five per layer); thread 0 runs the short
@@ -665,6 +732,13 @@ void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, f
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
+    int S = 1;  /* key ranges per (row, kv head): at least two attention units per thread, ATT_MIN_KEYS keys each */
+    if (B * Hkv < 2 * nth) {
+      S = (2 * nth + B * Hkv - 1) / (B * Hkv);
+      S = S < nth ? S : nth;
+      S = S < longest / ATT_MIN_KEYS ? S : longest / ATT_MIN_KEYS;
+      S = S < 64 ? (S > 1 ? S : 1) : 64;
+    }
     for (int li = 0; li < dm->n_layers; li++) {
       const fbq_layer *L = layers + li;
       if (tid == 0)
@@ -687,15 +761,25 @@ void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, f
           }
         }
       barrier_wait(&bar, nth);
-      for (int bj = tid; bj < B * Hkv; bj += nth) {
-        const int b = bj / Hkv, j = bj % Hkv;
-        const size_t at = ((size_t)slots[b] * Hkv + j) * dm->max_len * D;
-        const size_t off = at * (dm->kv_type == KV_F32 ? 4 : 2);  /* bytes */
-        attend(qkv + (size_t)b * Nqkv + (size_t)j * G * D, (const char *)L->k_cache + off,
-               (const char *)L->v_cache + off, pos[b] + 1, G, D,
-               scores + (size_t)bj * G * dm->max_len, att + (size_t)b * Nq + (size_t)j * G * D, dm->kv_type);
+      /* attention in units of (row, kv head, key range): S ranges when rows x kv heads are too few to share
+       * out evenly (B = 1, 3 kv heads on 2 threads), each a partial softmax that attend_merge combines */
+      for (int u = tid; u < B * Hkv * S; u += nth) {
+        const int bj = u / S, s = u % S, b = bj / Hkv, j = bj % Hkv, len = pos[b] + 1;
+        const size_t off = ((size_t)slots[b] * Hkv + j) * dm->max_len * D * (dm->kv_type == KV_F32 ? 4 : 2);
+        float *part = partials + (size_t)u * G * (D + 2);
+        attend_part(qkv + (size_t)b * Nqkv + (size_t)j * G * D, (const char *)L->k_cache + off,
+                    (const char *)L->v_cache + off, (int)((long)len * s / S), (int)((long)len * (s + 1) / S), G, D,
+                    scores + (size_t)bj * G * dm->max_len, dm->max_len, part, part + (size_t)G * D,
+                    part + (size_t)G * D + G, dm->kv_type);
+        if (S == 1) attend_merge(part, 1, G, D, att + (size_t)b * Nq + (size_t)j * G * D);
       }
       barrier_wait(&bar, nth);
+      if (S > 1) {
+        for (int bj = tid; bj < B * Hkv; bj += nth)
+          attend_merge(partials + (size_t)bj * S * G * (D + 2), S, G, D,
+                       att + (size_t)(bj / Hkv) * Nq + (size_t)(bj % Hkv) * G * D);
+        barrier_wait(&bar, nth);
+      }
       team_matmul(&bar, tid, nth, &in, B, Nq, att, Nq, 1, L->o, mm_scratch, tmp, C);
       if (tid == 0) {
         for (size_t i = 0; i < (size_t)B * C; i++) x[i] += tmp[i];

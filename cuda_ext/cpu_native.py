@@ -410,11 +410,12 @@ class NativeLayers:
             raise ValueError(f"position {int(positions.max())} is beyond the KV cache ({max_len} tokens)")
         dims = _Dims(self.c, self.h, self.hkv, self.d, self.inter, max_len, len(self.layers), kv_type)
         nqkv = (self.h + 2 * self.hkv) * self.d
-        floats = b * (self.c + nqkv + self.h * self.d + 3 * self.inter + self.c) + self.h * b * max_len
+        threads = min(torch.get_num_threads(), 64)
+        floats = (b * (self.c + nqkv + self.h * self.d + 3 * self.inter + self.c) + self.h * b * max_len
+                  + self.h * b * threads * (self.d + 2))  # the last: partial attention over key ranges
         scratch = torch.empty(floats)
         mm = torch.empty(b * self._mm_per_row, dtype=torch.uint8)
         slots32, pos32 = slots.to(torch.int32).contiguous(), positions.to(torch.int32).contiguous()
         cos, sin_signed = cos.float().contiguous(), sin_signed.float().contiguous()
         self._fn(b, ctypes.addressof(dims), ctypes.addressof(self._structs), x.data_ptr(), slots32.data_ptr(),
-                 pos32.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), torch.get_num_threads(), scratch.data_ptr(),
-                 mm.data_ptr())
+                 pos32.data_ptr(), cos.data_ptr(), sin_signed.data_ptr(), threads, scratch.data_ptr(), mm.data_ptr())

@@ -220,6 +220,38 @@ def test_native_layers_serve_rows_in_any_slot_order(native_kernel, monkeypatch):
     assert float((one_call - per_layer).abs().max()) <= 2e-2 * float(per_layer.abs().max())
 
 
+@pytest.mark.parametrize("threads,positions", [(2, [299]), (3, [299, 0]), (4, [299, 0, 130])])
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
+def test_native_layers_split_long_contexts_across_threads(threads, positions, kv_dtype, native_kernel, monkeypatch):
+    """Fewer rows x kv heads (2 kv heads here) than twice the threads, and a row with >= 256 keys: the one-call
+    step splits every row's keys into 2 ranges and merges the partial softmaxes (a row at position 0 has
+    a range of no keys). Against the per-layer Python step on the same kernel and cache dtype."""
+    torch.set_num_threads(threads)
+    try:
+        steps = {}
+        for native in (True, False):
+            monkeypatch.setenv("FBSERVE_CPU_NATIVE_LAYERS", "1" if native else "0")
+            model = quantize(tiny(), rank=4)
+            model.config.max_position_embeddings = 512
+            dec = install(model, fp16_weights=False)
+            assert (dec.native_layers is not None) == native
+            model.setup_cache(len(positions), 512, kv_dtype)
+            gen = torch.Generator().manual_seed(1)
+            for slot, n in enumerate(positions):
+                if n:
+                    model.hidden_states(torch.randint(0, 300, (1, n), generator=gen), torch.arange(n)[None],
+                                        torch.tensor([slot]))
+            with torch.inference_mode():
+                steps[native] = model(torch.tensor([[4 + i] for i in range(len(positions))]),
+                                      torch.tensor([[n] for n in positions]), torch.arange(len(positions)),
+                                      last_only=True)[:, 0]
+        one_call, per_layer = steps[True], steps[False]
+        assert float((one_call - per_layer).abs().max()) <= 2e-2 * float(per_layer.abs().max())
+        assert one_call.argmax(-1).tolist() == per_layer.argmax(-1).tolist()
+    finally:
+        torch.set_num_threads(2)
+
+
 def test_native_layers_refuse_shapes_they_cannot_run(native_kernel):
     from cuda_ext.cpu_native import NativeLayers
 
