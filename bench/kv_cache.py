@@ -4,8 +4,8 @@ One process, one model, each cache dtype in turn (fp32, fp16, bf16; `--dtypes`),
 decode step (on a CPU with fbserve's kernel: every layer in one call, attention reading the cache in its dtype):
 
 - memory: bytes of the KV cache `fbserve serve` allocates (`--max-batch` slots of `--max-seq-len` tokens);
-- speed: ms per batch-1 decode step at each of `--lengths` cached tokens (median of `--steps`), after a
-  prefill of WikiText-2 test text, with the engine's decode threads;
+- speed: ms per batch-1 decode step at each of `--lengths` cached tokens, after a prefill of WikiText-2 test
+  text, with the engine's decode threads: the dtypes timed in turn, `--rounds` times, the median of all steps;
 - quality: `--windows` windows of WikiText-2 test text, each a `--prefill`-token prompt then `--teacher`
   teacher-forced decode steps (the true next token fed at each step, as serving a long context would
   read the cache): perplexity of those tokens, and against the fp32 cache the mean and max KL, the largest
@@ -57,27 +57,42 @@ def teacher_forced(model, ids: list[int], prefill: int, threads: dict[str, int])
     return torch.stack(out)
 
 
-def step_ms(model, ids: list[int], lengths: list[int], steps: int, threads: dict[str, int]) -> dict[int, float]:
-    """Median ms of one batch-1 decode step with `L` tokens cached, for each L (after one prefill of max L)."""
+def use_cache(model, caches: list) -> None:
+    """Put one KVCache per layer in place (the one-call step rebinds to new cache tensors by itself)."""
+    for layer, cache in zip(model.model.layers, caches):
+        layer.self_attn.kv_cache = cache
+
+
+def step_ms(model, ids: list[int], lengths: list[int], dtypes: list[str], steps: int, rounds: int,
+            threads: dict[str, int]) -> dict[tuple[str, int], float]:
+    """Median ms of one batch-1 decode step with L tokens cached, per (dtype, L): one cache per dtype, each
+    prefilled once with max L tokens; then per L, `rounds` rounds that time `steps` steps of every dtype in
+    turn (interleaved, so the host's slow spells fall on every dtype alike); the median of all of them."""
     import torch
 
-    slot = torch.tensor([0])
-    top = max(lengths)
-    torch.set_num_threads(threads["prefill"])
-    model(torch.tensor([ids[:top]]), torch.arange(top)[None], slot, last_only=True)
+    from models.llama import KV_CACHE_DTYPES
+
+    slot, top = torch.tensor([0]), max(lengths)
+    caches = {}
+    for name in dtypes:
+        model.setup_cache(1, top + 1, KV_CACHE_DTYPES[name])
+        caches[name] = [layer.self_attn.kv_cache for layer in model.model.layers]
+        torch.set_num_threads(threads["prefill"])
+        model(torch.tensor([ids[:top]]), torch.arange(top)[None], slot, last_only=True)
     torch.set_num_threads(threads["decode"])
-    out = {}
+    times: dict[tuple[str, int], list[float]] = {(name, n): [] for name in dtypes for n in lengths}
     for length in lengths:
         token, pos = torch.tensor([[ids[length]]]), torch.tensor([[length]])
-        for _ in range(3):  # warm-up
-            model(token, pos, slot, last_only=True)
-        times = []
-        for _ in range(steps):
-            start = time.perf_counter()
-            model(token, pos, slot, last_only=True)
-            times.append(time.perf_counter() - start)
-        out[length] = statistics.median(times) * 1e3
-    return out
+        for _ in range(rounds):
+            for name in dtypes:
+                use_cache(model, caches[name])
+                for _ in range(3):  # warm-up
+                    model(token, pos, slot, last_only=True)
+                for _ in range(steps):
+                    start = time.perf_counter()
+                    model(token, pos, slot, last_only=True)
+                    times[name, length].append(time.perf_counter() - start)
+    return {key: statistics.median(t) * 1e3 for key, t in times.items()}
 
 
 def quality_table(quality: dict, ids: list[int], args: argparse.Namespace, dtypes: list[str]) -> str:
@@ -109,7 +124,8 @@ def main() -> None:
     p.add_argument("--max-batch", type=int, default=8, help="slots of the serving cache (memory row)")
     p.add_argument("--max-seq-len", type=int, default=2048, help="tokens per slot (memory row)")
     p.add_argument("--lengths", default="128,512,1024,2000", help="cached tokens at which decode steps are timed")
-    p.add_argument("--steps", type=int, default=30, help="timed decode steps per length")
+    p.add_argument("--steps", type=int, default=20, help="timed decode steps per length, dtype and round")
+    p.add_argument("--rounds", type=int, default=5, help="rounds over the dtypes per length")
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--prefill", type=int, default=1024)
     p.add_argument("--teacher", type=int, default=256, help="teacher-forced decode steps per window")
@@ -130,24 +146,22 @@ def main() -> None:
     window = args.prefill + args.teacher + 1
     ids = test_tokens(eng.tokenizer, max(window * args.windows, max(lengths) + 1))
 
-    memory, speed, quality = {}, {}, {}
+    memory, quality = {}, {}
     for name in dtypes:
-        dtype = KV_CACHE_DTYPES[name]
-        model.setup_cache(args.max_batch, args.max_seq_len, dtype)
+        model.setup_cache(args.max_batch, args.max_seq_len, KV_CACHE_DTYPES[name])
         memory[name] = model.kv_cache_bytes()
-        model.setup_cache(1, max(window, max(lengths) + 1), dtype)
-        speed[name] = step_ms(model, ids, lengths, args.steps, threads)
+        model.setup_cache(1, window, KV_CACHE_DTYPES[name])
         quality[name] = [teacher_forced(model, ids[w * window:(w + 1) * window], args.prefill, threads)
                          for w in range(args.windows)]
-        print(f"# {name}: done", file=sys.stderr, flush=True)
+    speed = step_ms(model, ids, lengths, dtypes, args.steps, args.rounds, threads)
 
     print(f"| KV cache | bytes ({args.max_batch} slots x {args.max_seq_len} tokens) | "
           + " | ".join(f"ms/step at {n}" for n in lengths) + " | " + " | ".join(f"tok/s at {n}" for n in lengths) + " |")
     print("|---|---:|" + "---:|" * (2 * len(lengths)))
     for name in dtypes:
-        ms = speed[name]
-        print(f"| {name} | {memory[name] / 2**20:.0f} MiB | " + " | ".join(f"{ms[n]:.2f}" for n in lengths) + " | "
-              + " | ".join(f"{1e3 / ms[n]:.1f}" for n in lengths) + " |")
+        ms = [speed[name, n] for n in lengths]
+        print(f"| {name} | {memory[name] / 2**20:.0f} MiB | " + " | ".join(f"{t:.2f}" for t in ms) + " | "
+              + " | ".join(f"{1e3 / t:.1f}" for t in ms) + " |")
     if args.windows:
         print("\n" + quality_table(quality, ids, args, dtypes))
     load_after = os.getloadavg()
