@@ -65,8 +65,8 @@ def cpu_threads(threads: int | None = None, decode_threads: int | None = None,
 def kv_cache_dtype_for(name: str, model_dtype: torch.dtype, device: torch.device) -> str:
     """The KV cache's dtype name for `name` ("auto" or a KV_CACHE_DTYPES name). "auto": fp16 for a model
     computing in fp32 on a CPU (half the memory, and half the bytes each decode step's attention reads; on
-    SmolLM2 the logits move by less than the fp32 kernels' own rounding: bench/RESULTS.md "KV cache"), else
-    the model's own dtype."""
+    SmolLM2 the same perplexity over 1024 teacher-forced decode steps, mean KL 6e-5 to an fp32 cache:
+    bench/RESULTS.md "KV cache"), else the model's own dtype."""
     if name == "auto":
         if device.type == "cpu" and model_dtype == torch.float32:
             return "float16"
