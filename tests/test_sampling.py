@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from engine.sampling import apply_penalties, filter_logits, make_generator, sample_token, token_logprobs
+from engine.sampling import apply_penalties, draw, filter_logits, make_generator, sample_token, token_logprobs
 from engine.types import SamplingParams
 
 EMPTY = torch.tensor([], dtype=torch.long)
@@ -21,6 +21,22 @@ def draws(seed: int, n: int = 20, **kw) -> list[int]:
 def test_same_seed_same_draws_and_different_seed_differs():
     assert draws(7) == draws(7)
     assert draws(7) != draws(8)
+
+
+def test_draws_follow_the_probabilities_and_never_pick_a_zero():
+    """20,000 draws from (0.1, 0, 0.2, 0.3, 0.4, 0): frequencies within 4 standard errors, zeros never drawn;
+    unnormalised weights draw the same way."""
+    probs = torch.tensor([0.1, 0.0, 0.2, 0.3, 0.4, 0.0])
+    g, n = make_generator(3), 20000
+    counts = torch.bincount(torch.tensor([draw(probs, g) for _ in range(n)]), minlength=6).double() / n
+    assert counts[1] == 0 and counts[5] == 0
+    assert bool(((counts - probs.double()).abs() <= 4 * (probs.double() * (1 - probs.double()) / n).sqrt()).all()), counts
+    assert [draw(probs * 7.5, make_generator(5)) for _ in range(3)] == [draw(probs, make_generator(5)) for _ in range(3)]
+
+
+def test_a_draw_rounded_up_to_the_total_takes_the_last_possible_token(monkeypatch):
+    monkeypatch.setattr(torch, "rand", lambda *a, **k: torch.tensor(1.0, dtype=torch.float64))
+    assert draw(torch.tensor([0.5, 0.5, 0.0]), make_generator(0)) == 1
 
 
 def test_greedy_is_argmax():
