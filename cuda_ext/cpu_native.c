@@ -571,7 +571,7 @@ static void rms_norm(const float *x, const float *w, float eps, int C, float *ou
  * exp(score - m[g]), out (GN, D) = sum of exp(score - m[g]) * value (unnormalised: attend_merge divides).
  * An empty range gives m = -inf, z = 0, out = 0. `scores`: GN rows of `ld` floats (row g at g * ld). */
 #define ATT_G 4                 /* query heads per pass over the keys and values */
-#define ATT_MIN_KEYS 128        /* fewest keys worth a range of their own (fbq_cpu_decode_layers) */
+#define ATT_MIN_KEYS 128        /* fewest keys worth a range of their own (key_ranges) */
 #ifdef FBQ_AVX512
 #define ATT_V 4                 /* value vectors per pass: ATT_G x ATT_V accumulators (16 of 32 zmm) */
 #else
@@ -644,6 +644,14 @@ static void attend_part(const float *q, const void *keys, const void *values, in
     else ATT_CASE(KV_F32)
 #undef ATT_CASE
   }
+}
+
+/* key ranges of a row with `len` keys in a team of `nth` threads: one per ATT_MIN_KEYS keys, at most one per
+ * thread (a batch-1 step of 3 kv heads on 2 threads: 6 units instead of 3) */
+static int key_ranges(int len, int nth) {
+  if (nth <= 1) return 1;
+  const int s = len / ATT_MIN_KEYS, most = nth < 64 ? nth : 64;
+  return s < 1 ? 1 : s < most ? s : most;
 }
 
 /* out (G, D) = the attention of G heads from S partial results over disjoint key ranges (parts: S blocks of
@@ -732,13 +740,7 @@ void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, f
 #pragma omp parallel num_threads(n_threads) if (n_threads > 1)
   {
     const int tid = omp_get_thread_num(), nth = omp_get_num_threads();
-    int S = 1;  /* key ranges per (row, kv head): at least two attention units per thread, ATT_MIN_KEYS keys each */
-    if (B * Hkv < 2 * nth) {
-      S = (2 * nth + B * Hkv - 1) / (B * Hkv);
-      S = S < nth ? S : nth;
-      S = S < longest / ATT_MIN_KEYS ? S : longest / ATT_MIN_KEYS;
-      S = S < 64 ? (S > 1 ? S : 1) : 64;
-    }
+    const int split = nth > 1 && longest >= 2 * ATT_MIN_KEYS;  /* some row's keys come in several ranges */
     for (int li = 0; li < dm->n_layers; li++) {
       const fbq_layer *L = layers + li;
       if (tid == 0)
@@ -761,23 +763,30 @@ void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, f
           }
         }
       barrier_wait(&bar, nth);
-      /* attention in units of (row, kv head, key range): S ranges when rows x kv heads are too few to share
-       * out evenly (B = 1, 3 kv heads on 2 threads), each a partial softmax that attend_merge combines */
-      for (int u = tid; u < B * Hkv * S; u += nth) {
-        const int bj = u / S, s = u % S, b = bj / Hkv, j = bj % Hkv, len = pos[b] + 1;
-        const size_t off = ((size_t)slots[b] * Hkv + j) * dm->max_len * D * (dm->kv_type == KV_F32 ? 4 : 2);
-        float *part = partials + (size_t)u * G * (D + 2);
-        attend_part(qkv + (size_t)b * Nqkv + (size_t)j * G * D, (const char *)L->k_cache + off,
-                    (const char *)L->v_cache + off, (int)((long)len * s / S), (int)((long)len * (s + 1) / S), G, D,
-                    scores + (size_t)bj * G * dm->max_len, dm->max_len, part, part + (size_t)G * D,
-                    part + (size_t)G * D + G, dm->kv_type);
-        if (S == 1) attend_merge(part, 1, G, D, att + (size_t)b * Nq + (size_t)j * G * D);
+      /* attention in units of (row, kv head, key range), dealt round robin; a row's ranges depend on its own
+       * length and the team only, so a row gets the same numbers alone or in any batch */
+      for (int b = 0, u = 0; b < B; b++) {
+        const int len = pos[b] + 1, S = key_ranges(len, nth);
+        for (int j = 0; j < Hkv; j++)
+          for (int s = 0; s < S; s++, u++) {
+            if (u % nth != tid) continue;
+            const size_t off = ((size_t)slots[b] * Hkv + j) * dm->max_len * D * (dm->kv_type == KV_F32 ? 4 : 2);
+            float *part = partials + (size_t)u * G * (D + 2);
+            attend_part(qkv + (size_t)b * Nqkv + (size_t)j * G * D, (const char *)L->k_cache + off,
+                        (const char *)L->v_cache + off, (int)((long)len * s / S), (int)((long)len * (s + 1) / S),
+                        G, D, scores + ((size_t)b * Hkv + j) * G * dm->max_len, dm->max_len, part,
+                        part + (size_t)G * D, part + (size_t)G * D + G, dm->kv_type);
+            if (S == 1) attend_merge(part, 1, G, D, att + (size_t)b * Nq + (size_t)j * G * D);
+          }
       }
       barrier_wait(&bar, nth);
-      if (S > 1) {
-        for (int bj = tid; bj < B * Hkv; bj += nth)
-          attend_merge(partials + (size_t)bj * S * G * (D + 2), S, G, D,
-                       att + (size_t)(bj / Hkv) * Nq + (size_t)(bj % Hkv) * G * D);
+      if (split) {  /* merge the ranges of each (row, kv head) that has several */
+        for (int b = 0, u = 0; b < B; b++) {
+          const int S = key_ranges(pos[b] + 1, nth);
+          for (int j = 0; j < Hkv; j++, u += S)
+            if (S > 1 && (b * Hkv + j) % nth == tid)
+              attend_merge(partials + (size_t)u * G * (D + 2), S, G, D, att + (size_t)b * Nq + (size_t)j * G * D);
+        }
         barrier_wait(&bar, nth);
       }
       team_matmul(&bar, tid, nth, &in, B, Nq, att, Nq, 1, L->o, mm_scratch, tmp, C);

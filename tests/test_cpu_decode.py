@@ -223,9 +223,9 @@ def test_native_layers_serve_rows_in_any_slot_order(native_kernel, monkeypatch):
 @pytest.mark.parametrize("threads,positions", [(2, [299]), (3, [299, 0]), (4, [299, 0, 130])])
 @pytest.mark.parametrize("kv_dtype", [torch.float32, torch.float16])
 def test_native_layers_split_long_contexts_across_threads(threads, positions, kv_dtype, native_kernel, monkeypatch):
-    """Fewer rows x kv heads (2 kv heads here) than twice the threads, and a row with >= 256 keys: the one-call
-    step splits every row's keys into 2 ranges and merges the partial softmaxes (a row at position 0 has
-    a range of no keys). Against the per-layer Python step on the same kernel and cache dtype."""
+    """A row with >= 256 keys on 2+ threads: the one-call step splits its keys into ranges of >= 128 and merges
+    the partial softmaxes (rows at positions 0 and 130 keep one range). Against the per-layer Python step
+    on the same kernel and cache dtype."""
     torch.set_num_threads(threads)
     try:
         steps = {}
@@ -250,6 +250,24 @@ def test_native_layers_split_long_contexts_across_threads(threads, positions, kv
         assert one_call.argmax(-1).tolist() == per_layer.argmax(-1).tolist()
     finally:
         torch.set_num_threads(2)
+
+
+def test_native_layers_give_a_row_the_same_logits_alone_or_in_a_batch(native_kernel):
+    """Batch invariance (a seed's promise): a long-context row stepped alone and beside two others, on 2
+    threads, gets bit-identical logits (its key ranges depend on its own length only)."""
+    torch.set_num_threads(2)
+    model = quantize(tiny(), rank=4)
+    model.config.max_position_embeddings = 512
+    install(model, fp16_weights=False)
+    model.setup_cache(3, 512, torch.float16)
+    gen = torch.Generator().manual_seed(2)
+    for slot, n in enumerate((299, 130, 40)):
+        model.hidden_states(torch.randint(0, 300, (1, n), generator=gen), torch.arange(n)[None], torch.tensor([slot]))
+    with torch.inference_mode():
+        alone = model(torch.tensor([[4]]), torch.tensor([[299]]), torch.tensor([0]), last_only=True)[0, 0]
+        batch = model(torch.tensor([[4], [5], [6]]), torch.tensor([[299], [130], [40]]), torch.arange(3),
+                      last_only=True)[:, 0]
+    assert torch.equal(alone, batch[0])
 
 
 def test_native_layers_refuse_shapes_they_cannot_run(native_kernel):
