@@ -804,3 +804,108 @@ void fbq_cpu_decode_layers(int B, const fbq_dims *dm, const fbq_layer *layers, f
     }
   }
 }
+
+/* ---- int8 weights (Q8_0: one scale per 32 inputs), e.g. an lm_head ----------------------------------------
+ * y[m, n] = sum over blocks b of 32 inputs: d[n, b] * xs[m, b] * sum_k w[n, k] * xq[m, k], with x quantized per
+ * block to int16 (xq = round(x / xs), xs = max |x| / 32767: 2^-16 of the block's largest |x|), products and
+ * block sums exact in int32 (|w| <= 127: 32 x 127 x 32767 < 2^31). Tiles of 16 rows: for each k pair, 32 bytes
+ * (row r's w[k], w[k + 1] at bytes 2r, 2r + 1); scales (n_pad / 16, K / 32, 16) fp32. K % 32 == 0. */
+typedef struct {
+  const int8_t *w;
+  const float *d;
+  int32_t n, n_pad, k, pad_;
+} fbq_q8;
+
+/* x rows as int16 per block of 32 (scratch: M * K int16, then M * K / 32 floats) */
+static void q8_prepare_rows(const float *x, int ldx, int K, int m0, int m1, int16_t *xq, float *xs) {
+  for (int m = m0; m < m1; m++)
+    for (int b = 0; b < K / 32; b++) {
+      const float *xb = x + (size_t)m * ldx + 32 * b;
+      float amax = 0.f;
+      for (int k = 0; k < 32; k++) amax = fabsf(xb[k]) > amax ? fabsf(xb[k]) : amax;
+      const float s = amax / 32767.f, inv = amax > 0.f ? 32767.f / amax : 0.f;
+      xs[(size_t)m * (K / 32) + b] = s;
+      for (int k = 0; k < 32; k++) xq[(size_t)m * K + 32 * b + k] = (int16_t)lrintf(xb[k] * inv);
+    }
+}
+
+/* rows m0 .. m0 + ROWS - 1 of one 16-row tile */
+INLINE void q8_tile(const fbq_q8 *h, int tile, int m0, const int ROWS, const int16_t *xq, const float *xs, float *y,
+                    int ldy) {
+  const int K = h->k, nb = K / 32, n0 = tile * 16;
+  const int8_t *w = h->w + (size_t)tile * K * 16;
+  const float *d = h->d + (size_t)tile * nb * 16;
+#ifdef FBQ_AVX512
+  __m512 yacc[4];
+  for (int r = 0; r < ROWS; r++) yacc[r] = _mm512_setzero_ps();
+  for (int b = 0; b < nb; b++) {
+    __m512i acc[4];
+    for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_si512();
+    for (int j = 0; j < 16; j++) {
+      const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)(w + ((size_t)b * 16 + j) * 32)));
+      for (int r = 0; r < ROWS; r++) {
+        int32_t pair;
+        memcpy(&pair, xq + (size_t)(m0 + r) * K + 32 * b + 2 * j, 4);
+        acc[r] = _mm512_dpwssd_epi32(acc[r], wv, _mm512_set1_epi32(pair));
+      }
+    }
+    const __m512 dv = _mm512_loadu_ps(d + (size_t)b * 16);
+    for (int r = 0; r < ROWS; r++)
+      yacc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]),
+                                _mm512_mul_ps(dv, _mm512_set1_ps(xs[(size_t)(m0 + r) * nb + b])), yacc[r]);
+  }
+  const int nn = h->n - n0 < 16 ? h->n - n0 : 16;
+  for (int r = 0; r < ROWS; r++)
+    _mm512_mask_storeu_ps(y + (size_t)(m0 + r) * ldy + n0, (__mmask16)((1u << nn) - 1u), yacc[r]);
+#else
+  __m256 ylo[2], yhi[2];
+  for (int r = 0; r < ROWS; r++) ylo[r] = yhi[r] = _mm256_setzero_ps();
+  for (int b = 0; b < nb; b++) {
+    __m256i lo[2], hi[2];
+    for (int r = 0; r < ROWS; r++) lo[r] = hi[r] = _mm256_setzero_si256();
+    for (int j = 0; j < 16; j++) {
+      const int8_t *wj = w + ((size_t)b * 16 + j) * 32;
+      const __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)wj));
+      const __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(wj + 16)));
+      for (int r = 0; r < ROWS; r++) {
+        int32_t pair;
+        memcpy(&pair, xq + (size_t)(m0 + r) * K + 32 * b + 2 * j, 4);
+        const __m256i xp = _mm256_set1_epi32(pair);
+        lo[r] = _mm256_add_epi32(lo[r], _mm256_madd_epi16(w0, xp));
+        hi[r] = _mm256_add_epi32(hi[r], _mm256_madd_epi16(w1, xp));
+      }
+    }
+    const __m256 d0 = _mm256_loadu_ps(d + (size_t)b * 16), d1 = _mm256_loadu_ps(d + (size_t)b * 16 + 8);
+    for (int r = 0; r < ROWS; r++) {
+      const __m256 s = _mm256_set1_ps(xs[(size_t)(m0 + r) * nb + b]);
+      ylo[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo[r]), _mm256_mul_ps(d0, s), ylo[r]);
+      yhi[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi[r]), _mm256_mul_ps(d1, s), yhi[r]);
+    }
+  }
+  const int nn = h->n - n0 < 16 ? h->n - n0 : 16;
+  for (int r = 0; r < ROWS; r++) {
+    float tmp[16];
+    _mm256_storeu_ps(tmp, ylo[r]);
+    _mm256_storeu_ps(tmp + 8, yhi[r]);
+    memcpy(y + (size_t)(m0 + r) * ldy + n0, tmp, sizeof(float) * (size_t)nn);
+  }
+#endif
+}
+
+/* y (M, n) = x (M, K) @ W^T for int8 W; scratch bytes: M * K * 2 + M * K / 32 * 4 */
+void fbq_q8_matmul(int M, const float *x, int ldx, float *y, int ldy, const fbq_q8 *h, int n_threads,
+                   void *scratch) {
+  const int K = h->k, tiles = h->n_pad / 16;
+  int16_t *xq = (int16_t *)scratch;
+  float *xs = (float *)(xq + (size_t)M * K);
+  q8_prepare_rows(x, ldx, K, 0, M, xq, xs);
+#pragma omp parallel for num_threads(n_threads) schedule(static) if (n_threads > 1)
+  for (int t = 0; t < tiles; t++) {
+    int m0 = 0;
+#ifdef FBQ_AVX512
+    for (; m0 + 4 <= M; m0 += 4) q8_tile(h, t, m0, 4, xq, xs, y, ldy);
+#endif
+    for (; m0 + 2 <= M; m0 += 2) q8_tile(h, t, m0, 2, xq, xs, y, ldy);
+    for (; m0 < M; m0++) q8_tile(h, t, m0, 1, xq, xs, y, ldy);
+  }
+}

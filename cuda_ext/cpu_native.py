@@ -42,8 +42,8 @@ ISA_ENV = "FBSERVE_CPU_NATIVE_ISA"
 BASE_CFLAGS = ["-O3", "-fPIC", "-shared", "-fopenmp"]
 # the builds of cpu_native.c, best first: name -> (compiler flags, /proc/cpuinfo flags it needs)
 ISAS: dict[str, tuple[list[str], tuple[str, ...]]] = {
-    "avx512bf16": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mf16c", "-mfma"],
-                   ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "f16c", "fma")),
+    "avx512bf16": (["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-mf16c",
+                    "-mfma"], ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_vnni", "f16c", "fma")),
     "avx2": (["-mavx2", "-mf16c", "-mfma"], ("avx2", "f16c", "fma")),
 }
 CPU_FLAGS = ISAS["avx512bf16"][1]  # the best build's
@@ -158,6 +158,10 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     fn.restype = None
     fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p]
+    fn = lib.fbq_q8_matmul  # cuda_ext/cpu_q8.py
+    fn.restype = None
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p,
+                   ctypes.c_int, ctypes.c_void_p]
     return lib, None
 
 

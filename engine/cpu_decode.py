@@ -21,8 +21,11 @@ evaluation, no cache) takes the ordinary module path. What it changes (memory: s
     contiguous; the module's weight is the transposed view): torch's CPU GEMV for x @ W^T is ~2x
     faster on that layout (measured for the [576 x 49152] lm_head, 1 thread: see bench/RESULTS.md).
     Values are bit-identical; only the summation order inside the matmul changes.
-  * fbgemm's fp16 linear (engine/fp16_linear.py: weights rounded once to fp16, fp32 activations, math
-    and outputs) for the lm_head GEMV, the largest single read of a small model's step (1.9 vs 5-9 ms
+  * the lm_head GEMV, the largest single read of a small model's step: where its weights are Q8_0 already
+    (a GGUF model's, such as the embedded SmolLM2's) and fbserve's CPU kernel runs, as int8 codes and a scale
+    per 32 inputs (cuda_ext/cpu_q8.py: half the bytes of fp16, 0.7 vs 1.5 ms for SmolLM2's head on 2
+    threads, within 2^-10 of each weight); else fbgemm's fp16 linear (engine/fp16_linear.py: weights rounded
+    once to fp16, fp32 activations, math and outputs) for the lm_head GEMV, the largest single read of a small model's step (1.9 vs 5-9 ms
     for SmolLM2's [576 x 49152] head; its fp32 weight stays for the tied embedding and prefill: +2
     bytes per head weight), and for every unquantized projection of an fp32 model, which is REPLACED
     by its Fp16Linear (the fp32 weight goes; prefill uses it too): the fp32 model's step 1.6x faster
@@ -53,6 +56,7 @@ from torch import Tensor, nn
 
 from cuda_ext.cpu import fuse_cpu
 from cuda_ext.cpu_native import LayerWeights, NativeGroup, NativeLayers, kernel_name
+from cuda_ext.cpu_q8 import Q8Linear
 from engine.fp16_linear import PATH as FP16_PATH
 from engine.fp16_linear import Fp16Linear, fp16_linear, fp16_pack
 from engine.quant_linear import QuantLinear
@@ -258,15 +262,24 @@ class CpuDecoder:
         _column_major(model.lm_head)  # tied: the embedding's weight becomes the same column-major view
         self.lm_head = model.lm_head
         self.lm_wt = model.lm_head.weight.t()  # (C, V) contiguous
-        self.lm_fp16, self.lm_head_path = (fp16_pack(model.lm_head.weight, model.lm_head.bias) if fp16_weights
-                                           else (None, "fp32: asked"))
+        self.lm_q8, self.lm_fp16, self.lm_head_path = None, None, "fp32: asked"
+        if fp16_weights:
+            self.lm_q8, why_not_q8 = Q8Linear.from_weight(model.lm_head.weight)
+            if self.lm_q8 is not None:
+                self.lm_head_path = why_not_q8
+            else:
+                log.info("lm_head not in int8: %s", why_not_q8)
+                self.lm_fp16, self.lm_head_path = fp16_pack(model.lm_head.weight, model.lm_head.bias)
 
     def weight_bytes(self) -> dict[str, int]:
-        """The step's own weight copy: `cpu_fp16`, fbgemm's fp16 pack of the lm_head (its fp32 weight
-        stays: the tied embedding and prefill read it; Fp16Linear projections report themselves)."""
+        """The step's own weight copy of the lm_head: `cpu_int8` (its int8 codes and scales) or `cpu_fp16`
+        (fbgemm's fp16 pack); its fp32 weight stays (the tied embedding and prefill read it). Fp16Linear
+        projections report themselves."""
         head = self.lm_head
-        n = 0 if self.lm_fp16 is None else head.weight.numel() * 2 + (0 if head.bias is None else head.bias.numel() * 4)
-        return {"cpu_fp16": n}
+        bias = 0 if head.bias is None else head.bias.numel() * 4
+        if self.lm_q8 is not None:
+            return {"cpu_int8": self.lm_q8.nbytes(), "cpu_fp16": 0}
+        return {"cpu_fp16": 0 if self.lm_fp16 is None else head.weight.numel() * 2 + bias}
 
     def status(self) -> dict[str, object]:
         """What /health shows: the fast step is installed, the paths of its lm_head and of unquantized
@@ -339,6 +352,9 @@ class CpuDecoder:
     def _logits(self, x: Tensor) -> Tensor:
         """Final norm and lm_head of the step's hidden states (B, C) -> (B, 1, V)."""
         x = _rms(x, self.model.model.norm)
+        if self.lm_q8 is not None:
+            logits = self.lm_q8(x.float())
+            return (logits if self.lm_head.bias is None else logits + self.lm_head.bias)[:, None, :]
         if self.lm_fp16 is not None:
             return fp16_linear(x, self.lm_fp16)[:, None, :]  # bias inside
         logits = x @ self.lm_wt

@@ -270,6 +270,27 @@ def test_native_layers_give_a_row_the_same_logits_alone_or_in_a_batch(native_ker
     assert torch.equal(alone, batch[0])
 
 
+def test_a_q8_0_lm_head_runs_in_int8_and_others_in_fp16(native_kernel):
+    """A head whose weights are Q8_0 (as the embedded GGUF model's) runs on the int8 kernel: logits within
+    1e-4 of fp64, `cpu_int8` bytes reported, greedy tokens as the fp32 module path's; any other head keeps
+    the fbgemm fp16 copy (tests/test_cuda_ext_cpu_q8.py has the kernel's own tests)."""
+    from engine.cpu_decode import _rms
+    from tests.test_cuda_ext_cpu_q8 import q8_weight
+
+    model = quantize(tiny())
+    model.lm_head.weight.data.copy_(q8_weight(300, 128, 0)[0])  # tied: the embedding too
+    _, module_ids = decode(model, PROMPTS, 6)
+    dec = install(model)
+    assert dec.status()["lm_head"] == f"{kernel_name()}-q8_0" and dec.lm_fp16 is None
+    assert dec.weight_bytes() == {"cpu_int8": 304 * (128 + 16), "cpu_fp16": 0}
+    h = torch.randn(3, 128)
+    ref = (_rms(h, model.model.norm).double() @ model.lm_head.weight.double().t()).detach()
+    assert float((dec._logits(h)[:, 0].double() - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
+    assert decode(model, PROMPTS, 6)[1] == module_ids
+    other = quantize(tiny())
+    assert install(other).status()["lm_head"] == ("fbgemm-fp16" if FBGEMM else install(other).status()["lm_head"])
+
+
 def test_native_layers_refuse_shapes_they_cannot_run(native_kernel):
     from cuda_ext.cpu_native import NativeLayers
 

@@ -104,19 +104,26 @@ def test_cancel_frees_the_slot_within_a_step(engine):
 
 def test_weight_bytes_count_the_cpu_decode_copies(engine):
     """The fp32 model on CPU: the decode step turned every projection into an Fp16Linear (fbgemm fp16
-    pack, fp32 weight dropped) and gave the lm_head an fp16 copy: `cpu_fp16` is 2 bytes per projection
-    and head weight, `fp` (4 bytes each) holds only the embedding/head and the norms."""
+    pack, fp32 weight dropped) and gave the lm_head its own copy: int8 where fbserve's CPU kernel runs (the
+    embedded model's head is Q8_0: `cpu_int8` is a byte per weight and 4 per 32 for the scales), else fp16;
+    `cpu_fp16` is 2 bytes per projection (and head) weight, `fp` (4 bytes each) holds only the
+    embedding/head and the norms."""
+    from cuda_ext.cpu_native import native_reason
     from engine.fp16_linear import Fp16Linear
 
     status = engine.cpu_decode_status()
-    if status["lm_head"] != "fbgemm-fp16":
+    if status["dense_linears"] != "fbgemm-fp16":
         pytest.skip(f"no fbgemm here: {status}")
     model = engine.model
     projs = [m for m in model.model.layers.modules() if isinstance(m, Fp16Linear)]
-    assert len(projs) == 7 * len(model.model.layers) and status["dense_linears"] == "fbgemm-fp16"
+    assert len(projs) == 7 * len(model.model.layers)
     wb = engine.weight_bytes()
-    proj = sum(m.in_features * m.out_features for m in projs)
-    assert wb["cpu_fp16"] == 2 * (proj + model.lm_head.weight.numel())
+    proj, head = sum(m.in_features * m.out_features for m in projs), model.lm_head.weight.numel()
+    if native_reason() is None:
+        assert status["lm_head"].endswith("-q8_0"), status
+        assert wb["cpu_int8"] == head + head // 32 * 4 and wb["cpu_fp16"] == 2 * proj
+    else:
+        assert status["lm_head"] == "fbgemm-fp16" and wb["cpu_fp16"] == 2 * (proj + head)
     assert wb["fp"] == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
         b.numel() * b.element_size() for name, b in model.named_buffers() if "kv_cache" not in name and "inv_freq" not in name)
     assert wb["fp"] < 4 * (model.lm_head.weight.numel() + 100_000)  # no fp32 projection weights left

@@ -46,8 +46,13 @@ def test_health_and_models(base_url, client):
     fast = health["cpu_decode"]  # engine.cpu_decode on, and which lm_head it runs
     assert fast["enabled"], fast
     assert fast["threads"]["decode"] == max(1, fast["threads"]["prefill"] - 1), fast  # a core left to the server
+    from cuda_ext.cpu_native import kernel_name, native_reason
+
     x86 = "fbgemm" in torch.backends.quantized.supported_engines
-    assert fast["lm_head"] == "fbgemm-fp16" if x86 else fast["lm_head"].startswith("fp32"), fast
+    if native_reason() is None:  # the embedded model's head is Q8_0: int8 on fbserve's kernel
+        assert fast["lm_head"] == f"{kernel_name()}-q8_0", fast
+    else:
+        assert fast["lm_head"] == "fbgemm-fp16" if x86 else fast["lm_head"].startswith("fp32"), fast
     assert [m.id for m in client.models.list().data] == [health["model"]]
 
 
