@@ -33,10 +33,10 @@ from models.llama import Transformer  # noqa: E402
 PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
-def tiny(bias: bool = False, tie: bool = True) -> Transformer:
+def tiny(bias: bool = False, tie: bool = True, heads: int = 4, kv_heads: int = 2, head_dim: int = 32) -> Transformer:
     cfg = ModelConfig(vocab_size=300, hidden_size=128, intermediate_size=192, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=32, tie_word_embeddings=tie,
-                      attention_bias=bias, max_position_embeddings=256)
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, head_dim=head_dim,
+                      tie_word_embeddings=tie, attention_bias=bias, max_position_embeddings=256)
     torch.manual_seed(0)
     model = Transformer(cfg)
     for p in model.parameters():
@@ -250,6 +250,29 @@ def test_native_layers_split_long_contexts_across_threads(threads, positions, kv
         assert one_call.argmax(-1).tolist() == per_layer.argmax(-1).tolist()
     finally:
         torch.set_num_threads(2)
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (8, 1, 128), (8, 8, 16), (12, 4, 48)])
+def test_native_attention_for_other_head_shapes(heads, kv_heads, head_dim, native_kernel, monkeypatch):
+    """The one-call step's attention for query heads per kv head of 3 (SmolLM2), 8 (two blocks of 4), 1 and
+    3, head dims 16 to 128 (value passes of 4 vectors and the tail), a 300-token context split into ranges,
+    on an fp16 cache: against the per-layer Python step (SDPA) on the same kernel."""
+    torch.set_num_threads(2)
+    steps = {}
+    for native in (True, False):
+        monkeypatch.setenv("FBSERVE_CPU_NATIVE_LAYERS", "1" if native else "0")
+        model = quantize(tiny(heads=heads, kv_heads=kv_heads, head_dim=head_dim), rank=4)
+        model.config.max_position_embeddings = 512
+        assert (install(model, fp16_weights=False).native_layers is not None) == native
+        model.setup_cache(2, 512, torch.float16)
+        gen = torch.Generator().manual_seed(3)
+        for slot, n in enumerate((300, 17)):
+            model.hidden_states(torch.randint(0, 300, (1, n), generator=gen), torch.arange(n)[None], torch.tensor([slot]))
+        with torch.inference_mode():
+            steps[native] = model(torch.tensor([[4], [5]]), torch.tensor([[300], [17]]), torch.arange(2),
+                                  last_only=True)[:, 0]
+    assert float((steps[True] - steps[False]).abs().max()) <= 2e-2 * float(steps[False].abs().max())
+    assert steps[True].argmax(-1).tolist() == steps[False].argmax(-1).tolist()
 
 
 def test_native_layers_give_a_row_the_same_logits_alone_or_in_a_batch(native_kernel):
