@@ -85,6 +85,16 @@ class Q8Linear:
             return None, f"the weights are not Q8_0 (re-quantized they move by up to {err:.1e} relative)"
         return cls(codes, scales), f"{kernel_name()}-q8_0"
 
+    def rows(self, ids: Tensor) -> Tensor:
+        """Dequantized weight rows (n, K) fp32 for row indices `ids` (n,) (an embedding lookup)."""
+        ids = ids.long()
+        if ids.numel() and not 0 <= int(ids.min()) <= int(ids.max()) < self.out_features:
+            raise IndexError(f"row index out of range [0, {self.out_features})")
+        tile, row = ids // 16, ids % 16
+        codes = self.tiles[tile, :, row, :].reshape(-1, self.in_features)  # (n, K/2, 2) -> (n, K)
+        scales = self.scales[tile, :, row]  # (n, K/32)
+        return (codes.float().view(-1, self.in_features // 32, 32) * scales[..., None]).reshape(-1, self.in_features)
+
     def nbytes(self) -> int:
         return self.tiles.numel() + self.scales.numel() * 4
 

@@ -57,6 +57,7 @@ from torch import Tensor, nn
 from cuda_ext.cpu import fuse_cpu
 from cuda_ext.cpu_native import LayerWeights, NativeGroup, NativeLayers, kernel_name
 from cuda_ext.cpu_q8 import Q8Linear
+from engine.int8_head import Int8Embedding, Int8Head, model_dtype
 from engine.fp16_linear import PATH as FP16_PATH
 from engine.fp16_linear import Fp16Linear, fp16_linear, fp16_pack
 from engine.quant_linear import QuantLinear
@@ -259,27 +260,30 @@ class CpuDecoder:
         self.layers = [_Layer(layer, self._invalidate) for layer in model.model.layers]
         self.native_layers, self.layers_path = _native_layers(model, self.layers)
         self.quant_modules = [m for m in model.modules() if isinstance(m, QuantLinear)]
-        _column_major(model.lm_head)  # tied: the embedding's weight becomes the same column-major view
-        self.lm_head = model.lm_head
-        self.lm_wt = model.lm_head.weight.t()  # (C, V) contiguous
-        self.lm_q8, self.lm_fp16, self.lm_head_path = None, None, "fp32: asked"
-        if fp16_weights:
-            self.lm_q8, why_not_q8 = Q8Linear.from_weight(model.lm_head.weight)
-            if self.lm_q8 is not None:
-                self.lm_head_path = why_not_q8
+        self.lm_q8, self.lm_fp16, self.lm_wt, self.lm_head_path = None, None, None, "fp32: asked"
+        if isinstance(model.lm_head, Int8Head):  # installed before
+            self.lm_q8, self.lm_head_path = model.lm_head.q8, model.lm_head.path
+        elif fp16_weights:
+            q8, why_not_q8 = Q8Linear.from_weight(model.lm_head.weight)
+            if q8 is not None:
+                self.lm_q8, self.lm_head_path = q8, why_not_q8
+                _to_int8(model, q8, why_not_q8)
             else:
                 log.info("lm_head not in int8: %s", why_not_q8)
                 self.lm_fp16, self.lm_head_path = fp16_pack(model.lm_head.weight, model.lm_head.bias)
+        if self.lm_q8 is None:
+            _column_major(model.lm_head)  # tied: the embedding's weight becomes the same column-major view
+            self.lm_wt = model.lm_head.weight.t()  # (C, V) contiguous
+        self.lm_head = model.lm_head
 
     def weight_bytes(self) -> dict[str, int]:
-        """The step's own weight copy of the lm_head: `cpu_int8` (its int8 codes and scales) or `cpu_fp16`
-        (fbgemm's fp16 pack); its fp32 weight stays (the tied embedding and prefill read it). Fp16Linear
+        """The step's own weight copy: `cpu_fp16`, fbgemm's fp16 pack of the lm_head (its fp32 weight stays:
+        the tied embedding and prefill read it). An Int8Head, which replaced its fp32 weight, and Fp16Linear
         projections report themselves."""
+        if self.lm_fp16 is None:
+            return {"cpu_fp16": 0}
         head = self.lm_head
-        bias = 0 if head.bias is None else head.bias.numel() * 4
-        if self.lm_q8 is not None:
-            return {"cpu_int8": self.lm_q8.nbytes(), "cpu_fp16": 0}
-        return {"cpu_fp16": 0 if self.lm_fp16 is None else head.weight.numel() * 2 + bias}
+        return {"cpu_fp16": head.weight.numel() * 2 + (0 if head.bias is None else head.bias.numel() * 4)}
 
     def status(self) -> dict[str, object]:
         """What /health shows: the fast step is installed, the paths of its lm_head and of unquantized
@@ -318,7 +322,7 @@ class CpuDecoder:
         rows = slice(sl[0], sl[0] + b) if contiguous else slots
         h, hkv, d = self.h, self.hkv, self.d
         g = h // hkv
-        x = F.embedding(tokens[:, 0], model.model.embed_tokens.weight).float()  # (B, C)
+        x = model.model.embed_tokens(tokens[:, 0]).float()  # (B, C)
         freqs = positions.float() * model.inv_freq  # (B, D/2)
         cos = torch.cat((freqs, freqs), dim=-1).cos()[:, None, :]  # (B, 1, D)
         sin = freqs.sin()
@@ -353,8 +357,7 @@ class CpuDecoder:
         """Final norm and lm_head of the step's hidden states (B, C) -> (B, 1, V)."""
         x = _rms(x, self.model.model.norm)
         if self.lm_q8 is not None:
-            logits = self.lm_q8(x.float())
-            return (logits if self.lm_head.bias is None else logits + self.lm_head.bias)[:, None, :]
+            return self.lm_head(x)[:, None, :]  # Int8Head, bias inside
         if self.lm_fp16 is not None:
             return fp16_linear(x, self.lm_fp16)[:, None, :]  # bias inside
         logits = x @ self.lm_wt
@@ -410,14 +413,24 @@ def _return_freed_memory() -> None:
         pass
 
 
+def _to_int8(model: nn.Module, q8: Q8Linear, path: str) -> None:
+    """Replace the lm_head by an Int8Head over `q8` (its codes), and a tied embedding by an Int8Embedding over
+    the same codes: the fp32 weight goes (an untied embedding keeps its own)."""
+    head, embed = model.lm_head, model.model.embed_tokens
+    tied = embed.weight is head.weight
+    model.lm_head = Int8Head(q8, head.bias, path)
+    if tied:
+        model.model.embed_tokens = Int8Embedding(q8)
+
+
 def unavailable_reason(model: nn.Module) -> str | None:
     """Why the fast step cannot serve this model, or None when it can."""
     if os.environ.get(ENV, "1") in ("0", "", "off"):
         return f"disabled ({ENV}=0)"
-    if model.lm_head.weight.device.type != "cpu":
+    if model.model.norm.weight.device.type != "cpu":
         return "the model is not on the CPU"
-    if model.lm_head.weight.dtype != torch.float32:
-        return f"it runs fp32 activations, the model is {model.lm_head.weight.dtype}"
+    if model_dtype(model) != torch.float32:
+        return f"it runs fp32 activations, the model is {model_dtype(model)}"
     if any(m.path != "cpu_int4" for m in model.modules() if isinstance(m, QuantLinear)):
         return "QuantLinear layers not on the cpu_int4 path"
     return None

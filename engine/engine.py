@@ -96,7 +96,7 @@ class Engine:
         if not 1 <= max_batch <= MAX_BATCH:
             raise ValueError(f"max_batch must be in [1, {MAX_BATCH}], got {max_batch}")
         self.max_batch = max_batch
-        self.device = self.model.lm_head.weight.device
+        self.device = self.model.model.norm.weight.device
         self.merge_status: dict[str, object] = {"enabled": False, "reason": "not a CUDA device"}
         if merge_projections or (merge_projections is None and self.device.type == "cuda"):
             from engine.merge import merge_projections as merge  # before the graphs capture the module path
@@ -104,7 +104,7 @@ class Engine:
             self.merge_status = merge(self.model)
         elif merge_projections is False:
             self.merge_status = {"enabled": False, "reason": "disabled by the caller"}
-        self.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, self.model.lm_head.weight.dtype, self.device)
+        self.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, self.model.model.norm.weight.dtype, self.device)
         self.model.setup_cache(max_batch, self.max_seq_len, KV_CACHE_DTYPES[self.kv_cache_dtype])
         self.graph_decoder = None
         self.graph_reason: str | None = "not a CUDA device"

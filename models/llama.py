@@ -235,7 +235,7 @@ class Transformer(nn.Module):
     def setup_cache(self, slots: int, max_seq_len: int, dtype: torch.dtype | None = None) -> None:
         """Allocate a KV cache of `slots` sequences of up to `max_seq_len` tokens each, in `dtype`
         (default: the model's; one of fp32, fp16, bf16)."""
-        p = self.lm_head.weight
+        p = self.model.norm.weight  # the model's dtype and device (the lm_head may be int8: engine.int8_head)
         if dtype is None:
             dtype = p.dtype if p.dtype in KV_CACHE_DTYPES.values() else torch.float16
         if dtype not in KV_CACHE_DTYPES.values():

@@ -27,7 +27,7 @@ def quantization_card(loaded: Any) -> QuantizationCard | None:
     model = getattr(loaded, "model", None)
     if model is None:
         return None
-    weight = model.lm_head.weight
+    weight = model.model.norm.weight  # the checkpoint's width (the served lm_head may be int8)
     return QuantizationCard(method="none", bits_per_weight=float(weight.element_size() * 8))
 
 

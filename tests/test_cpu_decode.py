@@ -300,18 +300,31 @@ def test_a_q8_0_lm_head_runs_in_int8_and_others_in_fp16(native_kernel):
     from engine.cpu_decode import _rms
     from tests.test_cuda_ext_cpu_q8 import q8_weight
 
+    from engine.int8_head import Int8Embedding, Int8Head
+
     model = quantize(tiny())
-    model.lm_head.weight.data.copy_(q8_weight(300, 128, 0)[0])  # tied: the embedding too
+    w = q8_weight(300, 128, 0)[0]
+    model.lm_head.weight.data.copy_(w)  # tied: the embedding too
     _, module_ids = decode(model, PROMPTS, 6)
     dec = install(model)
     assert dec.status()["lm_head"] == f"{kernel_name()}-q8_0" and dec.lm_fp16 is None
-    assert dec.weight_bytes() == {"cpu_int8": 304 * (128 + 16), "cpu_fp16": 0}
+    # the fp32 weight is gone: the head and the tied embedding read the int8 codes
+    assert isinstance(model.lm_head, Int8Head) and isinstance(model.model.embed_tokens, Int8Embedding)
+    assert model.lm_head.weight_bytes() == {"cpu_int8": 304 * (128 + 16)} and dec.weight_bytes() == {"cpu_fp16": 0}
+    ids = torch.tensor([[0, 17, 299], [5, 5, 16]])
+    assert torch.equal(model.model.embed_tokens(ids), w[ids])
     h = torch.randn(3, 128)
-    ref = (_rms(h, model.model.norm).double() @ model.lm_head.weight.double().t()).detach()
+    ref = (_rms(h, model.model.norm).double() @ w.double().t()).detach()
     assert float((dec._logits(h)[:, 0].double() - ref).abs().max()) <= 1e-4 * float(ref.abs().max())
-    assert decode(model, PROMPTS, 6)[1] == module_ids
+    assert decode(model, PROMPTS, 6)[1] == module_ids  # prefill (module path) and steps on the int8 head
+    assert install(model).status()["lm_head"] == f"{kernel_name()}-q8_0"  # installed again: still int8
     other = quantize(tiny())
     assert install(other).status()["lm_head"] == ("fbgemm-fp16" if FBGEMM else install(other).status()["lm_head"])
+    assert isinstance(other.lm_head, torch.nn.Linear)
+    untied = quantize(tiny(tie=False))
+    untied.lm_head.weight.data.copy_(w)
+    install(untied)
+    assert isinstance(untied.lm_head, Int8Head) and isinstance(untied.model.embed_tokens, torch.nn.Embedding)
 
 
 def test_native_layers_refuse_shapes_they_cannot_run(native_kernel):

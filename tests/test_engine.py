@@ -104,10 +104,10 @@ def test_cancel_frees_the_slot_within_a_step(engine):
 
 def test_weight_bytes_count_the_cpu_decode_copies(engine):
     """The fp32 model on CPU: the decode step turned every projection into an Fp16Linear (fbgemm fp16
-    pack, fp32 weight dropped) and gave the lm_head its own copy: int8 where fbserve's CPU kernel runs (the
-    embedded model's head is Q8_0: `cpu_int8` is a byte per weight and 4 per 32 for the scales), else fp16;
-    `cpu_fp16` is 2 bytes per projection (and head) weight, `fp` (4 bytes each) holds only the
-    embedding/head and the norms."""
+    pack, fp32 weight dropped) and the lm_head: int8 where fbserve's CPU kernel runs (the embedded model's
+    head is Q8_0: `cpu_int8` is a byte per weight and 4 per 32 for the scales, and the fp32 tied
+    embedding / head is gone), else an fp16 copy beside the fp32 weight; `cpu_fp16` is 2 bytes per
+    projection (and head) weight, `fp` (4 bytes each) the rest."""
     from cuda_ext.cpu_native import native_reason
     from engine.fp16_linear import Fp16Linear
 
@@ -118,15 +118,17 @@ def test_weight_bytes_count_the_cpu_decode_copies(engine):
     projs = [m for m in model.model.layers.modules() if isinstance(m, Fp16Linear)]
     assert len(projs) == 7 * len(model.model.layers)
     wb = engine.weight_bytes()
-    proj, head = sum(m.in_features * m.out_features for m in projs), model.lm_head.weight.numel()
-    if native_reason() is None:
+    proj = sum(m.in_features * m.out_features for m in projs)
+    head = model.config.vocab_size * model.config.hidden_size
+    fp = sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
+        b.numel() * b.element_size() for name, b in model.named_buffers() if "kv_cache" not in name and "inv_freq" not in name)
+    if native_reason() is None:  # the int8 head replaced the tied fp32 embedding / head: only the norms are fp
         assert status["lm_head"].endswith("-q8_0"), status
         assert wb["cpu_int8"] == head + head // 32 * 4 and wb["cpu_fp16"] == 2 * proj
+        assert wb["fp"] == fp < 200_000  # 140,544: 61 norms of 576
     else:
         assert status["lm_head"] == "fbgemm-fp16" and wb["cpu_fp16"] == 2 * (proj + head)
-    assert wb["fp"] == sum(p.numel() * p.element_size() for p in model.parameters()) + sum(
-        b.numel() * b.element_size() for name, b in model.named_buffers() if "kv_cache" not in name and "inv_freq" not in name)
-    assert wb["fp"] < 4 * (model.lm_head.weight.numel() + 100_000)  # no fp32 projection weights left
+        assert wb["fp"] == fp < 4 * (head + 100_000)  # no fp32 projection weights left
 
 
 def test_cpu_threads_leave_decode_one_core_fewer(monkeypatch):

@@ -272,7 +272,7 @@ def test_models_reports_an_unquantized_model_as_such():
 
     from server.model_card import quantization_card
 
-    model = SimpleNamespace(lm_head=torch.nn.Linear(4, 4, dtype=torch.float16))
+    model = SimpleNamespace(model=SimpleNamespace(norm=torch.nn.LayerNorm(4, dtype=torch.float16)))
     card = quantization_card(SimpleNamespace(quantization=None, model=model))
     assert card.method == "none" and card.bits_per_weight == 16.0 and card.quality == []
 
