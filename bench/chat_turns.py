@@ -25,6 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402,F401  # before torch: sets OpenMP's wait policy
+from bench._host import load_line  # noqa: E402
 
 QUESTIONS = [
     "What is this text about? Answer in one sentence.",
@@ -165,10 +166,7 @@ def main() -> None:
         rows, summary = run(args)
         print(table(rows))
         print(f"\n{summary}")
-    load_after = os.getloadavg()
-    print(f"\nmodel {args.model}, {args.device}; load average (1, 5, 15 min) before: "
-          f"{' '.join(f'{x:.2f}' for x in load_before)}; after: {' '.join(f'{x:.2f}' for x in load_after)}; "
-          f"CPUs: {os.cpu_count()}")
+    print(f"\nmodel {args.model}, {args.device}; {load_line(load_before)}")
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402,F401  # before torch: sets OpenMP's wait policy
+from bench._host import load_line  # noqa: E402
 
 
 def test_tokens(tokenizer, count: int) -> list[int]:
@@ -164,10 +165,8 @@ def main() -> None:
               + " | ".join(f"{1e3 / t:.1f}" for t in ms) + " |")
     if args.windows:
         print("\n" + quality_table(quality, ids, args, dtypes))
-    load_after = os.getloadavg()
     print(f"\nmodel {args.model}, cpu, threads prefill {threads['prefill']} decode {threads['decode']}, decode step "
-          f"{eng.cpu_decode_status().get('layers')}; load average before: {' '.join(f'{x:.2f}' for x in load_before)}; "
-          f"after: {' '.join(f'{x:.2f}' for x in load_after)}; CPUs: {os.cpu_count()}")
+          f"{eng.cpu_decode_status().get('layers')}; {load_line(load_before)}")
 
 
 if __name__ == "__main__":

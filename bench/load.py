@@ -22,6 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402,F401  # before torch: sets OpenMP's wait policy
+from bench._host import load_line  # noqa: E402
 
 PROMPT = "Write a short story about a lighthouse keeper:"
 
@@ -112,11 +113,8 @@ def main() -> None:
     args = p.parse_args()
     load_before = os.getloadavg()
     rows = asyncio.run(bench(args))
-    load_after = os.getloadavg()
     print(table(rows))
-    print(f"\nload average (1, 5, 15 min) before: {' '.join(f'{x:.2f}' for x in load_before)}; "
-          f"after: {' '.join(f'{x:.2f}' for x in load_after)}; CPUs: {os.cpu_count()}; "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
+    print(f"\n{load_line(load_before)}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 
 
 if __name__ == "__main__":
