@@ -17,29 +17,29 @@ evaluation, no cache) takes the ordinary module path. What it changes (memory: s
       branches share one x @ [A_q; A_k; A_v]^T, then one addmm per part into its columns.
     - nn.Linear (fp32/bf16 model): the weights are stored column-major, [W_q; W_k; W_v]^T as one
       contiguous (K, N) block, each module's .weight a transposed view into it (same values).
-  * every other linear weight, and the tied embedding / lm_head, is stored column-major too (W^T
+  * every other linear weight, and an fp32 tied embedding / lm_head, is stored column-major too (W^T
     contiguous; the module's weight is the transposed view): torch's CPU GEMV for x @ W^T is ~2x
     faster on that layout (measured for the [576 x 49152] lm_head, 1 thread: see bench/RESULTS.md).
     Values are bit-identical; only the summation order inside the matmul changes.
   * the lm_head GEMV, the largest single read of a small model's step: where its weights are Q8_0 already
-    (a GGUF model's, such as the embedded SmolLM2's) and fbserve's CPU kernel runs, as int8 codes and a scale
-    per 32 inputs (cuda_ext/cpu_q8.py: half the bytes of fp16, 0.7 vs 1.5 ms for SmolLM2's head on 2
-    threads, within 2^-10 of each weight); else fbgemm's fp16 linear (engine/fp16_linear.py: weights rounded
-    once to fp16, fp32 activations, math and outputs) for the lm_head GEMV, the largest single read of a small model's step (1.9 vs 5-9 ms
-    for SmolLM2's [576 x 49152] head; its fp32 weight stays for the tied embedding and prefill: +2
-    bytes per head weight), and for every unquantized projection of an fp32 model, which is REPLACED
-    by its Fp16Linear (the fp32 weight goes; prefill uses it too): the fp32 model's step 1.6x faster
-    with half the projection memory. Logits within 0.02 of the fp32 ones on real text (KL ~1e-6;
-    bench/RESULTS.md). Where this torch has no fbgemm (ARM) or a weight overflows fp16, that weight
-    stays fp32 and the log and /health say so.
+    (a GGUF model's, such as the embedded SmolLM2's) and fbserve's CPU kernel runs, an Int8Head REPLACES
+    it, and an Int8Embedding a tied embedding (engine/int8_head.py, cuda_ext/cpu_q8.py: int8 codes and a
+    scale per 32 inputs, within 2^-10 of each weight; the fp32 weight goes; 0.7 vs 1.5 ms for SmolLM2's head
+    on 2 threads). Otherwise fbgemm's fp16 linear (engine/fp16_linear.py: weights rounded once to fp16, fp32
+    activations, math and outputs; 1.9 vs 5-9 ms for that head in fp32, whose weight stays for the tied
+    embedding and prefill: +2 bytes per head weight). fbgemm fp16 also runs every unquantized projection of
+    an fp32 model, which is REPLACED by its Fp16Linear (the fp32 weight goes; prefill uses it too): the fp32
+    model's step 1.6x faster with half the projection memory. Logits within 0.02 of the fp32 ones on real
+    text (KL ~1e-6; bench/RESULTS.md). Where this torch has no fbgemm (ARM) or a weight overflows fp16, that
+    weight stays fp32 and the log and /health say so.
   * RoPE cos/sin, the attention mask and the cache rows are computed once per step, not per layer;
     the KV write is a plain slice copy; q and k are rotated together; activations stay fp32 between
     the int4 matmuls exactly as on the module path (QuantLinear rounds x to bf16 inside, same here).
 
 Numerics: the same operations as the module path (cpu_int4 QuantLinear, fp32 RMSNorm / RoPE /
 softmax) on the same projection modules (after install an fp32 model's are Fp16Linear on both paths),
-so the step equals the module path to fp32 rounding, except for the lm_head's fp16 copy
-(tests/test_cpu_decode.py). The step declines (returns
+so the step equals the module path to fp32 rounding, except for the lm_head's fp16 copy (an Int8Head is
+the module path's head too; tests/test_cpu_decode.py). The step declines (returns
 None, the module path runs) when a QuantLinear carries forward hooks (QDEC residuals), when a layer
 was re-prepared after install (.to(), load_state_dict), or for T > 1.
 
