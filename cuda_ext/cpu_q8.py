@@ -22,25 +22,35 @@ from cuda_ext.cpu_native import _load, kernel_name
 RELATIVE_TOLERANCE = 2.0 ** -10  # what a Q8_0 weight stored in fp16 comes back within
 
 
+CHUNK_ROWS = 2048  # rows converted at a time: the temporaries stay a few MB, not a few times the weight
+
+
 def q8_0(weight: Tensor) -> tuple[Tensor, Tensor]:
     """ggml's Q8_0 of an (N, K) weight, K % 32 == 0: codes int8 (N, K) and scales fp32 (N, K / 32)."""
     n, k = weight.shape
-    blocks = weight.detach().float().reshape(n, k // 32, 32)
-    scales = blocks.abs().amax(-1) / 127
-    inverse = torch.where(scales > 0, 1 / scales, torch.zeros_like(scales))
-    codes = torch.round(blocks * inverse[..., None]).clamp_(-127, 127).to(torch.int8)
-    return codes.reshape(n, k), scales
+    codes, scales = torch.empty(n, k, dtype=torch.int8), torch.empty(n, k // 32)
+    for r0 in range(0, n, CHUNK_ROWS):
+        blocks = weight[r0:r0 + CHUNK_ROWS].detach().float().reshape(-1, k // 32, 32)
+        d = blocks.abs().amax(-1) / 127
+        inverse = torch.where(d > 0, 1 / d, torch.zeros_like(d))
+        codes[r0:r0 + CHUNK_ROWS] = torch.round(blocks * inverse[..., None]).clamp_(-127, 127).reshape(-1, k)
+        scales[r0:r0 + CHUNK_ROWS] = d
+    return codes, scales
 
 
 def q8_0_error(weight: Tensor, codes: Tensor, scales: Tensor) -> float:
-    """The largest |dequant(codes, scales) - w| / |w| over the nonzero weights (0 where a zero is not exact)."""
+    """The largest |dequant(codes, scales) - w| / |w| over the nonzero weights (inf where a zero is not exact)."""
     n, k = weight.shape
-    w = weight.detach().float().reshape(n, k // 32, 32)
-    err = (codes.reshape(n, k // 32, 32).float() * scales[..., None] - w).abs()
-    if bool((err[w == 0] > 0).any()):
-        return float("inf")
-    nonzero = w != 0
-    return float((err[nonzero] / w[nonzero].abs()).max()) if bool(nonzero.any()) else 0.0
+    worst = 0.0
+    for r0 in range(0, n, CHUNK_ROWS):
+        w = weight[r0:r0 + CHUNK_ROWS].detach().float().reshape(-1, k // 32, 32)
+        err = (codes[r0:r0 + CHUNK_ROWS].reshape(-1, k // 32, 32).float() * scales[r0:r0 + CHUNK_ROWS, :, None] - w).abs()
+        nonzero = w != 0
+        if bool((err[~nonzero] > 0).any()):
+            return float("inf")
+        if bool(nonzero.any()):
+            worst = max(worst, float((err[nonzero] / w[nonzero].abs()).max()))
+    return worst
 
 
 class _Q8(ctypes.Structure):
