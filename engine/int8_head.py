@@ -29,7 +29,7 @@ class Int8Head(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
     def weight_bytes(self) -> dict[str, int]:
-        return {"cpu_int8": self.q8.nbytes()}
+        return {"cpu_int8": self.q8.nbytes(), "bias": 0 if self.bias is None else self.bias.numel() * 4}
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, path={self.path}"

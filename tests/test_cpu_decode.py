@@ -310,7 +310,8 @@ def test_a_q8_0_lm_head_runs_in_int8_and_others_in_fp16(native_kernel):
     assert dec.status()["lm_head"] == f"{kernel_name()}-q8_0" and dec.lm_fp16 is None
     # the fp32 weight is gone: the head and the tied embedding read the int8 codes
     assert isinstance(model.lm_head, Int8Head) and isinstance(model.model.embed_tokens, Int8Embedding)
-    assert model.lm_head.weight_bytes() == {"cpu_int8": 304 * (128 + 16)} and dec.weight_bytes() == {"cpu_fp16": 0}
+    assert model.lm_head.weight_bytes() == {"cpu_int8": 304 * (128 + 16), "bias": 0}
+    assert dec.weight_bytes() == {"cpu_fp16": 0}
     ids = torch.tensor([[0, 17, 299], [5, 5, 16]])
     assert torch.equal(model.model.embed_tokens(ids), w[ids])
     h = torch.randn(3, 128)
