@@ -1,18 +1,11 @@
 """bench/chat_turns.py: runs a short chat end to end on the default model and fails clearly without data."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from functools import partial
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench" / "chat_turns.py"
+from tests.bench_runner import run_bench
 
-
-def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})})
+bench = partial(run_bench, "chat_turns.py")
 
 
 def test_two_turns_reuse_the_first_and_report_both_engines():

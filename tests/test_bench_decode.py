@@ -2,19 +2,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
-from pathlib import Path
+from functools import partial
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench" / "decode.py"
+from tests.bench_runner import ROOT, run_bench
 
-
-def bench(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=timeout)
+bench = partial(run_bench, "decode.py")
 
 
 def test_help_lists_the_flags():

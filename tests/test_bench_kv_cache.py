@@ -1,18 +1,11 @@
 """bench/kv_cache.py: memory, step times and teacher-forced quality per KV cache dtype, on the default model."""
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
+from functools import partial
 
-ROOT = Path(__file__).resolve().parents[1]
-BENCH = ROOT / "bench" / "kv_cache.py"
+from tests.bench_runner import run_bench
 
-
-def bench(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(BENCH), *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **(env or {})})
+bench = partial(run_bench, "kv_cache.py")
 
 
 def test_tables_for_each_dtype():
