@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator
 import torch
 
 from engine import qdec
+from engine.memory import free_memory, kv_bytes_per_token, plan_kv_cache
 from engine.prefix_cache import SlotPool
 from engine.sequence import Sequence
 from engine.types import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
@@ -80,8 +81,11 @@ class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = None,
                  threads: int | None = None, decode_threads: int | None = None,
                  decode_graphs: bool | None = None, merge_projections: bool | None = None,
-                 prefix_caching: bool = True, kv_cache_dtype: str = "auto") -> None:
-        """`kv_cache_dtype`: "auto" (`kv_cache_dtype_for`) or a name of models.llama.KV_CACHE_DTYPES.
+                 prefix_caching: bool = True, kv_cache_dtype: str = "auto", kv_cache_fraction: float = 0.8) -> None:
+        """`max_seq_len`: tokens per cache slot; None: the model's context up to 2048, shortened (logged) to what
+        fits in `kv_cache_fraction` of the memory free after the weights loaded (engine.memory); a length
+        given is kept or, if it does not fit there, refused with engine.memory.KVCacheTooLarge.
+        `kv_cache_dtype`: "auto" (`kv_cache_dtype_for`) or a name of models.llama.KV_CACHE_DTYPES.
         `prefix_caching`: a prompt reuses the keys and values a free slot holds for its leading tokens
         (engine.prefix_cache). `decode_graphs`: None replays decode steps from CUDA graphs on a CUDA device
         (engine.cuda_graph_decode); False never; True also off CUDA, where the same static step runs eagerly (tests).
@@ -92,7 +96,7 @@ class Engine:
         self.tokenizer = loaded.tokenizer
         self.model_name = loaded.name
         config = self.model.config
-        self.max_seq_len = min(max_seq_len or 2048, config.max_position_embeddings)
+        requested_len = min(max_seq_len or 2048, config.max_position_embeddings)
         if not 1 <= max_batch <= MAX_BATCH:
             raise ValueError(f"max_batch must be in [1, {MAX_BATCH}], got {max_batch}")
         self.max_batch = max_batch
@@ -105,7 +109,14 @@ class Engine:
         elif merge_projections is False:
             self.merge_status = {"enabled": False, "reason": "disabled by the caller"}
         self.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, self.model.model.norm.weight.dtype, self.device)
-        self.model.setup_cache(max_batch, self.max_seq_len, KV_CACHE_DTYPES[self.kv_cache_dtype])
+        cache_dtype = KV_CACHE_DTYPES[self.kv_cache_dtype]
+        self.model.drop_cache()  # a cache an earlier engine left on this model is not counted as taken
+        per_token = kv_bytes_per_token(len(self.model.model.layers), config.num_key_value_heads, config.head_dim,
+                                       cache_dtype)
+        self.kv_plan = plan_kv_cache(max_batch, requested_len, per_token, free_memory(self.device),
+                                     kv_cache_fraction, explicit=max_seq_len is not None)
+        self.max_seq_len = self.kv_plan.max_seq_len
+        self.model.setup_cache(max_batch, self.max_seq_len, cache_dtype)
         self.graph_decoder = None
         self.graph_reason: str | None = "not a CUDA device"
         if decode_graphs or (decode_graphs is None and self.device.type == "cuda"):
@@ -209,9 +220,13 @@ class Engine:
         }
 
     def kv_cache_status(self) -> dict[str, object]:
-        """/health's view of the KV cache: element dtype, bytes allocated, slots and tokens per slot."""
+        """/health's view of the KV cache: element dtype, bytes allocated, slots and tokens per slot; the
+        length asked for, whether free memory shortened it, the budget and the free memory it came from."""
+        plan = self.kv_plan
         return {"dtype": self.kv_cache_dtype, "bytes": self.model.kv_cache_bytes(), "slots": self.max_batch,
-                "max_seq_len": self.max_seq_len}
+                "max_seq_len": self.max_seq_len, "requested_max_seq_len": plan.requested_max_seq_len,
+                "limited_by_memory": plan.limited_by_memory, "budget_bytes": plan.budget_bytes,
+                "free_bytes_at_start": plan.free.bytes, "free_memory_source": plan.free.source}
 
     def cpu_decode_status(self) -> dict[str, object]:
         """/health's view of the CPU decode fast path (engine.cpu_decode): on or off, its lm_head path,

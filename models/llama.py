@@ -245,6 +245,11 @@ class Transformer(nn.Module):
                                                self.config.head_dim, dtype, p.device)
         self.max_seq_len = max_seq_len
 
+    def drop_cache(self) -> None:
+        """Free the KV cache (setup_cache allocates a new one)."""
+        for layer in self.model.layers:
+            layer.self_attn.kv_cache = None
+
     def copy_cache_prefix(self, source: int, dest: int, length: int) -> None:
         """Copy the keys and values at positions 0..length-1 of cache slot `source` into slot `dest`."""
         for layer in self.model.layers:

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from engine import qdec
+from engine.memory import KVCacheTooLarge
 from server import routes_chat, routes_completions, routes_tokenize
 from server.admission import Gate, ServingConfig
 from server.generation import ServerState, check_model
@@ -73,7 +74,10 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
             built.start()
         except BaseException as exc:
             state.load_error = f"{type(exc).__name__}: {exc}"
-            log.exception("loading the model failed")
+            if isinstance(exc, KVCacheTooLarge):  # the operator's settings, not a bug: no traceback
+                log.error("loading the model failed: %s", exc)
+            else:
+                log.exception("loading the model failed")
             if on_load_error is not None:
                 on_load_error(exc)
             return

@@ -79,7 +79,7 @@ def serve(args: argparse.Namespace) -> int:
         attach_for_serving(loaded, args)  # QDEC residuals when asked; never raises for bad residual files
         return Engine(loaded, max_batch=args.max_batch, max_seq_len=args.max_seq_len, threads=args.threads,
                       decode_threads=args.decode_threads, prefix_caching=args.prefix_caching == "on",
-                      kv_cache_dtype=args.kv_cache_dtype)
+                      kv_cache_dtype=args.kv_cache_dtype, kv_cache_fraction=args.kv_cache_fraction)
 
     failed: list[BaseException] = []
     config = uvicorn.Config(None, host=args.host, port=args.port, log_config=None,  # our logging config
@@ -127,7 +127,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-prompt-tokens", type=_bounded_int(1, None), default=None,
                    help="longer prompts get 400 (default: only the context length bounds them)")
     p.add_argument("--max-n", type=_bounded_int(1, 128), default=8, help="largest `n` (choices) per request")
-    p.add_argument("--max-seq-len", type=int, default=None, help="context length (default: the model's)")
+    p.add_argument("--max-seq-len", type=_bounded_int(1, None), default=None,
+                   help="context length, tokens per KV cache slot; refused at start-up if it does not fit in "
+                        "--kv-cache-fraction (default: the model's, up to 2048, shortened to what fits)")
     p.add_argument("--threads", type=_bounded_int(1, None), default=None,
                    help="CPU: intra-op threads for prompts (default: torch's, OMP_NUM_THREADS or the physical cores)")
     p.add_argument("--decode-threads", type=_bounded_int(1, None), default=None,
@@ -140,6 +142,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="keys and values of the KV cache: auto = float16 for a model computing in float32 on a "
                         "CPU (half the memory of float32), else the model's dtype")
+    p.add_argument("--kv-cache-fraction", type=_fraction, default=0.8, metavar="F",
+                   help="the KV cache (--max-batch slots x --max-seq-len tokens) may take at most this fraction "
+                        "of the memory free on the device once the weights are loaded (GPU memory, or available "
+                        "RAM within a container's limit)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    type=str.lower)
     p.set_defaults(func=serve)
@@ -152,6 +158,13 @@ def _bounded_int(low: int, high: int | None) -> Callable[[str], int]:
             raise argparse.ArgumentTypeError(f"{value} is not in [{low}, {high if high is not None else 'inf'}]")
         return value
     return parse
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is not in (0, 1]")
+    return value
 
 
 def register_subcommands(subparsers: argparse._SubParsersAction, name: str) -> bool:
