@@ -114,7 +114,8 @@ class Engine:
         per_token = kv_bytes_per_token(len(self.model.model.layers), config.num_key_value_heads, config.head_dim,
                                        cache_dtype)
         self.kv_plan = plan_kv_cache(max_batch, requested_len, per_token, free_memory(self.device),
-                                     kv_cache_fraction, explicit=max_seq_len is not None)
+                                     kv_cache_fraction, explicit=max_seq_len is not None,
+                                     element_bytes=cache_dtype.itemsize)
         self.max_seq_len = self.kv_plan.max_seq_len
         self.model.setup_cache(max_batch, self.max_seq_len, cache_dtype)
         self.graph_decoder = None

@@ -84,10 +84,11 @@ def _gib(n: int) -> str:
 
 
 def plan_kv_cache(slots: int, max_seq_len: int, per_token: int, free: FreeMemory, fraction: float,
-                  explicit: bool) -> KVCachePlan:
+                  explicit: bool, element_bytes: int = 2) -> KVCachePlan:
     """The cache for `slots` sequences of `max_seq_len` tokens if it fits in `fraction` of `free`; else, when
     the length was not the operator's (`explicit` False), the longest multiple of CONTEXT_STEP tokens that
-    fits (at least MIN_CONTEXT). Raises KVCacheTooLarge, naming the numbers and the flags, otherwise."""
+    fits (at least MIN_CONTEXT). Raises KVCacheTooLarge, naming the numbers and the flags, otherwise
+    (`element_bytes`: the cache dtype's width; a wider one than fp16 is worth naming)."""
     if not 0.0 < fraction <= 1.0:
         raise ValueError(f"kv_cache_fraction must be in (0, 1], got {fraction}")
     budget = int(free.bytes * fraction)
@@ -102,7 +103,8 @@ def plan_kv_cache(slots: int, max_seq_len: int, per_token: int, free: FreeMemory
     floor = min(MIN_CONTEXT, max_seq_len)
     need = (f"a KV cache of {slots} slots x {max_seq_len} tokens needs {_gib(max_seq_len * per_slot_token)}, "
             f"but {fraction:g} of the {_gib(free.bytes)} free ({free.source}) is {_gib(budget)}")
-    advice = "lower --max-batch or --max-seq-len, use --kv-cache-dtype float16, or raise --kv-cache-fraction"
+    narrower = ", use --kv-cache-dtype float16" if element_bytes > 2 else ""
+    advice = f"lower --max-batch or --max-seq-len{narrower}, or raise --kv-cache-fraction"
     if explicit:
         raise KVCacheTooLarge(f"{need}: {fits} tokens per slot would fit; {advice}")
     length = fits // CONTEXT_STEP * CONTEXT_STEP

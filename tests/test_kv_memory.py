@@ -41,8 +41,11 @@ def test_an_explicit_context_that_does_not_fit_is_refused_with_the_numbers_and_f
                       explicit=True)
     text = str(err.value)
     for part in ("8 slots x 8192 tokens", "8.00 GiB", "1.50 GiB free", "mem_get_info", "1228 tokens per slot",
-                 "--max-batch", "--max-seq-len", "--kv-cache-dtype", "--kv-cache-fraction"):
+                 "--max-batch", "--max-seq-len", "--kv-cache-fraction"):
         assert part in text, part
+    assert "--kv-cache-dtype" not in text  # fp16 already
+    with pytest.raises(KVCacheTooLarge, match="use --kv-cache-dtype float16"):
+        plan_kv_cache(8, 8192, 256 * 1024, FreeMemory(int(1.5 * GIB), "test"), 0.8, explicit=True, element_bytes=4)
 
 
 def test_too_little_memory_for_even_the_shortest_context_is_refused():
