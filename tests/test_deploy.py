@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
 DOCKERIGNORE = ROOT / ".dockerignore"
 COMPOSE = ROOT / "docker-compose.yml"
+COMPOSE_CPU = ROOT / "docker-compose.cpu.yml"
 PROMETHEUS_CONFIG = ROOT / "docker" / "prometheus" / "prometheus.yml"
 GRAFANA_DATASOURCE = ROOT / "docker" / "grafana" / "provisioning" / "datasources" / "prometheus.yml"
 GRAFANA_PROVIDER = ROOT / "docker" / "grafana" / "provisioning" / "dashboards" / "fbserve.yml"
@@ -204,6 +205,38 @@ def test_compose_runs_fbserve_on_a_gpu_with_prometheus_and_grafana():
             src = v.split(":")[0]
             if src.startswith("."):
                 assert (ROOT / src).exists(), f"{name}: bind mount source {src} is missing"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags (`!reset`, `!override`) read as their plain values."""
+
+
+for _tag in ("!reset", "!override"):
+    _ComposeLoader.add_constructor(_tag, lambda loader, node: loader.construct_mapping(node)
+                                   if isinstance(node, yaml.MappingNode) else loader.construct_object(node))
+
+
+def test_cpu_override_serves_without_a_gpu():
+    """`docker compose -f docker-compose.yml -f docker-compose.cpu.yml up`: the same stack, fbserve from a
+    CPU-only image (Ubuntu base, torch's CPU wheels) on --device cpu, no GPU reservation left after the merge."""
+    cpu = yaml.load(COMPOSE_CPU.read_text(), Loader=_ComposeLoader)["services"]["fbserve"]
+    assert cpu["build"]["args"]["BASE_IMAGE"].startswith("ubuntu:")
+    assert cpu["build"]["args"]["TORCH_INDEX"].endswith("/whl/cpu")
+    assert cpu["image"] != _compose()["services"]["fbserve"]["image"], "the CPU image must not replace the GPU one"
+    assert "!reset" in COMPOSE_CPU.read_text().split("deploy:")[1].splitlines()[0]
+    compose = _compose_command()
+    if compose is None:
+        _missing_tool("a Compose v2 CLI (`docker compose` or docker-compose v2)")
+    r = _run([*compose, "-f", str(COMPOSE), "-f", str(COMPOSE_CPU), "config", "--format", "json"])
+    assert r.returncode == 0, f"`compose config` rejects the CPU override:\n{r.stdout}{r.stderr}"
+    merged = json.loads(r.stdout)["services"]
+    fb = merged["fbserve"]
+    assert "deploy" not in fb and "devices" not in json.dumps(fb), "a GPU reservation survived the merge"
+    command = fb["command"]
+    assert command[command.index("--device") + 1] == "cpu" and command[:2] == ["fbserve", "serve"]
+    assert fb["build"]["dockerfile"] == "docker/Dockerfile" and fb["build"]["args"]["TORCH_INDEX"].endswith("/whl/cpu")
+    assert {p["target"] for p in fb["ports"]} == {8000} and {"prometheus", "grafana"} <= merged.keys()
+    assert {v["target"] for v in fb["volumes"]} >= {"/data", "/shared-data"}
 
 
 def _mount_target(service: str, source: str) -> str:
