@@ -29,6 +29,9 @@ log = logging.getLogger("fbserve.engine")
 # Prompt log-probabilities are computed from hidden states in chunks of this many positions, so a
 # long echo prompt never materialises (T, vocab) logits at once.
 _LOGPROB_CHUNK = 256
+# A prompt is prefilled this many tokens at a time, with a decode step of the running requests between
+# chunks: a long prompt delays their next tokens by one chunk (~0.4 s on 2 cores), not by its whole prefill.
+PREFILL_CHUNK = 256
 MAX_BATCH = 16  # KV cache slots; `fbserve serve --max-batch` allows up to this
 
 
@@ -81,11 +84,14 @@ class Engine:
     def __init__(self, loaded: LoadedModel, max_batch: int = 8, max_seq_len: int | None = None,
                  threads: int | None = None, decode_threads: int | None = None,
                  decode_graphs: bool | None = None, merge_projections: bool | None = None,
-                 prefix_caching: bool = True, kv_cache_dtype: str = "auto", kv_cache_fraction: float = 0.8) -> None:
+                 prefix_caching: bool = True, kv_cache_dtype: str = "auto", kv_cache_fraction: float = 0.8,
+                 prefill_chunk: int | None = None) -> None:
         """`max_seq_len`: tokens per cache slot; None: the model's context up to 2048, shortened (logged) to what
         fits in `kv_cache_fraction` of the memory free after the weights loaded (engine.memory); a length
         given is kept or, if it does not fit there, refused with engine.memory.KVCacheTooLarge.
         `kv_cache_dtype`: "auto" (`kv_cache_dtype_for`) or a name of models.llama.KV_CACHE_DTYPES.
+        `prefill_chunk`: tokens of a prompt prefilled per engine step (None: PREFILL_CHUNK; the same chunks
+        whether or not other requests run, so a request's numbers never depend on them).
         `prefix_caching`: a prompt reuses the keys and values a free slot holds for its leading tokens
         (engine.prefix_cache). `decode_graphs`: None replays decode steps from CUDA graphs on a CUDA device
         (engine.cuda_graph_decode); False never; True also off CUDA, where the same static step runs eagerly (tests).
@@ -100,6 +106,9 @@ class Engine:
         if not 1 <= max_batch <= MAX_BATCH:
             raise ValueError(f"max_batch must be in [1, {MAX_BATCH}], got {max_batch}")
         self.max_batch = max_batch
+        self.prefill_chunk = PREFILL_CHUNK if prefill_chunk is None else prefill_chunk
+        if self.prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.device = self.model.model.norm.weight.device
         self.merge_status: dict[str, object] = {"enabled": False, "reason": "not a CUDA device"}
         if merge_projections or (merge_projections is None and self.device.type == "cuda"):
@@ -146,7 +155,8 @@ class Engine:
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
         self._waiting: deque[Sequence] = deque()
-        self._running: dict[int, Sequence] = {}
+        self._running: dict[int, Sequence] = {}  # by slot: prefilling (in _prefilling too) or decoding
+        self._prefilling: deque[Sequence] = deque()
         self._slots = SlotPool(max_batch, reuse=prefix_caching)
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -186,7 +196,10 @@ class Engine:
         events: asyncio.Queue[GenerationOutput] = asyncio.Queue()
 
         def emit(event: GenerationOutput) -> None:
-            loop.call_soon_threadsafe(events.put_nowait, event)
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the consumer's event loop is closed: nobody is left to tell
+                log.debug("dropped an event of %s: its event loop is closed", request.request_id)
 
         seq = Sequence(request, emit, self.eos_ids, self.tokenizer)
         self._inbox.put(seq)
@@ -313,7 +326,8 @@ class Engine:
             self._drop_cancelled()
             try:
                 self._admit()
-                if self._running:
+                self._prefill_some()
+                if any(seq.output_ids for seq in self._running.values()):
                     self._decode_step()
             except Exception as exc:  # a failed step fails its requests, never the worker
                 log.exception("engine step failed")
@@ -347,56 +361,86 @@ class Engine:
         unless `cache_valid` is False (a step failed part way: what it wrote cannot be trusted)."""
         if self._running.pop(seq.slot, None) is not None:
             self._slots.release(seq.slot, seq.fed_ids() if cache_valid else [])
+        if seq in self._prefilling:
+            self._prefilling.remove(seq)
 
     def _finish(self, seq: Sequence, event: GenerationOutput, cache_valid: bool = True) -> None:
         self._release(seq, cache_valid)
         seq.emit(event)
 
     def _admit(self) -> None:
-        """Prefill waiting requests into free slots (one at a time; each joins the next decode step)."""
-        while self._waiting and len(self._slots):
+        """Give the next waiting request a free slot (and the cached prefix another slot holds) once no prompt
+        is being prefilled: prompts prefill one after another, and a prompt admitted after another sharing
+        its start copies that one's keys and values (all of them, the prefill being done)."""
+        while self._waiting and len(self._slots) and not self._prefilling:
             seq = self._waiting.popleft()
             running = {slot: s.fed_ids() for slot, s in self._running.items()} if self._slots.reuse else None
             seq.slot, seq.cached_tokens, source = self._slots.acquire(
                 seq.request.prompt_token_ids, reusable=seq.request.params.prompt_logprobs is None, running=running)
             if source is not None:  # another slot holds the prefix: copy it rather than compute it
                 self.model.copy_cache_prefix(source, seq.slot, seq.cached_tokens)
+            seq.prefilled = seq.cached_tokens
             self._running[seq.slot] = seq
+            self._prefilling.append(seq)
+
+    def _prefill_some(self) -> None:
+        """Prefill chunks, first admitted first, until a request is decoding: then one chunk per engine step,
+        so the decoding requests' next tokens wait for one chunk, not for a whole prompt."""
+        while self._prefilling:
+            self._drop_cancelled()  # a cancelled prompt stops within a chunk
+            if not self._prefilling:
+                return
+            seq = self._prefilling[0]
             try:
                 self._use_threads("prefill")
-                self._prefill(seq)
+                self._prefill_chunk(seq)
             except Exception as exc:
                 log.exception("prefill of %s failed", seq.request_id)
                 self._finish(seq, GenerationOutput(seq.request_id, finish_reason="error", error=str(exc)),
                              cache_valid=False)
+            if seq.prefilled == len(seq.request.prompt_token_ids) and seq in self._prefilling:
+                self._prefilling.popleft()
+            if any(s.output_ids for s in self._running.values()):
+                return
 
-    def _prefill(self, seq: Sequence) -> None:
-        queue_wait = time.monotonic() - seq.submitted_at
+    def _prefill_chunk(self, seq: Sequence) -> None:
+        """Prefill the next `prefill_chunk` prompt tokens of `seq`; after the last, sample its first token."""
         ids = seq.request.prompt_token_ids
-        start = seq.cached_tokens  # keys and values of ids[:start] are already in the slot
-        tokens = torch.tensor([ids[start:]], dtype=torch.long, device=self.device)
-        positions = torch.arange(start, len(ids), device=self.device)[None]
+        start = seq.prefilled  # keys and values of ids[:start] are already in the slot
+        end = min(start + self.prefill_chunk, len(ids))
+        if seq.prefill_started_at is None:
+            seq.prefill_started_at = time.monotonic()
+            if seq.request.params.prompt_logprobs is not None:
+                seq.prompt_logprobs = [None]  # the first token has none
+        tokens = torch.tensor([ids[start:end]], dtype=torch.long, device=self.device)
+        positions = torch.arange(start, end, device=self.device)[None]
         slots = torch.tensor([seq.slot], device=self.device)
-        hidden = self.model.hidden_states(tokens, positions, slots)  # (1, T - start, hidden)
-        prompt_lp = None
-        if seq.request.params.prompt_logprobs is not None:
-            prompt_lp = self._prompt_logprobs(hidden[0], ids, seq)
+        hidden = self.model.hidden_states(tokens, positions, slots)  # (1, end - start, hidden)
+        if seq.prompt_logprobs is not None:
+            seq.prompt_logprobs += self._prompt_logprobs(hidden[0], ids, start, seq)
+        seq.prefilled = end
+        if end < len(ids):
+            return
+        queue_wait = seq.prefill_started_at - seq.submitted_at
+        prompt_lp = seq.prompt_logprobs
         if seq.request.params.max_tokens == 0:
             self._finish(seq, GenerationOutput(seq.request_id, finish_reason="length", prompt_logprobs=prompt_lp,
                                                prompt_tokens=len(ids), queue_wait_s=queue_wait,
-                                               cached_tokens=start))
+                                               cached_tokens=seq.cached_tokens))
             return
         logits = self.model.lm_head(hidden[0, -1]).float().cpu()
         self._after_sample(seq, seq.step(logits, prompt_lp, queue_wait))
 
-    def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], seq: Sequence) -> list[TokenLogprob | None]:
-        """Log-probability of each prompt token given the ones before it (the first has none)."""
+    def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], offset: int,
+                         seq: Sequence) -> list[TokenLogprob]:
+        """Log-probability of each prompt token that follows a position of `hidden` (positions offset..)."""
         top = seq.request.params.prompt_logprobs or 0
-        out: list[TokenLogprob | None] = [None]
-        for start in range(0, len(ids) - 1, _LOGPROB_CHUNK):
-            end = min(start + _LOGPROB_CHUNK, len(ids) - 1)
+        out: list[TokenLogprob] = []
+        rows = min(hidden.shape[0], len(ids) - 1 - offset)  # the last prompt position predicts no prompt token
+        for start in range(0, rows, _LOGPROB_CHUNK):
+            end = min(start + _LOGPROB_CHUNK, rows)
             lp = torch.log_softmax(self.model.lm_head(hidden[start:end]).float(), dim=-1).cpu()  # (n, V)
-            targets = torch.tensor(ids[start + 1:end + 1])
+            targets = torch.tensor(ids[offset + start + 1:offset + end + 1])
             chosen = lp.gather(1, targets[:, None])[:, 0]
             tops = torch.topk(lp, top, dim=-1) if top else None
             for i, tok in enumerate(targets.tolist()):
@@ -406,7 +450,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         self._use_threads("decode")
-        seqs = sorted(self._running.values(), key=lambda s: s.slot)
+        seqs = sorted((s for s in self._running.values() if s.output_ids), key=lambda s: s.slot)
         if self.graph_decoder is not None:
             logits = self.graph_decoder.step([s.output_ids[-1] for s in seqs], [s.position for s in seqs],
                                              [s.slot for s in seqs])

@@ -21,6 +21,9 @@ class Sequence:
     submitted_at: float = field(default_factory=time.monotonic)
     slot: int = -1
     cached_tokens: int = 0  # leading prompt tokens whose keys and values the slot already held
+    prefilled: int = 0  # leading prompt tokens whose keys and values are in the slot (prefill runs in chunks)
+    prefill_started_at: float | None = None
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # gathered chunk by chunk when asked for
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 
@@ -42,7 +45,10 @@ class Sequence:
 
     def fed_ids(self) -> list[int]:
         """The tokens whose keys and values are in the slot, at positions 0..: the prompt and every sampled
-        token but the last (fed at the next step, which has not run)."""
+        token but the last (fed at the next step, which has not run); while the prompt is being prefilled,
+        the part of it done so far."""
+        if not self.output_ids:
+            return self.request.prompt_token_ids[:self.prefilled]
         return self.request.prompt_token_ids + self.output_ids[:-1]
 
     def step(self, logits: torch.Tensor, prompt_logprobs: list[TokenLogprob | None] | None = None,

@@ -79,7 +79,8 @@ def serve(args: argparse.Namespace) -> int:
         attach_for_serving(loaded, args)  # QDEC residuals when asked; never raises for bad residual files
         return Engine(loaded, max_batch=args.max_batch, max_seq_len=args.max_seq_len, threads=args.threads,
                       decode_threads=args.decode_threads, prefix_caching=args.prefix_caching == "on",
-                      kv_cache_dtype=args.kv_cache_dtype, kv_cache_fraction=args.kv_cache_fraction)
+                      kv_cache_dtype=args.kv_cache_dtype, kv_cache_fraction=args.kv_cache_fraction,
+                      prefill_chunk=args.prefill_chunk)
 
     failed: list[BaseException] = []
     config = uvicorn.Config(None, host=args.host, port=args.port, log_config=None,  # our logging config
@@ -142,6 +143,10 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--kv-cache-dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto",
                    help="keys and values of the KV cache: auto = float16 for a model computing in float32 on a "
                         "CPU (half the memory of float32), else the model's dtype")
+    p.add_argument("--prefill-chunk", type=_bounded_int(1, None), default=None, metavar="TOKENS",
+                   help="prompts are prefilled this many tokens at a time (default 256), with a decode step of "
+                        "the running requests between chunks: their next token waits for one chunk, not a "
+                        "whole prompt")
     p.add_argument("--kv-cache-fraction", type=_fraction, default=0.8, metavar="F",
                    help="the KV cache (--max-batch slots x --max-seq-len tokens) may take at most this fraction "
                         "of the memory free on the device once the weights are loaded (GPU memory, or available "

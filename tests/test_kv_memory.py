@@ -128,7 +128,9 @@ def test_serve_flag_and_a_clean_error_without_traceback(caplog):
     parse = cli.build_parser().parse_args
     assert parse(["serve"]).kv_cache_fraction == 0.8
     assert parse(["serve", "--kv-cache-fraction", "0.5"]).kv_cache_fraction == 0.5
-    for bad in (["--kv-cache-fraction", "0"], ["--kv-cache-fraction", "1.5"], ["--max-seq-len", "0"]):
+    assert parse(["serve"]).prefill_chunk is None and parse(["serve", "--prefill-chunk", "64"]).prefill_chunk == 64
+    for bad in (["--kv-cache-fraction", "0"], ["--kv-cache-fraction", "1.5"], ["--max-seq-len", "0"],
+                ["--prefill-chunk", "0"]):
         with pytest.raises(SystemExit):
             parse(["serve", *bad])
 

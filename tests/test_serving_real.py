@@ -114,8 +114,13 @@ def test_memory_metrics_by_kind(server):
     assert {"weights_fp", "kv_cache_total", "kv_cache_used", "pinned_residuals", "rss"} <= set(rows), rows
     assert float(rows["kv_cache_total"]) > 0 and float(rows["weights_fp"]) > 0
     assert float(rows["kv_cache_used"]) == 0  # nothing running
-    kv = httpx.get(f"{server.url}/health", timeout=60).json()["kv_cache"]  # fp16 by default on a CPU
-    assert kv == {"dtype": "float16", "bytes": int(float(rows["kv_cache_total"])), "slots": MAX_BATCH, "max_seq_len": 256}
+    health = httpx.get(f"{server.url}/health", timeout=60).json()
+    kv = health["kv_cache"]  # fp16 by default on a CPU; sized within the memory free at start
+    assert {k: kv[k] for k in ("dtype", "bytes", "slots", "max_seq_len", "requested_max_seq_len")} == \
+        {"dtype": "float16", "bytes": int(float(rows["kv_cache_total"])), "slots": MAX_BATCH, "max_seq_len": 256,
+         "requested_max_seq_len": 256}
+    assert kv["limited_by_memory"] is False and kv["bytes"] <= kv["budget_bytes"] < kv["free_bytes_at_start"]
+    assert health["prefill_chunk"] == 256
     assert server.metric("fbserve_kv_cache_usage_ratio") == 0
 
 

@@ -1,0 +1,149 @@
+"""Prompts prefilled in chunks (Engine(prefill_chunk=...)): the same answers and prompt log-probs as one call,
+decode steps of the running requests between the chunks, and a request cancelled mid-prompt leaves cleanly."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.engine import Engine
+from engine.sequence import Sequence
+from engine.types import GenerationRequest, SamplingParams
+from models.loader import load_model
+
+CHUNK = 16
+TEXT = ("The history of the city begins in the year 1200, when a small group of farmers settled on the banks of "
+        "the river. Over the following centuries the settlement grew into a market town, then into a city with "
+        "walls, churches and a university. Today it is known for")
+
+
+@pytest.fixture(scope="module")
+def engines():
+    """Two engines on fp32 caches (keys read back from the cache are then exact): whole prompts, and chunks."""
+    whole = Engine(load_model("default"), max_batch=2, max_seq_len=256, kv_cache_dtype="float32")
+    chunked = Engine(load_model("default"), max_batch=2, max_seq_len=256, kv_cache_dtype="float32",
+                     prefill_chunk=CHUNK)
+    whole.start()
+    chunked.start()
+    yield whole, chunked
+    whole.shutdown()
+    chunked.shutdown()
+
+
+def _ids(engine: Engine, lead: str = "") -> list[int]:
+    """The prompt's tokens; a different `lead` word gives a prompt no slot holds a prefix of."""
+    ids = engine.tokenizer.encode(lead + TEXT, add_special_tokens=False)
+    assert len(ids) > 3 * CHUNK
+    return ids
+
+
+async def _collect(engine: Engine, rid: str, ids: list[int], **kw):
+    return [ev async for ev in engine.generate(GenerationRequest(rid, ids, SamplingParams(**kw)))]
+
+
+def test_chunked_prompt_gives_the_same_answer_and_prompt_logprobs(engines):
+    whole, chunked = engines
+    ids = _ids(whole)
+    kw = dict(max_tokens=12, temperature=0.0, logprobs=2, prompt_logprobs=1)
+    a = asyncio.run(_collect(whole, "w", ids, **kw))
+    b = asyncio.run(_collect(chunked, "c", ids, **kw))
+    assert "".join(e.text for e in a) == "".join(e.text for e in b)
+    for x, y in zip(a, b):
+        for p, q in zip(x.logprobs or [], y.logprobs or []):
+            assert p.token_id == q.token_id and p.logprob == pytest.approx(q.logprob, abs=2e-3)
+    pa, pb = a[0].prompt_logprobs, b[0].prompt_logprobs
+    assert len(pa) == len(pb) == len(ids) and pa[0] is None and pb[0] is None
+    for p, q in zip(pa[1:], pb[1:]):
+        assert p.token_id == q.token_id and p.logprob == pytest.approx(q.logprob, abs=2e-3)
+        assert p.top.keys() == q.top.keys()
+    # prompt log-probs only (max_tokens 0) across chunk boundaries too
+    (only,) = asyncio.run(_collect(chunked, "p", ids[:2 * CHUNK + 1], max_tokens=0, prompt_logprobs=0))
+    assert only.finish_reason == "length" and len(only.prompt_logprobs) == 2 * CHUNK + 1
+    assert [p.token_id for p in only.prompt_logprobs[1:]] == ids[1:2 * CHUNK + 1]
+
+
+def test_running_requests_decode_between_the_chunks_of_a_new_prompt(engines, monkeypatch):
+    _, chunked = engines
+    ids = _ids(chunked, "Briefly: ")
+    calls: list[str] = []
+    prefill, decode = chunked._prefill_chunk, chunked._decode_step
+    monkeypatch.setattr(chunked, "_prefill_chunk", lambda seq: (calls.append(seq.request_id), prefill(seq))[1])
+    monkeypatch.setattr(chunked, "_decode_step", lambda: (calls.append("step"), decode())[1])
+
+    async def both():
+        first = asyncio.get_running_loop().create_future()
+
+        async def runner():
+            out = []
+            async for ev in chunked.generate(GenerationRequest("run", ids[:8], SamplingParams(
+                    max_tokens=60, temperature=0.0, ignore_eos=True))):
+                out.append(ev)
+                if not first.done():
+                    first.set_result(None)
+            return out
+
+        task = asyncio.create_task(runner())
+        await first
+        late = await _collect(chunked, "late", ids, max_tokens=2, temperature=0.0)
+        return await task, late
+
+    run_events, late = asyncio.run(both())
+    assert len(run_events) == 60 and late[-1].finish_reason == "length"
+    late_chunks = [i for i, c in enumerate(calls) if c == "late"]
+    assert len(late_chunks) == -(-len(ids) // CHUNK)
+    # each chunk after the first waits for one decode step of the running request
+    for before, after in zip(late_chunks, late_chunks[1:]):
+        assert calls[before + 1:after] == ["step"], calls[before:after + 1]
+
+
+def test_a_request_cancelled_mid_prompt_frees_its_slot(engines, monkeypatch):
+    _, chunked = engines
+    ids = _ids(chunked, "Cancelled: ")
+    prefill = chunked._prefill_chunk
+    chunks: list[int] = []
+
+    def cancel_after_two(seq):
+        prefill(seq)
+        if seq.request_id == "cancel":
+            chunks.append(seq.prefilled)
+            if seq.prefilled == 2 * CHUNK:
+                chunked.cancel("cancel")
+
+    monkeypatch.setattr(chunked, "_prefill_chunk", cancel_after_two)
+
+    async def cancelled():
+        agen = chunked.generate(GenerationRequest("cancel", ids, SamplingParams(max_tokens=4, temperature=0.0)))
+        try:
+            await asyncio.wait_for(agen.__anext__(), timeout=1.0)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            await agen.aclose()
+
+    asyncio.run(cancelled())
+    for _ in range(100):  # the worker drops it at its next turn
+        if not chunked._running and not chunked._prefilling:
+            break
+        asyncio.run(asyncio.sleep(0.02))
+    assert not chunked._running and not chunked._prefilling and len(chunked._slots) == 2
+    assert chunks == [CHUNK, 2 * CHUNK]  # stopped within a chunk of the cancel, though nothing else ran
+    # the engine still answers, the same as before
+    text = "".join(e.text for e in asyncio.run(_collect(chunked, "after", ids, max_tokens=6, temperature=0.0)))
+    assert text
+
+
+def test_fed_ids_of_a_prompt_part_way_through_its_prefill(engines):
+    seq = Sequence(GenerationRequest("r", [5, 6, 7, 8], SamplingParams()), lambda ev: None, set(),
+                   engines[0].tokenizer)
+    seq.prefilled = 2
+    assert seq.fed_ids() == [5, 6]
+    seq.prefilled = 4
+    seq.output_ids = [9]
+    assert seq.fed_ids() == [5, 6, 7, 8]
+    seq.output_ids = [9, 10]
+    assert seq.fed_ids() == [5, 6, 7, 8, 9]
+
+
+def test_prefill_chunk_must_be_positive(engines):
+    with pytest.raises(ValueError, match="prefill_chunk"):
+        Engine(engines[0].loaded, max_batch=1, max_seq_len=64, prefill_chunk=0)
