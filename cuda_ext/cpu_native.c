@@ -15,8 +15,8 @@
  * Arithmetic: x is rounded to bf16 (as torch's int4 CPU op does); the codes are exact in bf16; products
  * and sums are fp32 (the AVX2 build decodes the same fields into fp32 1 + code / L, multiplies them by the
  * bf16-rounded x held as fp32, and sums in fp32 too).  Per group: acc = X + sum(x * code) / L, X = sum(x) over the group, so
- * sum(x * (code - zero)) * scale = sa * acc - sb * X with sa = L * scale and sb = scale * (L + zero),
- * both exact in fp32 (prepared in Python).  The branch:
+ * sum(x * (code - zero)) * scale = sa * acc - sb * X with sa = L * scale (exact) and sb = scale * (L + zero)
+ * (L + zero exact, one fp32 rounding), computed per group from the fp16 scale and zero (`group_scales`).  The branch:
  * t = A x in fp32 from the fp16 A, then y += B t from the fp16 B^T.
  */
 #include <immintrin.h>
@@ -29,7 +29,7 @@
 
 typedef struct {
   const int32_t *words;   /* (n_pad / 16, words_per_tile, 16) */
-  const float *sa, *sb;   /* (n_pad / 16, G, 16): per tile, contiguous */
+  const uint16_t *sz;     /* fp16 (n_pad / 16, G, 2, 16): per tile and group, 16 scales then 16 zeros */
   const uint16_t *a;      /* fp16 (r, K) or NULL */
   const uint16_t *bt;     /* fp16 (n_pad / 16, r, 16) or NULL: B^T per tile */
   const float *bias;      /* (n_pad) or NULL */
@@ -113,17 +113,27 @@ INLINE float group_sum(const float *xs32, int kg, int ke) {
 static inline void prefetch_tile(const fbq_part *p, int tile, int G) {
   const char *w = (const char *)(p->words + (size_t)tile * p->words_per_tile * 16);
   for (int line = 0; line < p->words_per_tile; line++) _mm_prefetch(w + 64 * line, _MM_HINT_T1);
-  for (int gi = 0; gi < G; gi++) {
-    _mm_prefetch((const char *)(p->sa + ((size_t)tile * G + gi) * 16), _MM_HINT_T1);
-    _mm_prefetch((const char *)(p->sb + ((size_t)tile * G + gi) * 16), _MM_HINT_T1);
-  }
+  for (int gi = 0; gi < G; gi++) _mm_prefetch((const char *)(p->sz + ((size_t)tile * G + gi) * 32), _MM_HINT_T1);
   if (p->bt) {
     const char *b = (const char *)(p->bt + (size_t)tile * p->rank * 16);
     for (int line = 0; line < (p->rank + 1) / 2; line++) _mm_prefetch(b + 64 * line, _MM_HINT_T1);
   }
 }
 
+/* a code's value in the tile words is 1 + code / L (header) */
+INLINE float code_lane(int bits) { return bits == 4 ? 16.f : 8.f; }
+
 #ifdef FBQ_AVX512
+/* group gi's sa = L scale, sb = scale (L + zero) for a tile's 16 columns, from its fp16 scales and zeros */
+INLINE void group_scales(const fbq_part *p, int tile, int G, int gi, int bits, __m512 *sa, __m512 *sb) {
+  const uint16_t *q = p->sz + ((size_t)tile * G + gi) * 32;
+  const __m512 L = _mm512_set1_ps(code_lane(bits));
+  const __m512 scale = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)q));
+  const __m512 zero = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(q + 16)));
+  *sa = _mm512_mul_ps(scale, L);
+  *sb = _mm512_mul_ps(scale, _mm512_add_ps(L, zero));
+}
+
 /* one 16-column tile of one part for rows m0 .. m0 + ROWS - 1 */
 INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, const int bits, int K, int k_pad,
                         const x_t *xb, const float *xs32, const float *t, int t_ld, float *y, int ldy) {
@@ -163,8 +173,8 @@ INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, con
       }
     }
     w += (size_t)(full + (rest ? 1 : 0)) * 16;
-    const __m512 sa = _mm512_loadu_ps(p->sa + ((size_t)tile * G + gi) * 16);
-    const __m512 sb = _mm512_loadu_ps(p->sb + ((size_t)tile * G + gi) * 16);
+    __m512 sa, sb;
+    group_scales(p, tile, G, gi, bits, &sa, &sb);
     for (int mi = 0; mi < ROWS; mi++) {
       const __m512 acc = _mm512_add_ps(_mm512_add_ps(a0[mi], a1[mi]), _mm512_add_ps(a2[mi], a3[mi]));
       const float xg = group_sum(xs32 + (size_t)(m0 + mi) * (k_pad / 32), kg, ke);
@@ -188,6 +198,21 @@ INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, con
 }
 
 #else
+/* as the AVX-512 build's, in two halves of 8 columns */
+INLINE void group_scales(const fbq_part *p, int tile, int G, int gi, int bits, __m256 *sa0, __m256 *sa1, __m256 *sb0,
+                         __m256 *sb1) {
+  const uint16_t *q = p->sz + ((size_t)tile * G + gi) * 32;
+  const __m256 L = _mm256_set1_ps(code_lane(bits));
+  const __m256 s0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)q));
+  const __m256 s1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 8)));
+  const __m256 z0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 16)));
+  const __m256 z1 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(q + 24)));
+  *sa0 = _mm256_mul_ps(s0, L);
+  *sa1 = _mm256_mul_ps(s1, L);
+  *sb0 = _mm256_mul_ps(s0, _mm256_add_ps(L, z0));
+  *sb1 = _mm256_mul_ps(s1, _mm256_add_ps(L, z1));
+}
+
 /* lanes' field (at bit `from`) as fp32 1 + code / L: moved to bit 16 + pos (where a bf16's mantissa field
  * sits in fp32, so L is the AVX-512 build's), masked, OR 1.0 */
 INLINE __m256 field_ps(__m256i w, int from, int to, __m256i fmask, __m256i one) {
@@ -236,9 +261,8 @@ INLINE void tile_kernel(const fbq_part *p, int tile, int m0, const int ROWS, con
     }
 #undef STEP2
     w += (size_t)(full + (rest ? 1 : 0)) * 16;
-    const float *sap = p->sa + ((size_t)tile * G + gi) * 16, *sbp = p->sb + ((size_t)tile * G + gi) * 16;
-    const __m256 sa0 = _mm256_loadu_ps(sap), sa1 = _mm256_loadu_ps(sap + 8);
-    const __m256 sb0 = _mm256_loadu_ps(sbp), sb1 = _mm256_loadu_ps(sbp + 8);
+    __m256 sa0, sa1, sb0, sb1;
+    group_scales(p, tile, G, gi, bits, &sa0, &sa1, &sb0, &sb1);
     for (int mi = 0; mi < ROWS; mi++) {
       const __m256 xg = _mm256_set1_ps(group_sum(xs32 + (size_t)(m0 + mi) * (k_pad / 32), kg, ke));
       ylo[mi] = _mm256_fnmadd_ps(sb0, xg, _mm256_fmadd_ps(sa0, _mm256_add_ps(a0[mi][0], a1[mi][0]), ylo[mi]));
@@ -300,7 +324,8 @@ static void tile_many_rows(const fbq_part *p, int tile, int M, const int bits, i
       _mm256_store_ps(row + 24, field_ps(w1, 16 + sh, 16 + pos, fmask, one));
     }
     w += (size_t)((pairs + S - 1) / S) * 16;
-    const float *sap = p->sa + ((size_t)tile * G + gi) * 16, *sbp = p->sb + ((size_t)tile * G + gi) * 16;
+    __m256 sa[2], sb[2];
+    group_scales(p, tile, G, gi, bits, &sa[0], &sa[1], &sb[0], &sb[1]);
     for (int m0 = 0; m0 < M; m0 += 4) {  /* four rows x two halves: eight FMA chains, six loads per eight FMAs */
       const int rows = M - m0 < 4 ? M - m0 : 4;
       __m256 acc[4][2];
@@ -319,8 +344,7 @@ static void tile_many_rows(const fbq_part *p, int tile, int M, const int bits, i
         float *out = y + (size_t)(m0 + r) * ldy + p->y_off + n0, tmp[16];
         const __m256 xg = _mm256_set1_ps(group_sum(xs32 + (size_t)(m0 + r) * (k_pad / 32), kg, ke));
         for (int h = 0; h < 2; h++) {
-          const __m256 part = _mm256_fnmadd_ps(_mm256_loadu_ps(sbp + 8 * h), xg,
-                                               _mm256_mul_ps(_mm256_loadu_ps(sap + 8 * h), acc[r][h]));
+          const __m256 part = _mm256_fnmadd_ps(sb[h], xg, _mm256_mul_ps(sa[h], acc[r][h]));
           _mm256_storeu_ps(tmp + 8 * h, part);
         }
         for (int c = 0; c < nn; c++) out[c] += tmp[c];

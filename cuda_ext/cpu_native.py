@@ -50,8 +50,7 @@ CPU_FLAGS = ISAS["avx512bf16"][1]  # the best build's
 
 
 class _Part(ctypes.Structure):
-    _fields_ = [("words", ctypes.c_void_p), ("sa", ctypes.c_void_p), ("sb", ctypes.c_void_p),
-                ("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("bias", ctypes.c_void_p)] + [
+    _fields_ = [("words", ctypes.c_void_p), ("sz", ctypes.c_void_p), ("a", ctypes.c_void_p), ("bt", ctypes.c_void_p), ("bias", ctypes.c_void_p)] + [
         (name, ctypes.c_int32) for name in ("n", "n_pad", "bits", "group", "rank", "y_off", "words_per_tile", "pad_")]
 
 
@@ -217,12 +216,12 @@ def tile_codes(words: torch.Tensor, bits: int, group_size: int, in_features: int
 @dataclass
 class NativeWeight:
     """One layer for the CPU kernel, everything a 16-column tile reads contiguous: words int32
-    (n_pad/16, words_per_tile, 16); sa, sb fp32 (n_pad/16, G, 16) (header of cpu_native.c); the branch
+    (n_pad/16, words_per_tile, 16); sz fp16 (n_pad/16, G, 2, 16): per tile and group its 16 scales, then its
+    16 zeros (the kernel forms L scale and scale (L + zero) from them: header of cpu_native.c); the branch
     a fp16 (r, K) and bt = B^T fp16 (n_pad/16, r, 16), or None; bias fp32 (n_pad) or None."""
 
     words: torch.Tensor
-    sa: torch.Tensor
-    sb: torch.Tensor
+    sz: torch.Tensor
     a: torch.Tensor | None
     bt: torch.Tensor | None
     bias: torch.Tensor | None
@@ -236,12 +235,12 @@ class NativeWeight:
         return 0 if self.a is None else int(self.a.shape[0])
 
     def nbytes(self) -> int:
-        ts = (self.words, self.sa, self.sb, self.bt, self.bias)
+        ts = (self.words, self.sz, self.bt, self.bias)
         return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
     def part(self, y_off: int) -> _Part:
         ptr = lambda t: None if t is None else t.data_ptr()  # noqa: E731
-        return _Part(self.words.data_ptr(), self.sa.data_ptr(), self.sb.data_ptr(), ptr(self.a), ptr(self.bt),
+        return _Part(self.words.data_ptr(), self.sz.data_ptr(), ptr(self.a), ptr(self.bt),
                      ptr(self.bias), self.out_features, self.words.shape[0] * 16, self.bits, self.group_size,
                      self.rank, y_off, self.words.shape[1], 0)
 
@@ -257,11 +256,10 @@ def prepare_native(packed: PackedWeight, a: torch.Tensor | None = None, b: torch
     k, n, bits, g = packed.in_features, packed.out_features, packed.bits, packed.group_size
     codes = codes_k_major(packed.to("cpu"))[:k, :n].t()
     n_pad = -(-n // 16) * 16
-    scales = torch.zeros(packed.groups, n_pad)
-    zeros = torch.zeros(packed.groups, n_pad)
-    scales[:, :n] = packed.scales[:, :n].float().cpu()
-    zeros[:, :n] = packed.zeros[:, :n].float().cpu()
-    lane = 16 if bits == 4 else 8  # a code's bf16 value is 1 + code / lane
+    sz = torch.zeros(packed.groups, 2, n_pad, dtype=torch.float16)  # padded columns: scale 0
+    sz[:, 0, :n] = packed.scales[:, :n].to(torch.float16).cpu()
+    sz[:, 1, :n] = packed.zeros[:, :n].to(torch.float16).cpu()
+    sz = sz.reshape(packed.groups, 2, n_pad // 16, 16).permute(2, 0, 1, 3).contiguous()  # (n_pad/16, G, 2, 16)
     bt = None
     if a is not None and a.shape[0] == 0:  # rank 0: no branch
         a = None
@@ -274,8 +272,7 @@ def prepare_native(packed: PackedWeight, a: torch.Tensor | None = None, b: torch
     if bias is not None:
         bias32 = torch.zeros(n_pad)
         bias32[:n] = bias.float().cpu()
-    return NativeWeight(tile_words(codes, bits, g), _per_tile(scales * lane),
-                        _per_tile(scales * (lane + zeros)), a, bt, bias32, bits, g, k, n)
+    return NativeWeight(tile_words(codes, bits, g), sz, a, bt, bias32, bits, g, k, n)
 
 
 class NativeGroup:

@@ -67,8 +67,8 @@ def test_kernel_paths_log_and_weight_bytes(caplog, cpu_kernel):
     assert wb["packed"] == 64 * 576 * 2 // 8
     assert wb["scales_zeros"] == 2 * 2 * 5 * 64
     assert wb["branch"] == (8 * 576 + 64 * 8) * 2
-    if cpu_kernel == "native":  # 2-bit tiles + fp32 sa/sb per group + fp16 B^T + fp32 bias
-        assert wb["cpu_int4"] == 64 * 576 * 2 // 8 + 2 * 4 * 5 * 64 + 8 * 64 * 2 + 64 * 4
+    if cpu_kernel == "native":  # 2-bit tiles + fp16 scale and zero per group + fp16 B^T + fp32 bias
+        assert wb["cpu_int4"] == 64 * 576 * 2 // 8 + 2 * 2 * 5 * 64 + 8 * 64 * 2 + 64 * 4
     else:
         assert wb["cpu_int4"] > (8 * 576 + 64 * 8) * 4  # torch's int4 pack + the fp32 branch copies
     model = torch.nn.Sequential(layer, torch.nn.ReLU(), _layer(bits=2))
