@@ -222,7 +222,7 @@ class Engine:
 
     def stats(self) -> dict:
         running = len(self._running)
-        used = sum(s.position + 1 for s in list(self._running.values()))
+        used = sum(s.position + 1 if s.output_ids else s.prefilled for s in list(self._running.values()))
         return {
             "running": running,
             "waiting": len(self._waiting) + self._inbox.qsize(),

@@ -101,11 +101,13 @@ def test_a_request_cancelled_mid_prompt_frees_its_slot(engines, monkeypatch):
     ids = _ids(chunked, "Cancelled: ")
     prefill = chunked._prefill_chunk
     chunks: list[int] = []
+    used: list[float] = []
 
     def cancel_after_two(seq):
         prefill(seq)
         if seq.request_id == "cancel":
             chunks.append(seq.prefilled)
+            used.append(chunked.stats()["kv_cache_used_ratio"] * 2 * 256)  # 2 slots x 256 tokens
             if seq.prefilled == 2 * CHUNK:
                 chunked.cancel("cancel")
 
@@ -127,6 +129,7 @@ def test_a_request_cancelled_mid_prompt_frees_its_slot(engines, monkeypatch):
         asyncio.run(asyncio.sleep(0.02))
     assert not chunked._running and not chunked._prefilling and len(chunked._slots) == 2
     assert chunks == [CHUNK, 2 * CHUNK]  # stopped within a chunk of the cancel, though nothing else ran
+    assert used == pytest.approx(chunks)  # the cache in use counts the prompt prefilled so far
     # the engine still answers, the same as before
     text = "".join(e.text for e in asyncio.run(_collect(chunked, "after", ids, max_tokens=6, temperature=0.0)))
     assert text
