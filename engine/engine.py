@@ -117,6 +117,18 @@ class Engine:
             self.merge_status = merge(self.model)
         elif merge_projections is False:
             self.merge_status = {"enabled": False, "reason": "disabled by the caller"}
+        self.cpu_decoder = None
+        self.threads: dict[str, int] | None = None  # CPU intra-op threads per phase (None on CUDA)
+        if self.device.type == "cpu":  # the decode step's fast path (FBSERVE_CPU_DECODE=0 turns it off); before
+            # the KV cache is sized: its weight copies take memory, the fp32 ones it replaces give some back
+            from engine.cpu_decode import install
+
+            self.cpu_decoder = install(self.model)
+            team_step = (self.cpu_decoder is not None and self.cpu_decoder.native_layers is not None
+                         and self.cpu_decoder.usable())  # QDEC hooks (attached before) make it decline
+            prefill, decode = cpu_threads(threads, decode_threads, team_step)
+            self.threads = {"prefill": prefill, "decode": decode}
+            log.info("CPU threads: %d for prefill, %d for decode steps", prefill, decode)
         self.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, self.model.model.norm.weight.dtype, self.device)
         cache_dtype = KV_CACHE_DTYPES[self.kv_cache_dtype]
         self.model.drop_cache()  # a cache an earlier engine left on this model is not counted as taken
@@ -136,17 +148,6 @@ class Engine:
                 self.model, max_batch, self.max_seq_len, capture=self.device.type == "cuda")
         elif decode_graphs is False:
             self.graph_reason = "disabled by the caller"
-        self.cpu_decoder = None
-        self.threads: dict[str, int] | None = None  # CPU intra-op threads per phase (None on CUDA)
-        if self.device.type == "cpu":  # the decode step's fast path (FBSERVE_CPU_DECODE=0 turns it off)
-            from engine.cpu_decode import install
-
-            self.cpu_decoder = install(self.model)
-            team_step = (self.cpu_decoder is not None and self.cpu_decoder.native_layers is not None
-                         and self.cpu_decoder.usable())  # QDEC hooks (attached before) make it decline
-            prefill, decode = cpu_threads(threads, decode_threads, team_step)
-            self.threads = {"prefill": prefill, "decode": decode}
-            log.info("CPU threads: %d for prefill, %d for decode steps", prefill, decode)
         eos = set(config.eos_ids())
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)

@@ -120,7 +120,7 @@ def test_engine_shortens_its_default_context_and_reports_it(loaded, monkeypatch)
             asyncio.run(too_long())
     finally:
         eng.shutdown()
-    with pytest.raises(KVCacheTooLarge, match="2 slots x 2048 tokens"):  # refused before anything is built
+    with pytest.raises(KVCacheTooLarge, match="2 slots x 2048 tokens"):  # an explicit length: refused
         Engine(loaded, max_batch=2, max_seq_len=2048)
 
 
