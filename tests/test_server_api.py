@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import time
+from contextlib import contextmanager
 
 import pytest
 from fastapi.testclient import TestClient
@@ -304,19 +306,39 @@ def test_loading_returns_503_until_ready():
     assert not engine.started  # the app owns a factory-built engine and shuts it down
 
 
-def test_load_failure_reported():
+@contextmanager
+def _failed_load(exc: BaseException):
+    """A client of an app whose engine factory raised `exc`, once its on_load_error has seen it."""
     failures = []
 
     def factory():
-        raise RuntimeError("no weights")
+        raise exc
 
     with TestClient(create_app(factory, metrics=Metrics(), on_load_error=failures.append)) as client:
         deadline = time.monotonic() + 5
         while not failures and time.monotonic() < deadline:
             time.sleep(0.01)
+        assert failures == [exc]
+        yield client
+
+
+def test_load_failure_reported():
+    with _failed_load(RuntimeError("no weights")) as client:
         health = client.get("/health")
         assert health.status_code == 503 and "no weights" in health.json()["error"]
         assert "no weights" in assert_error(client.post("/v1/completions", json=COMPLETION), 503)["message"]
+
+
+def test_a_kv_cache_that_does_not_fit_is_one_log_line_without_traceback(caplog):
+    """The operator's settings, not a bug: the reason in /health and one ERROR line, no traceback."""
+    from engine.memory import KVCacheTooLarge
+
+    with caplog.at_level(logging.ERROR, logger="fbserve.server"):
+        with _failed_load(KVCacheTooLarge("a KV cache of 8 slots x 8192 tokens needs 8.00 GiB")) as client:
+            health = client.get("/health")
+    assert health.status_code == 503 and "8 slots x 8192 tokens" in health.json()["error"]
+    records = [r for r in caplog.records if r.name == "fbserve.server" and r.levelno >= logging.ERROR]
+    assert records and "8 slots x 8192 tokens" in records[0].getMessage() and records[0].exc_info is None
 
 
 async def _call_and_disconnect(app, path: str, payload: dict, after_first_body: bool, delay_s: float = 0.2):
