@@ -86,6 +86,16 @@ def test_free_host_memory_honours_a_container_limit(tmp_path):
     assert memory.free_memory(cpu, v1_none).source == "MemAvailable"
 
 
+def test_free_gpu_memory_is_cudas_after_the_allocators_cache_is_returned(monkeypatch):
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append("empty_cache"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (calls.append(f"mem_get_info {device}"),
+                                                                    (3 * GIB, 8 * GIB))[1])
+    free = memory.free_memory(torch.device("cuda", 0))
+    assert free == FreeMemory(3 * GIB, "torch.cuda.mem_get_info(cuda:0)")
+    assert calls == ["empty_cache", "mem_get_info cuda:0"]
+
+
 @pytest.fixture(scope="module")
 def loaded():
     from models.loader import load_model
