@@ -18,7 +18,7 @@ import torch
 
 from engine import qdec
 from engine.memory import free_memory, kv_bytes_per_token, plan_kv_cache
-from engine.prefix_cache import SlotPool
+from engine.prefix_cache import MIN_REUSE_FRACTION_INV, SlotPool, common_prefix_length
 from engine.sequence import Sequence
 from engine.types import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
 from models.llama import KV_CACHE_DTYPES, KVCache
@@ -327,7 +327,7 @@ class Engine:
             self._drop_cancelled()
             try:
                 self._admit()
-                self._prefill_some()
+                self._prefill_next()
                 if any(seq.output_ids for seq in self._running.values()):
                     self._decode_step()
             except Exception as exc:  # a failed step fails its requests, never the worker
@@ -370,10 +370,10 @@ class Engine:
         seq.emit(event)
 
     def _admit(self) -> None:
-        """Give the next waiting request a free slot (and the cached prefix another slot holds) once no prompt
-        is being prefilled: prompts prefill one after another, and a prompt admitted after another sharing
-        its start copies that one's keys and values (all of them, the prefill being done)."""
-        while self._waiting and len(self._slots) and not self._prefilling:
+        """Give waiting requests free slots (and the cached prefix another slot holds), in order; one whose
+        prompt starts like a prompt still being prefilled (an `n` > 1 request's other choices, a resent
+        prompt) waits until that one is done, to copy its keys and values rather than compute them again."""
+        while self._waiting and len(self._slots) and not self._awaits_a_prefill(self._waiting[0]):
             seq = self._waiting.popleft()
             running = {slot: s.fed_ids() for slot, s in self._running.items()} if self._slots.reuse else None
             seq.slot, seq.cached_tokens, source = self._slots.acquire(
@@ -384,25 +384,32 @@ class Engine:
             self._running[seq.slot] = seq
             self._prefilling.append(seq)
 
-    def _prefill_some(self) -> None:
-        """Prefill chunks, first admitted first, until a request is decoding: then one chunk per engine step,
-        so the decoding requests' next tokens wait for one chunk, not for a whole prompt."""
-        while self._prefilling:
-            self._drop_cancelled()  # a cancelled prompt stops within a chunk
-            if not self._prefilling:
-                return
-            seq = self._prefilling[0]
-            try:
-                self._use_threads("prefill")
-                self._prefill_chunk(seq)
-            except Exception as exc:
-                log.exception("prefill of %s failed", seq.request_id)
-                self._finish(seq, GenerationOutput(seq.request_id, finish_reason="error", error=str(exc)),
-                             cache_valid=False)
-            if seq.prefilled == len(seq.request.prompt_token_ids) and seq in self._prefilling:
-                self._prefilling.popleft()
-            if any(s.output_ids for s in self._running.values()):
-                return
+    def _awaits_a_prefill(self, seq: Sequence) -> bool:
+        """Whether `seq` would reuse enough of a prompt being prefilled (as the prefix cache counts it) that
+        is not prefilled that far yet."""
+        ids = seq.request.prompt_token_ids
+        for other in self._prefilling:
+            shared = min(common_prefix_length(other.request.prompt_token_ids, ids), len(ids) - 1)
+            if shared * MIN_REUSE_FRACTION_INV >= len(ids) and other.prefilled < shared:
+                return True
+        return False
+
+    def _prefill_next(self) -> None:
+        """Prefill one chunk of the prompt with the fewest tokens left (admission order among equals): an engine
+        step is at most one chunk and a decode step, so decoding requests wait for one chunk, not a whole
+        prompt, and a short prompt that arrives while a long one is prefilled goes first."""
+        if not self._prefilling:
+            return
+        seq = min(self._prefilling, key=lambda s: len(s.request.prompt_token_ids) - s.prefilled)
+        try:
+            self._use_threads("prefill")
+            self._prefill_chunk(seq)
+        except Exception as exc:
+            log.exception("prefill of %s failed", seq.request_id)
+            self._finish(seq, GenerationOutput(seq.request_id, finish_reason="error", error=str(exc)),
+                         cache_valid=False)
+        if seq.prefilled == len(seq.request.prompt_token_ids) and seq in self._prefilling:
+            self._prefilling.remove(seq)
 
     def _prefill_chunk(self, seq: Sequence) -> None:
         """Prefill the next `prefill_chunk` prompt tokens of `seq`; after the last, sample its first token."""

@@ -3,6 +3,9 @@ decode steps of the running requests between the chunks, and a request cancelled
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
+from types import SimpleNamespace
 
 import pytest
 
@@ -94,6 +97,63 @@ def test_running_requests_decode_between_the_chunks_of_a_new_prompt(engines, mon
     # each chunk after the first waits for one decode step of the running request
     for before, after in zip(late_chunks, late_chunks[1:]):
         assert calls[before + 1:after] == ["step"], calls[before:after + 1]
+
+
+def test_a_short_prompt_arriving_during_a_long_prefill_goes_first(engines, monkeypatch):
+    _, chunked = engines
+    long_ids, short_ids = _ids(chunked, "Long: "), chunked.tokenizer.encode("Short: hello", add_special_tokens=False)
+    calls: list[str] = []
+    prefill = chunked._prefill_chunk
+    started = threading.Event()
+
+    def slow_long(seq):  # the long prompt's chunks take a while: the short one arrives after its first
+        calls.append(seq.request_id)
+        prefill(seq)
+        if seq.request_id == "long":
+            started.set()
+            time.sleep(0.05)
+
+    monkeypatch.setattr(chunked, "_prefill_chunk", slow_long)
+
+    async def both():
+        stamps: dict[str, float] = {}
+
+        async def first_token(rid, ids):
+            async for _ in chunked.generate(GenerationRequest(rid, ids, SamplingParams(max_tokens=1))):
+                stamps[rid] = asyncio.get_running_loop().time()
+
+        long_task = asyncio.create_task(first_token("long", long_ids))
+        await asyncio.to_thread(started.wait, 10)
+        await first_token("short", short_ids)
+        await long_task
+        return stamps
+
+    stamps = asyncio.run(both())
+    n_long = -(-len(long_ids) // CHUNK)
+    assert calls.count("long") == n_long and calls.count("short") == 1
+    assert calls.index("short") < n_long  # before the long prompt's last chunk, though admitted after it
+    assert stamps["short"] < stamps["long"]
+
+
+def test_a_prompt_waits_for_a_prefill_it_would_copy(engines):
+    """An identical prompt (an `n` > 1 request's other choices) waits until the first is prefilled, to copy its
+    keys; a prompt that would reuse less than the prefix cache's minimum does not wait."""
+    tok = engines[0].tokenizer
+
+    def seq(ids, prefilled=0):
+        s = Sequence(GenerationRequest("r", ids, SamplingParams()), lambda ev: None, set(), tok)
+        s.prefilled = prefilled
+        return s
+
+    ids = list(range(100, 164))
+    state = SimpleNamespace(_prefilling=[seq(ids, prefilled=CHUNK)])
+    assert Engine._awaits_a_prefill(state, seq(ids))  # 63 of 64 tokens to copy, 16 done so far
+    state._prefilling[0].prefilled = len(ids)
+    assert not Engine._awaits_a_prefill(state, seq(ids))  # done: admitted, copies them
+    state._prefilling[0].prefilled = 0
+    assert not Engine._awaits_a_prefill(state, seq(ids[:10] + list(range(1000, 1054))))  # 10 of 64 < 1/4
+    assert Engine._awaits_a_prefill(state, seq(ids[:20] + list(range(1000, 1044))))  # 20 of 64 >= 1/4
+    assert not Engine._awaits_a_prefill(SimpleNamespace(_prefilling=[]), seq(ids))
 
 
 def test_a_request_cancelled_mid_prompt_frees_its_slot(engines, monkeypatch):
