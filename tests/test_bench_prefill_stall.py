@@ -18,6 +18,7 @@ def test_the_stream_decodes_between_chunks_and_stalls_for_a_whole_prompt():
     assert rows.keys() == {"whole", "16"}
     assert rows["whole"][2] <= 1  # one prefill call: the stream waits for all of it
     assert rows["16"][2] >= 3  # four chunks: a decode step after each of the first three
+    assert len(rows["16"]) == 5 and rows["16"][3] > 0  # the short request's TTFT
     assert re.search(r"prompt (49|5\d|6\d) tokens", proc.stdout) and "load average" in proc.stdout  # > 3 chunks
 
 
