@@ -386,7 +386,9 @@ class Engine:
 
     def _awaits_a_prefill(self, seq: Sequence) -> bool:
         """Whether `seq` would reuse enough of a prompt being prefilled (as the prefix cache counts it) that
-        is not prefilled that far yet."""
+        is not prefilled that far yet (never without prefix caching, or for a request wanting prompt log-probs)."""
+        if not self._slots.reuse or seq.request.params.prompt_logprobs is not None:
+            return False
         ids = seq.request.prompt_token_ids
         for other in self._prefilling:
             shared = min(common_prefix_length(other.request.prompt_token_ids, ids), len(ids) - 1)

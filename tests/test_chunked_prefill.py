@@ -146,14 +146,18 @@ def test_a_prompt_waits_for_a_prefill_it_would_copy(engines):
         return s
 
     ids = list(range(100, 164))
-    state = SimpleNamespace(_prefilling=[seq(ids, prefilled=CHUNK)])
+    state = SimpleNamespace(_prefilling=[seq(ids, prefilled=CHUNK)], _slots=SimpleNamespace(reuse=True))
     assert Engine._awaits_a_prefill(state, seq(ids))  # 63 of 64 tokens to copy, 16 done so far
+    echo = Sequence(GenerationRequest("e", ids, SamplingParams(prompt_logprobs=0)), lambda ev: None, set(), tok)
+    assert not Engine._awaits_a_prefill(state, echo)  # wants every prompt position: copies nothing
+    assert not Engine._awaits_a_prefill(SimpleNamespace(_prefilling=state._prefilling,
+                                                        _slots=SimpleNamespace(reuse=False)), seq(ids))
     state._prefilling[0].prefilled = len(ids)
     assert not Engine._awaits_a_prefill(state, seq(ids))  # done: admitted, copies them
     state._prefilling[0].prefilled = 0
     assert not Engine._awaits_a_prefill(state, seq(ids[:10] + list(range(1000, 1054))))  # 10 of 64 < 1/4
     assert Engine._awaits_a_prefill(state, seq(ids[:20] + list(range(1000, 1044))))  # 20 of 64 >= 1/4
-    assert not Engine._awaits_a_prefill(SimpleNamespace(_prefilling=[]), seq(ids))
+    assert not Engine._awaits_a_prefill(SimpleNamespace(_prefilling=[], _slots=state._slots), seq(ids))
 
 
 def test_a_request_cancelled_mid_prompt_frees_its_slot(engines, monkeypatch):
