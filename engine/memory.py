@@ -46,17 +46,27 @@ class KVCachePlan:
 
 
 def _cgroup_headroom(root: Path = CGROUP_ROOT) -> int | None:
-    """Bytes this process's memory cgroup may still grow by (a container's limit), or None without a limit."""
-    for limit_file, usage_file in (("memory.max", "memory.current"),  # cgroup v2
-                                   ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):  # v1
+    """Bytes this process's memory cgroup may still grow by (a container's limit), or None without a limit.
+    Usage counts the page cache; its inactive file pages are reclaimable, so they count as free (the
+    "working set" that docker stats and the kubelet report)."""
+    for limit_file, usage_file, stat_file, inactive_key in (
+            ("memory.max", "memory.current", "memory.stat", "inactive_file"),  # cgroup v2
+            ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes", "memory/memory.stat",
+             "total_inactive_file")):  # v1
         try:
-            limit = (root / limit_file).read_text().strip()
+            limit_text = (root / limit_file).read_text().strip()
             usage = int((root / usage_file).read_text().strip())
+            limit = None if limit_text == "max" else int(limit_text)
         except (OSError, ValueError):
             continue
-        if limit == "max" or int(limit) >= 1 << 60:  # v1 writes "no limit" as a huge page-aligned number
+        if limit is None or limit >= 1 << 60:  # v1 writes "no limit" as a huge page-aligned number
             return None
-        return max(int(limit) - usage, 0)
+        try:
+            stats = dict(line.split() for line in (root / stat_file).read_text().splitlines() if line.strip())
+            usage -= min(int(stats.get(inactive_key, 0)), usage)
+        except (OSError, ValueError):
+            pass
+        return max(limit - usage, 0)
     return None
 
 

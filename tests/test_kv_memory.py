@@ -81,6 +81,10 @@ def test_free_host_memory_honours_a_container_limit(tmp_path):
         == "MemAvailable"
     v1 = _cgroup(tmp_path / "v1", {"memory/memory.limit_in_bytes": str(GIB), "memory/memory.usage_in_bytes": str(GIB + 7)})
     assert memory.free_memory(cpu, v1).bytes == 0  # over its limit: nothing free
+    cached = _cgroup(tmp_path / "v2cache", {"memory.max": str(3 * GIB), "memory.current": str(2 * GIB),
+                                            "memory.stat": f"anon {GIB // 2}\ninactive_file {GIB}\nactive_file 5"})
+    assert memory._cgroup_headroom(cached) == 2 * GIB  # the inactive page cache is reclaimable: free
+    assert memory._cgroup_headroom(_cgroup(tmp_path / "v2bad", {"memory.max": "lots", "memory.current": "5"})) is None
     v1_none = _cgroup(tmp_path / "v1n", {"memory/memory.limit_in_bytes": "9223372036854771712",
                                           "memory/memory.usage_in_bytes": "5"})
     assert memory.free_memory(cpu, v1_none).source == "MemAvailable"
