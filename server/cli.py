@@ -144,9 +144,9 @@ def add_serve_parser(subparsers: argparse._SubParsersAction) -> None:
                    help="keys and values of the KV cache: auto = float16 for a model computing in float32 on a "
                         "CPU (half the memory of float32), else the model's dtype")
     p.add_argument("--prefill-chunk", type=_bounded_int(1, None), default=None, metavar="TOKENS",
-                   help="prompts are prefilled this many tokens at a time (default 256), with a decode step of "
-                        "the running requests between chunks: their next token waits for one chunk, not a "
-                        "whole prompt")
+                   help="prompts are prefilled this many tokens at a time (default 256), the one with the fewest "
+                        "tokens left first, with a decode step of the running requests between chunks: their next "
+                        "token waits for one chunk, not a whole prompt")
     p.add_argument("--kv-cache-fraction", type=_fraction, default=0.8, metavar="F",
                    help="the KV cache (--max-batch slots x --max-seq-len tokens) may take at most this fraction "
                         "of the memory free on the device once the weights are loaded (GPU memory, or available "
