@@ -20,6 +20,7 @@ from engine import qdec
 from engine.memory import free_memory, kv_bytes_per_token, plan_kv_cache
 from engine.prefix_cache import MIN_REUSE_FRACTION_INV, SlotPool, common_prefix_length
 from engine.sequence import Sequence
+from engine.structured import GrammarCompiler
 from engine.types import EngineError, GenerationOutput, GenerationRequest, TokenLogprob
 from models.llama import KV_CACHE_DTYPES, KVCache
 from models.loader import LoadedModel
@@ -152,6 +153,7 @@ class Engine:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             eos.add(self.tokenizer.eos_token_id)
         self.eos_ids = eos
+        self.grammars = GrammarCompiler(self.tokenizer, config.vocab_size, eos)
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
         self._cancelled: set[str] = set()
         self._lock = threading.Lock()
@@ -189,6 +191,11 @@ class Engine:
         vocab = self.model.config.vocab_size
         if any(t < 0 or t >= vocab for t in request.prompt_token_ids):
             raise EngineError(f"prompt token ids must lie in [0, {vocab})")
+        bad = next((t for t in request.params.logit_bias if not 0 <= t < vocab), None)
+        if bad is not None:
+            raise EngineError(f"logit_bias: token id {bad} is outside the vocabulary [0, {vocab})", param="logit_bias")
+        if request.params.structured is not None:
+            self.grammars.compile(request.params.structured)  # cached: the server compiled it off the event loop
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream a request's events; closing or cancelling the iterator cancels the request."""
@@ -202,7 +209,9 @@ class Engine:
             except RuntimeError:  # the consumer's event loop is closed: nobody is left to tell
                 log.debug("dropped an event of %s: its event loop is closed", request.request_id)
 
-        seq = Sequence(request, emit, self.eos_ids, self.tokenizer)
+        structured = request.params.structured
+        constraint = None if structured is None else self.grammars.constraint(structured)
+        seq = Sequence(request, emit, self.eos_ids, self.tokenizer, constraint=constraint)
         self._inbox.put(seq)
         finished = False
         try:
@@ -242,6 +251,10 @@ class Engine:
                 "max_seq_len": self.max_seq_len, "requested_max_seq_len": plan.requested_max_seq_len,
                 "limited_by_memory": plan.limited_by_memory, "budget_bytes": plan.budget_bytes,
                 "free_bytes_at_start": plan.free.bytes, "free_memory_source": plan.free.source}
+
+    def structured_outputs_status(self) -> dict[str, object]:
+        """/health's view of `response_format` support (engine.structured)."""
+        return self.grammars.status()
 
     def cpu_decode_status(self) -> dict[str, object]:
         """/health's view of the CPU decode fast path (engine.cpu_decode): on or off, its lm_head path,
@@ -439,7 +452,7 @@ class Engine:
                                                cached_tokens=seq.cached_tokens))
             return
         logits = self.model.lm_head(hidden[0, -1]).float().cpu()
-        self._after_sample(seq, seq.step(logits, prompt_lp, queue_wait))
+        self._sample(seq, logits, prompt_lp, queue_wait)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], offset: int,
                          seq: Sequence) -> list[TokenLogprob]:
@@ -470,9 +483,19 @@ class Engine:
             slots = torch.tensor([s.slot for s in seqs], device=self.device)
             logits = self.model(tokens, positions, slots, last_only=True)[:, 0].cpu()  # (B, V)
         for row, seq in enumerate(seqs):
-            self._after_sample(seq, seq.step(logits[row]))
+            self._sample(seq, logits[row])
 
-    def _after_sample(self, seq: Sequence, event: GenerationOutput) -> None:
+    def _sample(self, seq: Sequence, logits: torch.Tensor, prompt_logprobs: list[TokenLogprob | None] | None = None,
+                queue_wait_s: float | None = None) -> None:
+        """Sample `seq`'s next token and send its event; a failure there (a grammar with no token left, say)
+        fails that request alone, not the batch."""
+        try:
+            event = seq.step(logits, prompt_logprobs, queue_wait_s)
+        except Exception as exc:
+            log.exception("sampling failed for %s", seq.request_id)
+            self._finish(seq, GenerationOutput(seq.request_id, finish_reason="error", error=f"sampling failed: {exc}"),
+                         cache_valid=False)
+            return
         if event.finish_reason is not None:
             self._finish(seq, event)
         else:

@@ -1,6 +1,8 @@
 """Token sampling: penalties, temperature, top-k / top-p / min-p masks, seeded draws, log-probabilities."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -27,6 +29,14 @@ def apply_penalties(logits: Tensor, params: SamplingParams, context_ids: Tensor,
     if (params.presence_penalty or params.frequency_penalty) and output_ids.numel():
         counts = torch.bincount(output_ids, minlength=logits.numel()).to(logits.dtype)
         logits -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def apply_logit_bias(logits: Tensor, bias: dict[int, float]) -> Tensor:
+    """Add OpenAI's `logit_bias` (token id -> bias, -100..100) to logits (V,) in place."""
+    if bias:
+        ids = torch.tensor(list(bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(bias.values()), dtype=logits.dtype)
     return logits
 
 
@@ -61,9 +71,12 @@ def draw(probs: Tensor, generator: torch.Generator) -> int:
 
 
 def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator,
-                 context_ids: Tensor, output_ids: Tensor) -> int:
-    """Pick the next token from raw fp32 logits (V,) on the CPU."""
-    logits = apply_penalties(logits.clone(), params, context_ids, output_ids)
+                 context_ids: Tensor, output_ids: Tensor, allowed: Callable[[Tensor], Tensor] | None = None) -> int:
+    """Pick the next token from raw fp32 logits (V,) on the CPU. `allowed`, if given, sets the logits of
+    tokens a grammar forbids to -inf (in place), after penalties and bias, before temperature and filters."""
+    logits = apply_logit_bias(apply_penalties(logits.clone(), params, context_ids, output_ids), params.logit_bias)
+    if allowed is not None:
+        logits = allowed(logits)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     return draw(torch.softmax(filter_logits(logits, params), dim=-1), generator)

@@ -9,6 +9,7 @@ import torch
 from engine.detokenizer import IncrementalDetokenizer
 from engine.sampling import make_generator, sample_token, token_logprobs
 from engine.stop import StopStringMatcher
+from engine.structured import TokenConstraint
 from engine.types import GenerationOutput, GenerationRequest, TokenLogprob
 
 
@@ -26,6 +27,7 @@ class Sequence:
     prompt_logprobs: list[TokenLogprob | None] | None = None  # gathered chunk by chunk when asked for
     output_ids: list[int] = field(default_factory=list)
     finish_reason: str | None = None
+    constraint: TokenConstraint | None = None  # a response format's grammar (engine.structured)
 
     def __post_init__(self) -> None:
         self.generator = make_generator(self.request.params.seed)
@@ -56,14 +58,18 @@ class Sequence:
         """Sample one token from logits (V,) fp32 CPU, update state, and build this step's event."""
         p = self.request.params
         out_t = torch.tensor(self.output_ids, dtype=torch.long)
-        token = sample_token(logits, p, self.generator, torch.cat((self.context, out_t)), out_t)
+        allowed = None if self.constraint is None else self.constraint.mask
+        token = sample_token(logits, p, self.generator, torch.cat((self.context, out_t)), out_t, allowed)
+        if self.constraint is not None:
+            self.constraint.accept(token)
         self.output_ids.append(token)
         logprobs = None
         if p.logprobs is not None:
             lp, top = token_logprobs(logits, token, p.logprobs)
             logprobs = [TokenLogprob(token, self.detok.token_text(token), lp, top)]
         text, by_string = "", False
-        if (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids:
+        if ((token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
+                or (self.constraint is not None and self.constraint.terminated)):  # a complete grammar ends it
             self.finish_reason = "stop"
         else:
             text, by_string = self.stops.feed(self.detok.add(token))

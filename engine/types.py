@@ -4,6 +4,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A constraint on the generated text: `kind` "json_object" (any JSON object) or "json_schema" (`schema`,
+    a JSON Schema serialized; its properties are generated in the order they appear in it)."""
+
+    kind: str
+    schema: str | None = None
+
+
 @dataclass
 class SamplingParams:
     """Per-request decoding settings (validated at the HTTP boundary; the engine trusts them)."""
@@ -20,6 +29,8 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)  # stop strings, not returned in the text
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI)
+    structured: StructuredOutput | None = None  # the output must follow this JSON grammar (engine.structured)
     logprobs: int | None = None  # None: none; k >= 0: chosen token's logprob plus top-k alternatives
     prompt_logprobs: int | None = None  # same, for every prompt token (the first one has none)
 
@@ -63,4 +74,9 @@ class GenerationOutput:
 
 
 class EngineError(Exception):
-    """A request the engine refuses (e.g. prompt longer than the context); the server maps it to a 400."""
+    """A request the engine refuses (e.g. prompt longer than the context); the server maps it to a 400 that
+    names the request field `param`."""
+
+    def __init__(self, message: str, param: str = "prompt") -> None:
+        super().__init__(message)
+        self.param = param

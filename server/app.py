@@ -129,6 +129,8 @@ def create_app(engine: Any, *, device: str | None = None, metrics: Metrics | Non
             "max_seq_len": engine_.max_seq_len,
             "prefill_chunk": getattr(engine_, "prefill_chunk", None),
             "kv_cache": engine_.kv_cache_status() if hasattr(engine_, "kv_cache_status") else None,
+            "structured_outputs": (engine_.structured_outputs_status() if hasattr(engine_, "structured_outputs_status")
+                                   else None),
             "quantization": {k: quant[k] for k in QUANTIZATION_SUMMARY_KEYS if k in quant} if quant else None,
             "kernel_paths": kernel_paths(state.device),
             "qdec": qdec.health(engine_.model) if hasattr(engine_, "model") else {"enabled": False,

@@ -5,6 +5,7 @@ events; the routes turn the accumulated state (or each event, when streaming) in
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -105,6 +106,22 @@ def check_prompt_ids(ids: list[int], vocab_size: int, param: str = "prompt") -> 
     bad = next((t for t in ids if t < 0 or t >= vocab_size), None)
     if bad is not None:
         raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", param=param)
+
+
+async def check_sampling(engine: Any, params: SamplingParams) -> None:
+    """400s for logit_bias ids outside the vocabulary and for a response format's schema the grammar compiler
+    rejects; the grammar is compiled here, in a worker thread (a large schema takes a while), and cached by
+    the engine for the request to find."""
+    vocab_size = len(engine.tokenizer)
+    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
+    if bad is not None:
+        raise APIError(400, f"logit_bias: token id {bad} is outside the vocabulary [0, {vocab_size})",
+                       param="logit_bias")
+    if params.structured is not None:
+        try:
+            await asyncio.to_thread(engine.grammars.compile, params.structured)
+        except EngineError as exc:
+            raise APIError(400, str(exc), param=exc.param) from exc
 
 
 def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: int, context: int,
@@ -208,7 +225,7 @@ async def run_choices(engine: Any, choices: list[Choice], tracker: RequestTracke
             choice.add(out)
             yield choice, out
     except EngineError as exc:
-        raise APIError(400, str(exc), param="prompt") from exc
+        raise APIError(400, str(exc), param=exc.param) from exc
     except StreamTimeout as exc:  # merge_streams already cancelled every engine request
         tracker.metrics.requests_rejected.labels(reason="timeout").inc()
         raise APIError(504, f"the request did not finish within {timeout_s:g} s (--request-timeout); "

@@ -7,6 +7,7 @@ Extensions beyond OpenAI use vLLM's names (`top_k`, `min_p`, `repetition_penalty
 """
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from typing import Any, Literal
@@ -14,11 +15,12 @@ from typing import Any, Literal
 from pydantic import (BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_serializer,
                       model_validator)
 
-from engine.types import SamplingParams
+from engine.types import SamplingParams, StructuredOutput
 
 COMPLETION_MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions `logprobs`
 CHAT_MAX_TOP_LOGPROBS = 20
 MAX_N = 128
+MAX_SCHEMA_CHARS = 64 * 1024  # a response format's JSON schema, serialized
 
 
 def random_id(prefix: str) -> str:
@@ -85,14 +87,48 @@ class RequestModel(OpenAIModel):
         return data
 
 
+class JSONSchemaFormat(OpenAIModel):
+    name: str = Field(max_length=64)
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")  # None: any JSON object
+    strict: bool | None = None  # the output always follows the schema here, strict or not
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema (constrained
+    decoding, engine.structured)."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format.json_schema is required when its type is \"json_schema\"")
+        return self
+
+    def structured(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        schema = self.json_schema.schema_ if self.type == "json_schema" else None
+        if schema is None:
+            return StructuredOutput("json_object")
+        text = json.dumps(schema)  # key order kept: the properties are generated in the order given
+        if len(text) > MAX_SCHEMA_CHARS:
+            raise ValueError(f"response_format: the JSON schema has {len(text)} characters; at most "
+                             f"{MAX_SCHEMA_CHARS} are accepted")
+        return StructuredOutput("json_schema", text)
+
+
 class SamplingFields(RequestModel):
     """The request fields both endpoints share (sampling, streaming, n, stop), and their checks."""
 
     model: str | None = None
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None
+    logit_bias: dict[str, float] | None = None  # token id (a decimal string) -> bias in [-100, 100]
     n: int = Field(1, ge=1, le=MAX_N)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = None  # OpenAI's chat field; also taken by /v1/completions
     seed: int | None = Field(None, ge=-INT64, lt=INT64)  # a 64-bit seed, as torch.Generator takes
     stop: str | list[str] | None = None
     stream: bool = False
@@ -127,6 +163,8 @@ class SamplingFields(RequestModel):
             frequency_penalty=self.frequency_penalty or 0.0,
             stop=self._stop_list(),
             ignore_eos=self.ignore_eos,
+            logit_bias={int(k): v for k, v in (self.logit_bias or {}).items()},
+            structured=self.response_format.structured() if self.response_format else None,
             logprobs=logprobs,
             prompt_logprobs=prompt_logprobs,
         )
@@ -134,8 +172,13 @@ class SamplingFields(RequestModel):
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        if self.logit_bias:
-            raise ValueError("logit_bias is not supported")
+        for key, bias in (self.logit_bias or {}).items():
+            if not key.isdecimal():
+                raise ValueError(f"logit_bias keys must be token ids (decimal strings), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias} for token {key}")
+        if self.response_format is not None:
+            self.response_format.structured()  # the schema's size is checked here, at the boundary
 
     @property
     def include_usage(self) -> bool:
@@ -175,20 +218,6 @@ class TextContentPart(OpenAIModel):
     text: str
 
 
-class ResponseFormat(OpenAIModel):
-    """Only plain text: there is no constrained decoding to guarantee JSON."""
-
-    type: str
-
-    @field_validator("type")
-    @classmethod
-    def _text_only(cls, value: str) -> str:
-        if value != "text":
-            raise ValueError(f"{value!r} is not supported: this server has no constrained decoding and cannot "
-                             "guarantee JSON output (use \"text\")")
-        return value
-
-
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
@@ -209,13 +238,12 @@ class ChatCompletionRequest(SamplingFields):
     max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI for max_completion_tokens
     top_logprobs: int | None = Field(None, ge=0, le=CHAT_MAX_TOP_LOGPROBS)
     add_generation_prompt: bool = True  # extension
-    # Tool calling and structured output are not implemented: declared so that a request relying on them
-    # gets a 400 naming the field, not a plain-text answer it would take for a tool call or for JSON.
+    # Tool calling is not implemented: declared so that a request relying on it gets a 400 naming the
+    # field, not a plain-text answer it would take for a tool call.
     tool_choice: str | dict[str, Any] | None = None  # before `tools`: their check reads it
     tools: list[dict[str, Any]] | None = None
     function_call: str | dict[str, Any] | None = None  # before `functions` (OpenAI's deprecated form)
     functions: list[dict[str, Any]] | None = None
-    response_format: ResponseFormat | None = None
 
     @field_validator("tools", "functions")
     @classmethod

@@ -9,8 +9,8 @@ from fastapi.responses import Response
 
 from engine.types import GenerationOutput
 from server.errors import APIError
-from server.generation import (Choice, ServerState, chat_logprobs, check_model, check_prompt_ids, finish_reason,
-                               make_choices, resolve_max_tokens, run_to_end, start_stream, usage_of)
+from server.generation import (Choice, ServerState, chat_logprobs, check_model, check_prompt_ids, check_sampling,
+                               finish_reason, make_choices, resolve_max_tokens, run_to_end, start_stream, usage_of)
 from server.protocol import (ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionRequest,
                              ChatCompletionResponse, ChatCompletionStreamChoice, ChatCompletionStreamResponse,
                              ChatResponseMessage, DeltaMessage, random_id)
@@ -39,7 +39,9 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     state.check_limits([ids], body.n, len(body._stop_list()), param="messages")
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     budget = resolve_max_tokens(body.requested_max_tokens, None, len(ids), engine.max_seq_len, param)
-    choices = make_choices([ids], body.n, [body.to_sampling_params(budget)])
+    params = body.to_sampling_params(budget)
+    await check_sampling(engine, params)
+    choices = make_choices([ids], body.n, [params])
     tracker = request.state.tracker = state.admit(len(choices))
     tracker.timeout_s = state.config.request_timeout_s
     request_id = random_id("chatcmpl")

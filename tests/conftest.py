@@ -46,6 +46,19 @@ class FakeTokenizer:
 
 
 @dataclass
+class FakeGrammars:
+    """Stands for engine.structured.GrammarCompiler: records what it compiles; a schema saying FAIL is refused."""
+
+    compiled: list = field(default_factory=list)
+
+    def compile(self, spec) -> object:
+        if spec.schema and "FAIL" in spec.schema:
+            raise EngineError("the JSON schema cannot be used: FAIL", param="response_format")
+        self.compiled.append(spec)
+        return spec
+
+
+@dataclass
 class FakeEngine:
     """Greedy decoding replays GREEDY_TEXT; sampling draws letters from random.Random(seed).
 
@@ -64,6 +77,7 @@ class FakeEngine:
     cached_tokens: int = 0  # reported on each request's first event, as a prefix-cache hit
     started: bool = False
     loaded: SimpleNamespace = field(default_factory=lambda: SimpleNamespace(quantization=None))
+    grammars: FakeGrammars = field(default_factory=FakeGrammars)
 
     def start(self) -> None:
         self.started = True

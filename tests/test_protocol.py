@@ -1,6 +1,8 @@
 """The OpenAI request models: bounds at the boundary and conversion into engine parameters."""
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -57,7 +59,11 @@ def test_message_content_parts_are_flattened():
 @pytest.mark.parametrize("fields", [
     {"temperature": -0.1}, {"temperature": 2.5}, {"top_p": 0}, {"top_p": 1.5}, {"n": 0}, {"max_tokens": -1},
     {"logprobs": 6}, {"presence_penalty": 3}, {"prompt": []}, {"prompt": 3.5}, {"stream_options": {}},
-    {"suffix": "x"}, {"logit_bias": {"1": 2}}, {"min_p": 2},
+    {"suffix": "x"}, {"logit_bias": {"a": 2}}, {"logit_bias": {"1": 101}}, {"logit_bias": {"-1": 2}}, {"min_p": 2},
+    {"response_format": {"type": "grammar"}}, {"response_format": {"type": "json_schema"}},
+    {"response_format": {"type": "json_schema", "json_schema": {"schema": {}}}},  # no name
+    {"response_format": {"type": "json_schema",
+                         "json_schema": {"name": "big", "schema": {"enum": ["x" * 70_000]}}}},
 ])
 def test_completion_rejects(fields):
     with pytest.raises(ValidationError):
@@ -79,11 +85,9 @@ TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": 
 @pytest.mark.parametrize("fields, param", [
     ({"tools": TOOLS}, "tools"), ({"tools": TOOLS, "tool_choice": "auto"}, "tools"),
     ({"functions": [{"name": "f"}]}, "functions"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
-    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
 ])
-def test_chat_refuses_tool_calls_and_structured_output(fields, param):
-    """Served as plain text these would be misread by the client (as "no tool call", as JSON): refused."""
+def test_chat_refuses_tool_calls(fields, param):
+    """Served as plain text these would be misread by the client (as "no tool call"): refused."""
     with pytest.raises(ValidationError) as err:
         ChatCompletionRequest(messages=MESSAGES, **fields)
     assert err.value.errors()[0]["loc"][0] == param
@@ -96,6 +100,21 @@ def test_chat_refuses_tool_calls_and_structured_output(fields, param):
 ])
 def test_chat_accepts_requests_that_ask_for_plain_text(fields):
     assert ChatCompletionRequest(messages=MESSAGES, **fields).to_sampling_params(4).max_tokens == 4
+
+
+def test_logit_bias_and_response_format_become_engine_params():
+    schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
+    params = ChatCompletionRequest(messages=MESSAGES, logit_bias={"7": -100, "42": 5.5}, response_format={
+        "type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}},
+    ).to_sampling_params(4)
+    assert params.logit_bias == {7: -100.0, 42: 5.5}
+    assert params.structured.kind == "json_schema"
+    assert json.loads(params.structured.schema) == schema
+    assert list(json.loads(params.structured.schema)["properties"]) == ["b", "a"]  # generated in this order
+    for fmt in [{"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "any"}}]:
+        structured = CompletionRequest(prompt="p", response_format=fmt).to_sampling_params(4).structured
+        assert (structured.kind, structured.schema) == ("json_object", None)
+    assert CompletionRequest(prompt="p", response_format={"type": "text"}).to_sampling_params(4).structured is None
 
 
 def test_resolve_max_tokens():

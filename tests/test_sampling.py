@@ -83,3 +83,21 @@ def test_logprobs_are_log_softmax_and_top_is_sorted():
     z = math.log(sum(math.exp(v) for v in (1.0, 2.0, 3.0)))
     assert abs(lp - (1.0 - z)) < 1e-6
     assert list(top) == [2, 1]
+
+
+def test_logit_bias_and_a_grammar_mask_apply_before_top_k():
+    logits = torch.tensor([5.0, 4.0, 3.0, 2.0, 1.0])
+    greedy = SamplingParams(temperature=0.0)
+    assert sample_token(logits, SamplingParams(temperature=0.0, logit_bias={0: -100.0}), make_generator(0),
+                        EMPTY, EMPTY) == 1
+    assert sample_token(logits, SamplingParams(temperature=0.0, logit_bias={4: 4.5}), make_generator(0),
+                        EMPTY, EMPTY) == 4  # 1 + 4.5 > 5
+
+    def only_odd(x: torch.Tensor) -> torch.Tensor:
+        x[0::2] = float("-inf")
+        return x
+
+    assert sample_token(logits, greedy, make_generator(0), EMPTY, EMPTY, allowed=only_odd) == 1
+    top1 = SamplingParams(temperature=1.0, top_k=1)  # top-k over the allowed tokens, not over all of them
+    assert {sample_token(logits, top1, make_generator(s), EMPTY, EMPTY, allowed=only_odd) for s in range(5)} == {1}
+    assert logits.tolist() == [5.0, 4.0, 3.0, 2.0, 1.0]  # the caller's logits are left as they were

@@ -246,14 +246,30 @@ def test_retrieve_model(client):
     assert assert_error(client.get("/v1/models/gpt-9"), 404, "model")["code"] == "model_not_found"
 
 
-def test_tool_calls_and_json_mode_get_a_400_naming_the_field(client):
+def test_tool_calls_get_a_400_naming_the_field(client):
     tools = [{"type": "function", "function": {"name": "f"}}]
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "tools": tools}), 400, "tools")
     assert "tool calling is not supported" in error["message"]
-    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "json_object"}}),
-                         400, "response_format.type")
-    assert "json_object" in error["message"]
     assert client.post("/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "none"}).status_code == 200
+
+
+def test_response_format_and_logit_bias_reach_the_engine_or_get_a_400(client, fake_engine):
+    fmt = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "object"}}}
+    assert client.post("/v1/chat/completions", json={**CHAT, "response_format": fmt,
+                                                     "logit_bias": {"65": 3}}).status_code == 200
+    params = fake_engine.requests[-1].params
+    assert params.structured.kind == "json_schema" and params.logit_bias == {65: 3.0}
+    assert fake_engine.grammars.compiled == [params.structured]  # compiled before the request ran
+    bad = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "FAIL"}}}
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "response_format": bad}), 400,
+                         "response_format")
+    assert "cannot be used" in error["message"]
+    error = assert_error(client.post("/v1/completions", json={"prompt": "a", "logit_bias": {"256": 1}}), 400,
+                         "logit_bias")
+    assert "outside the vocabulary" in error["message"]
+    assert_error(client.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "xml"}}), 400,
+                 "response_format.type")
+    assert len(fake_engine.requests) == 1  # the refused ones never reached the engine
 
 
 def test_models_reports_quantization_and_quality(fake_engine):

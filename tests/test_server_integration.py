@@ -14,6 +14,7 @@ import openai
 import pytest
 import torch
 from openai import OpenAI
+from pydantic import BaseModel, Field
 
 from tests.server_process import running_server
 
@@ -112,6 +113,31 @@ def test_stop_strings(client):
                                        messages=[{"role": "user", "content": "What is the capital of France?"}],
                                        extra_body={"ignore_eos": True})
     assert r.choices[0].finish_reason == "stop" and "Paris" not in r.choices[0].message.content
+
+
+class City(BaseModel):
+    name: str = Field(max_length=32)
+    country: str = Field(max_length=32)
+    is_capital: bool  # (a float lets this 135M model loop on digits until max_tokens: the SDK then raises)
+
+
+def test_structured_output_through_the_sdk_parse_helper(client):
+    """`client.chat.completions.parse(response_format=<pydantic model>)`: the SDK sends a strict JSON schema
+    and validates the answer into the model; a schema the grammar compiler rejects is a 400."""
+    r = client.chat.completions.parse(model="default", temperature=0, max_tokens=80, response_format=City,
+                                      messages=[{"role": "user", "content": "Describe the capital of France."}])
+    city = r.choices[0].message.parsed
+    assert isinstance(city, City) and r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    assert list(json.loads(r.choices[0].message.content)) == ["name", "country", "is_capital"]
+    stream = client.chat.completions.create(model="default", temperature=0, max_tokens=48, stream=True,
+                                            response_format={"type": "json_object"},
+                                            messages=[{"role": "user", "content": "What is the capital of France?"}])
+    assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)), dict)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(model="default", max_tokens=4, messages=[{"role": "user", "content": "x"}],
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "bad", "schema": {"type": "integer", "minimum": "x"}}})
+    assert err.value.body["param"] == "response_format" and "must be a number" in err.value.body["message"]
 
 
 def test_errors(base_url, client):
