@@ -27,19 +27,19 @@ from bench._host import load_line  # noqa: E402
 PROMPT = "Write a short story about a lighthouse keeper:"
 
 
-async def _engine_stream(eng, i: int, max_tokens: int) -> int:
+async def _engine_stream(eng, i: int, max_tokens: int, top_p: float) -> int:
     from engine.types import GenerationRequest, SamplingParams
 
     ids = eng.tokenizer.encode(f"{PROMPT} ({i})")
-    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, seed=i, ignore_eos=True)
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.8, top_p=top_p, seed=i, ignore_eos=True)
     n = 0
     async for out in eng.generate(GenerationRequest(f"load-{i}", ids, params)):
         n += len(out.token_ids)
     return n
 
 
-async def _http_stream(client, i: int, max_tokens: int) -> int:
-    body = {"prompt": f"{PROMPT} ({i})", "max_tokens": max_tokens, "temperature": 0.8, "seed": i,
+async def _http_stream(client, i: int, max_tokens: int, top_p: float) -> int:
+    body = {"prompt": f"{PROMPT} ({i})", "max_tokens": max_tokens, "temperature": 0.8, "top_p": top_p, "seed": i,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     tokens = 0
     async with client.stream("POST", "/v1/completions", json=body) as r:
@@ -52,12 +52,12 @@ async def _http_stream(client, i: int, max_tokens: int) -> int:
     return tokens
 
 
-async def run_level(streams: int, max_tokens: int, eng=None, client=None) -> tuple[float, int]:
+async def run_level(streams: int, max_tokens: int, eng=None, client=None, top_p: float = 1.0) -> tuple[float, int]:
     start = time.monotonic()
     if eng is not None:
-        counts = await asyncio.gather(*(_engine_stream(eng, i, max_tokens) for i in range(streams)))
+        counts = await asyncio.gather(*(_engine_stream(eng, i, max_tokens, top_p) for i in range(streams)))
     else:
-        counts = await asyncio.gather(*(_http_stream(client, i, max_tokens) for i in range(streams)))
+        counts = await asyncio.gather(*(_http_stream(client, i, max_tokens, top_p) for i in range(streams)))
     return time.monotonic() - start, sum(counts)
 
 
@@ -79,7 +79,7 @@ async def bench(args: argparse.Namespace) -> list[tuple[int, float, int]]:
         await run_level(1, 2, eng, client)  # warm-up
         rows = []
         for streams in args.streams:
-            wall, tokens = await run_level(streams, args.max_tokens, eng, client)
+            wall, tokens = await run_level(streams, args.max_tokens, eng, client, args.top_p)
             rows.append((streams, wall, tokens))
             print(f"# {streams} streams: {tokens} tokens in {wall:.1f} s", file=sys.stderr, flush=True)
         return rows
@@ -108,11 +108,13 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-batch", type=int, default=16)
     p.add_argument("--max-seq-len", type=int, default=256)
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling of every stream (temperature 0.8)")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--streams", type=int, nargs="+", default=[1, 4, 8, 16])
     args = p.parse_args()
     load_before = os.getloadavg()
     rows = asyncio.run(bench(args))
+    print(f"model {args.model}, temperature 0.8, top_p {args.top_p}, {args.max_tokens} tokens per stream")
     print(table(rows))
     print(f"\n{load_line(load_before)}; OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}")
 

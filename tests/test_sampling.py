@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 
+import pytest
 import torch
 
 from engine.sampling import apply_penalties, draw, filter_logits, make_generator, sample_token, token_logprobs
@@ -59,6 +60,21 @@ def test_top_p_keeps_smallest_set_reaching_p():
     assert torch.isfinite(out).tolist() == [True, True, False, False]
     out = filter_logits(probs.log(), SamplingParams(top_p=0.01))
     assert torch.isfinite(out).tolist() == [True, False, False, False]  # always at least one
+
+
+@pytest.mark.parametrize("scale", [8.0, 3.0, 0.3])  # a peaked distribution (a few tokens) ... nearly uniform
+@pytest.mark.parametrize("top_p", [0.5, 0.9, 0.999])
+def test_top_p_on_a_large_vocabulary_keeps_the_nucleus_however_many_tokens_it_holds(scale, top_p):
+    """49,152 tokens: the nucleus is found among the top 256, the top 2,048, or by a full sort; every token
+    kept has less than top_p of the mass above it (fp64), every token dropped at least (rounding aside)."""
+    logits = torch.randn(49_152, generator=torch.Generator().manual_seed(1)) * scale
+    kept = torch.isfinite(filter_logits(logits, SamplingParams(top_p=top_p)))
+    probs = torch.softmax(logits.double(), -1)
+    desc, order = probs.sort(descending=True)
+    above = torch.empty_like(probs)
+    above[order] = desc.cumsum(0) - desc  # each token: the mass of the tokens more likely than it
+    assert kept.any() and (above[kept] < top_p + 1e-5).all() and (above[~kept] >= top_p - 1e-5).all()
+    assert abs(int(kept.sum()) - int((above < top_p).sum())) <= 2
 
 
 def test_min_p_drops_tokens_below_fraction_of_max():
