@@ -128,8 +128,10 @@ class Engine:
             team_step = (self.cpu_decoder is not None and self.cpu_decoder.native_layers is not None
                          and self.cpu_decoder.usable())  # QDEC hooks (attached before) make it decline
             prefill, decode = cpu_threads(threads, decode_threads, team_step)
-            self.threads = {"prefill": prefill, "decode": decode}
-            log.info("CPU threads: %d for prefill, %d for decode steps", prefill, decode)
+            # sampling: a few ops over one vocabulary row each, where waking an OpenMP team costs more
+            # than it shares (344 -> 224 us per request and token at 8 streams: bench/RESULTS.md "Sampling")
+            self.threads = {"prefill": prefill, "decode": decode, "sample": 1}
+            log.info("CPU threads: %d for prefill, %d for decode steps, 1 for sampling", prefill, decode)
         self.kv_cache_dtype = kv_cache_dtype_for(kv_cache_dtype, self.model.model.norm.weight.dtype, self.device)
         cache_dtype = KV_CACHE_DTYPES[self.kv_cache_dtype]
         self.model.drop_cache()  # a cache an earlier engine left on this model is not counted as taken
@@ -452,6 +454,7 @@ class Engine:
                                                cached_tokens=seq.cached_tokens))
             return
         logits = self.model.lm_head(hidden[0, -1]).float().cpu()
+        self._use_threads("sample")
         self._sample(seq, logits, prompt_lp, queue_wait)
 
     def _prompt_logprobs(self, hidden: torch.Tensor, ids: list[int], offset: int,
@@ -482,6 +485,7 @@ class Engine:
             positions = torch.tensor([[s.position] for s in seqs], device=self.device)
             slots = torch.tensor([s.slot for s in seqs], device=self.device)
             logits = self.model(tokens, positions, slots, last_only=True)[:, 0].cpu()  # (B, V)
+        self._use_threads("sample")
         for row, seq in enumerate(seqs):
             self._sample(seq, logits[row])
 

@@ -19,6 +19,11 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def penalized(params: SamplingParams) -> bool:
+    """Whether the tokens already seen change the logits (the caller then passes them to sample_token)."""
+    return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
+
+
 def apply_penalties(logits: Tensor, params: SamplingParams, context_ids: Tensor, output_ids: Tensor) -> Tensor:
     """Penalise tokens already seen. logits (V,) fp32; context_ids: prompt + output ids; output_ids: output only."""
     if params.repetition_penalty != 1.0 and context_ids.numel():
@@ -93,11 +98,16 @@ def draw(probs: Tensor, generator: torch.Generator) -> int:
 
 def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Generator,
                  context_ids: Tensor, output_ids: Tensor, allowed: Callable[[Tensor], Tensor] | None = None) -> int:
-    """Pick the next token from raw fp32 logits (V,) on the CPU. `allowed`, if given, sets the logits of
-    tokens a grammar forbids to -inf (in place), after penalties and bias, before temperature and filters."""
-    logits = apply_logit_bias(apply_penalties(logits.clone(), params, context_ids, output_ids), params.logit_bias)
-    if allowed is not None:
-        logits = allowed(logits)
+    """Pick the next token from raw fp32 logits (V,) on the CPU, which are left as they are. `allowed`, if
+    given, sets the logits of tokens a grammar forbids to -inf (in place), after penalties and bias, before
+    temperature and filters. `context_ids` (prompt + output) and `output_ids` are read only if `penalized`."""
+    if penalized(params) or params.logit_bias or allowed is not None:  # in-place changes: on a copy
+        logits = logits.clone()
+        if penalized(params):
+            apply_penalties(logits, params, context_ids, output_ids)
+        apply_logit_bias(logits, params.logit_bias)
+        if allowed is not None:
+            allowed(logits)
     if params.temperature == 0.0:
         return int(torch.argmax(logits))
     return draw(torch.softmax(filter_logits(logits, params), dim=-1), generator)

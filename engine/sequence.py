@@ -7,10 +7,13 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling import make_generator, sample_token, token_logprobs
+from engine.sampling import make_generator, penalized, sample_token, token_logprobs
 from engine.stop import StopStringMatcher
 from engine.structured import TokenConstraint
 from engine.types import GenerationOutput, GenerationRequest, TokenLogprob
+
+
+NO_TOKENS = torch.zeros(0, dtype=torch.long)
 
 
 @dataclass
@@ -57,9 +60,12 @@ class Sequence:
              queue_wait_s: float | None = None) -> GenerationOutput:
         """Sample one token from logits (V,) fp32 CPU, update state, and build this step's event."""
         p = self.request.params
-        out_t = torch.tensor(self.output_ids, dtype=torch.long)
+        out_t = context = NO_TOKENS
+        if penalized(p):
+            out_t = torch.tensor(self.output_ids, dtype=torch.long)
+            context = torch.cat((self.context, out_t))
         allowed = None if self.constraint is None else self.constraint.mask
-        token = sample_token(logits, p, self.generator, torch.cat((self.context, out_t)), out_t, allowed)
+        token = sample_token(logits, p, self.generator, context, out_t, allowed)
         if self.constraint is not None:
             self.constraint.accept(token)
         self.output_ids.append(token)

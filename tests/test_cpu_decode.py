@@ -508,8 +508,8 @@ def test_engine_decodes_with_every_thread_only_on_the_one_call_step(native_kerne
 
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
     eng = Engine(LoadedModel(quantize(tiny()), None, "tiny", Path(".")), max_batch=2, max_seq_len=64)
-    assert eng.cpu_decoder.native_layers is not None and eng.threads == {"prefill": 2, "decode": 2}
+    assert eng.cpu_decoder.native_layers is not None and eng.threads == {"prefill": 2, "decode": 2, "sample": 1}
     hooked = quantize(tiny())
     next(m for m in hooked.modules() if isinstance(m, QuantLinear)).register_forward_hook(lambda *a: None)
     eng = Engine(LoadedModel(hooked, None, "tiny", Path(".")), max_batch=2, max_seq_len=64)
-    assert eng.threads == {"prefill": 2, "decode": 1}
+    assert eng.threads == {"prefill": 2, "decode": 1, "sample": 1}

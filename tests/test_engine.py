@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from engine.engine import Engine
+from engine.sequence import Sequence
 from engine.types import EngineError, GenerationRequest, SamplingParams
 from models.loader import load_model
 
@@ -163,14 +164,22 @@ def test_engine_switches_threads_between_prefill_and_decode(engine):
         prefilled.append(torch.get_num_threads())
         return type(model).hidden_states(model, *args)
 
-    model.decode_fn, model.hidden_states = spy, prefill_spy
+    sampled = []
+    step = Sequence.step
+
+    def sample_spy(self, *args):
+        sampled.append(torch.get_num_threads())
+        return step(self, *args)
+
+    model.decode_fn, model.hidden_states, Sequence.step = spy, prefill_spy, sample_spy
     try:
         text, _ = run(collect(engine, "threads", chat_ids(engine, "Hi"), max_tokens=4, temperature=0.0))
     finally:
-        model.decode_fn = decode_fn
+        model.decode_fn, Sequence.step = decode_fn, step
         del model.hidden_states
     assert prefilled == [threads["prefill"]]
     assert text and seen and all(n == threads["decode"] for n in seen)
+    assert len(sampled) == 4 and all(n == threads["sample"] == 1 for n in sampled)  # no OpenMP team to wake
 
 
 def test_kv_cache_is_fp16_on_cpu_by_default_and_can_be_chosen(engine):
@@ -198,3 +207,19 @@ def test_kv_cache_is_fp16_on_cpu_by_default_and_can_be_chosen(engine):
     assert kv_cache_dtype_for("bfloat16", torch.float32, torch.device("cpu")) == "bfloat16"
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         kv_cache_dtype_for("fp8", torch.float32, torch.device("cpu"))
+
+
+def test_penalties_reach_the_sampler(engine):
+    """The tokens already seen go to the sampler only when a penalty asks for them: then they change the answer."""
+    ids = chat_ids(engine, "Say the word hello ten times.")
+
+    def tokens(**kw) -> list[int]:
+        _, events = run(collect(engine, "pen", ids, max_tokens=24, temperature=0.0, ignore_eos=True, **kw))
+        return [t for e in events for t in e.token_ids]
+
+    plain = tokens()
+    for penalty in ({"frequency_penalty": 2.0}, {"presence_penalty": 2.0}, {"repetition_penalty": 2.0}):
+        penalized = tokens(**penalty)
+        assert penalized != plain, penalty
+        most = max(penalized.count(t) for t in penalized)
+        assert most < max(plain.count(t) for t in plain), (penalty, most)
