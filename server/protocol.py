@@ -104,7 +104,8 @@ class ResponseFormat(OpenAIModel):
     @model_validator(mode="after")
     def _schema_given(self) -> ResponseFormat:
         if self.type == "json_schema" and self.json_schema is None:
-            raise ValueError("response_format.json_schema is required when its type is \"json_schema\"")
+            raise ValueError("json_schema is required when the type is \"json_schema\"")
+        self.structured()  # the schema's size is checked here, at the boundary
         return self
 
     def structured(self) -> StructuredOutput | None:
@@ -115,8 +116,7 @@ class ResponseFormat(OpenAIModel):
             return StructuredOutput("json_object")
         text = json.dumps(schema)  # key order kept: the properties are generated in the order given
         if len(text) > MAX_SCHEMA_CHARS:
-            raise ValueError(f"response_format: the JSON schema has {len(text)} characters; at most "
-                             f"{MAX_SCHEMA_CHARS} are accepted")
+            raise ValueError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS} are accepted")
         return StructuredOutput("json_schema", text)
 
 
@@ -141,6 +141,16 @@ class SamplingFields(RequestModel):
     min_p: float | None = Field(None, ge=0.0, le=1.0)
     repetition_penalty: float | None = Field(None, gt=0.0)
     ignore_eos: bool = False
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids_and_bounds(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key, bias in (value or {}).items():
+            if not key.isdecimal():
+                raise ValueError(f"logit_bias keys must be token ids (decimal strings), got {key!r}")
+            if not -100.0 <= bias <= 100.0:
+                raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias} for token {key}")
+        return value
 
     def _stop_list(self) -> list[str]:
         stop = self.stop
@@ -172,13 +182,6 @@ class SamplingFields(RequestModel):
     def _check_common(self) -> None:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed when stream is true")
-        for key, bias in (self.logit_bias or {}).items():
-            if not key.isdecimal():
-                raise ValueError(f"logit_bias keys must be token ids (decimal strings), got {key!r}")
-            if not -100.0 <= bias <= 100.0:
-                raise ValueError(f"logit_bias values must lie in [-100, 100], got {bias} for token {key}")
-        if self.response_format is not None:
-            self.response_format.structured()  # the schema's size is checked here, at the boundary
 
     @property
     def include_usage(self) -> bool:

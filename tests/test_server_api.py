@@ -269,6 +269,13 @@ def test_response_format_and_logit_bias_reach_the_engine_or_get_a_400(client, fa
     assert "outside the vocabulary" in error["message"]
     assert_error(client.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "xml"}}), 400,
                  "response_format.type")
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "logit_bias": {"65": 101}}), 400,
+                         "logit_bias")
+    assert "[-100, 100]" in error["message"]
+    big = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"enum": ["x" * 70_000]}}}
+    error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "response_format": big}), 400,
+                         "response_format")
+    assert "at most 65536" in error["message"]
     assert len(fake_engine.requests) == 1  # the refused ones never reached the engine
 
 
