@@ -42,18 +42,28 @@ class GrammarCompiler:
         self.vocab_size = vocab_size  # the logits' width (may exceed the tokenizer's own size)
         self.stop_token_ids = sorted(stop_token_ids)
         self._compiler: Any = None
+        self._unavailable: str | None = None  # why there is no compiler, once trying to build one failed
         self._cache: OrderedDict[StructuredOutput, Any] = OrderedDict()
         self._lock = threading.Lock()
 
     def _xgrammar_compiler(self) -> Any:
+        """xgrammar's compiler for this tokenizer; EngineError, logged once, where there can be none (xgrammar
+        not installed, a tokenizer it cannot read)."""
         with self._lock:
-            if self._compiler is None:
-                import xgrammar as xgr
+            if self._compiler is None and self._unavailable is None:
+                try:
+                    import xgrammar as xgr
 
-                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
-                                                          stop_token_ids=self.stop_token_ids)
-                self._compiler = xgr.GrammarCompiler(info)
-                log.info("structured outputs: xgrammar %s over %d tokens", xgrammar_version(), self.vocab_size)
+                    info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                              stop_token_ids=self.stop_token_ids)
+                    self._compiler = xgr.GrammarCompiler(info)
+                    log.info("structured outputs: xgrammar %s over %d tokens", xgrammar_version(), self.vocab_size)
+                except Exception as exc:  # ImportError, or whatever xgrammar raises for this tokenizer
+                    self._unavailable = f"{type(exc).__name__}: {exc}"
+                    log.error("structured outputs unavailable: %s", self._unavailable)
+            if self._compiler is None:
+                raise EngineError(f"structured outputs are unavailable on this server ({self._unavailable})",
+                                  param="response_format")
             return self._compiler
 
     def compile(self, spec: StructuredOutput) -> Any:
@@ -84,9 +94,10 @@ class GrammarCompiler:
         return TokenConstraint(self.compile(spec), self.vocab_size)
 
     def status(self) -> dict[str, object]:
-        """/health: the backend, whether it is loaded yet, and how many grammars are cached."""
+        """/health: the backend, whether it is loaded (or why it cannot be), how many grammars are cached."""
         return {"backend": "xgrammar", "loaded": self._compiler is not None, "version": xgrammar_version(),
-                "formats": ["text", "json_object", "json_schema"], "cached_grammars": len(self._cache)}
+                "error": self._unavailable, "formats": ["text", "json_object", "json_schema"],
+                "cached_grammars": len(self._cache)}
 
 
 class TokenConstraint:
@@ -97,7 +108,7 @@ class TokenConstraint:
 
         self._apply = xgr.apply_token_bitmask_inplace
         self.matcher = xgr.GrammarMatcher(compiled)
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32, bit j of word i: token 32 i + j
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32: bit j of word i, token 32i+j
 
     def mask(self, logits: Tensor) -> Tensor:
         """Set the logits (V,) fp32 of every token the grammar forbids here to -inf, in place."""

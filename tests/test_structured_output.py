@@ -156,3 +156,15 @@ def test_a_grammar_dead_end_fails_its_own_request_only(engine, monkeypatch):
 
 async def _events(stream) -> list:
     return [e async for e in stream]
+
+
+def test_a_tokenizer_xgrammar_cannot_read_makes_json_requests_a_clear_400_not_a_crash():
+    from engine.structured import GrammarCompiler
+
+    grammars = GrammarCompiler(object(), 100, [0])  # not a Hugging Face tokenizer
+    for _ in range(2):  # the reason is kept: later requests get it without trying again
+        with pytest.raises(EngineError) as err:
+            grammars.compile(StructuredOutput("json_object"))
+        assert err.value.param == "response_format" and "unavailable" in str(err.value)
+    status = grammars.status()
+    assert not status["loaded"] and status["error"]
