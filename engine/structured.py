@@ -108,7 +108,7 @@ class TokenConstraint:
 
         self._apply = xgr.apply_token_bitmask_inplace
         self.matcher = xgr.GrammarMatcher(compiled)
-        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32: bit j of word i, token 32i+j
+        self.bitmask = xgr.allocate_token_bitmask(1, vocab_size)  # (1, ceil(V / 32)) int32; token 32 i + j: bit j of i
 
     def mask(self, logits: Tensor) -> Tensor:
         """Set the logits (V,) fp32 of every token the grammar forbids here to -inf, in place."""
