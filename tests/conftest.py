@@ -1,5 +1,6 @@
 """Shared fixtures. `fake_engine` implements the engine interface the server programs against
-(engine.engine.Engine) with a character-level tokenizer, so server tests need no model."""
+(engine.engine.Engine) with a character-level tokenizer, so server tests need no model; `engine` is the real
+one on the default model."""
 from __future__ import annotations
 
 import glob
@@ -149,6 +150,18 @@ class FakeEngine:
             self.running -= 1
             if not done:
                 self.cancelled.append(request.request_id)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """The real engine on the default model (fp32, 4 slots of 256 tokens), started; one per test module."""
+    from engine.engine import Engine
+    from models.loader import load_model
+
+    eng = Engine(load_model("default"), max_batch=4, max_seq_len=256)
+    eng.start()
+    yield eng
+    eng.shutdown()
 
 
 @pytest.fixture

@@ -10,20 +10,7 @@ from engine.engine import Engine
 from engine.sequence import Sequence
 from engine.types import EngineError, GenerationRequest, SamplingParams
 from models.loader import load_model
-
-
-@pytest.fixture(scope="module")
-def engine():
-    eng = Engine(load_model("default"), max_batch=4, max_seq_len=256)
-    eng.start()
-    yield eng
-    eng.shutdown()
-
-
-def chat_ids(engine: Engine, text: str) -> list[int]:
-    out = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                               tokenize=True)
-    return list(out["input_ids"] if not isinstance(out, list) else out)
+from tests.chat_prompt import chat_ids
 
 
 async def collect(engine: Engine, rid: str, ids: list[int], **kw):

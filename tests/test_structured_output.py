@@ -10,7 +10,7 @@ import torch
 
 from engine.engine import Engine
 from engine.types import EngineError, GenerationRequest, SamplingParams, StructuredOutput
-from models.loader import load_model
+from tests.chat_prompt import chat_ids
 
 PERSON = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 24}, "age": {"type": "integer"},
@@ -18,20 +18,6 @@ PERSON = {"type": "object",
           "required": ["name", "age", "city"], "additionalProperties": False}
 ASK_PERSON = "Describe a person as JSON with a name, an age and a city."
 ASK_FRANCE = "What is the capital of France?"
-
-
-@pytest.fixture(scope="module")
-def engine():
-    eng = Engine(load_model("default"), max_batch=4, max_seq_len=256)
-    eng.start()
-    yield eng
-    eng.shutdown()
-
-
-def chat_ids(engine: Engine, text: str) -> list[int]:
-    out = engine.tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                               tokenize=True)
-    return list(out["input_ids"] if not isinstance(out, list) else out)
 
 
 async def collect(engine: Engine, rid: str, text: str, **kw) -> tuple[str, str, list[int]]:
