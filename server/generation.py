@@ -84,6 +84,22 @@ class ServerState:
                                 f"{config.max_prompt_tokens} (--max-prompt-tokens)", param=param,
                            code="prompt_too_long")
 
+    async def check_sampling(self, engine: Any, params: SamplingParams) -> None:
+        """400s for logit_bias ids outside the vocabulary and for a response format's schema the grammar
+        compiler rejects; the grammar is compiled here, in a worker thread (a large schema takes a while), and
+        cached by the engine for the request to find. Counts the structured requests by format."""
+        vocab_size = len(engine.tokenizer)
+        bad = next((t for t in params.logit_bias if t >= vocab_size), None)
+        if bad is not None:
+            raise APIError(400, f"logit_bias: token id {bad} is outside the vocabulary [0, {vocab_size})",
+                           param="logit_bias")
+        if params.structured is not None:
+            try:
+                await asyncio.to_thread(engine.grammars.compile, params.structured)
+            except EngineError as exc:
+                raise APIError(400, str(exc), param=exc.param) from exc
+            self.metrics.structured_requests.labels(format=params.structured.kind).inc()
+
     def set_engine(self, engine: Any) -> None:
         self.token_text = TokenText(engine.tokenizer)
         self.engine = engine
@@ -106,22 +122,6 @@ def check_prompt_ids(ids: list[int], vocab_size: int, param: str = "prompt") -> 
     bad = next((t for t in ids if t < 0 or t >= vocab_size), None)
     if bad is not None:
         raise APIError(400, f"token id {bad} is outside the vocabulary [0, {vocab_size})", param=param)
-
-
-async def check_sampling(engine: Any, params: SamplingParams) -> None:
-    """400s for logit_bias ids outside the vocabulary and for a response format's schema the grammar compiler
-    rejects; the grammar is compiled here, in a worker thread (a large schema takes a while), and cached by
-    the engine for the request to find."""
-    vocab_size = len(engine.tokenizer)
-    bad = next((t for t in params.logit_bias if t >= vocab_size), None)
-    if bad is not None:
-        raise APIError(400, f"logit_bias: token id {bad} is outside the vocabulary [0, {vocab_size})",
-                       param="logit_bias")
-    if params.structured is not None:
-        try:
-            await asyncio.to_thread(engine.grammars.compile, params.structured)
-        except EngineError as exc:
-            raise APIError(400, str(exc), param=exc.param) from exc
 
 
 def resolve_max_tokens(requested: int | None, default: int | None, prompt_len: int, context: int,

@@ -32,6 +32,7 @@ disable_created_metrics()
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 REQUEST_STATUSES = ("success", "error", "invalid", "cancelled", "rejected")
+STRUCTURED_FORMATS = ("json_object", "json_schema")
 REJECT_REASONS = ("loading", "queue_full", "timeout", "too_large", "shutting_down")
 
 
@@ -214,10 +215,15 @@ class Metrics:
                                          ["reason"], registry=r)
         self.requests_cancelled = Counter("fbserve_requests_cancelled",
                                           "Requests cancelled because the client disconnected.", registry=r)
+        self.structured_requests = Counter("fbserve_structured_output_requests",
+                                           "API requests whose response_format constrains the output, by format.",
+                                           ["format"], registry=r)
         for status in REQUEST_STATUSES:
             self.requests.labels(status=status)
         for reason in REJECT_REASONS:
             self.requests_rejected.labels(reason=reason)
+        for fmt in STRUCTURED_FORMATS:
+            self.structured_requests.labels(format=fmt)
         self.engine_collector = EngineCollector()
         r.register(self.engine_collector)
 

@@ -9,7 +9,7 @@ from fastapi.responses import Response
 
 from engine.types import GenerationOutput
 from server.errors import APIError
-from server.generation import (Choice, ServerState, chat_logprobs, check_model, check_prompt_ids, check_sampling,
+from server.generation import (Choice, ServerState, chat_logprobs, check_model, check_prompt_ids,
                                finish_reason, make_choices, resolve_max_tokens, run_to_end, start_stream, usage_of)
 from server.protocol import (ChatChoiceLogprobs, ChatCompletionChoice, ChatCompletionRequest,
                              ChatCompletionResponse, ChatCompletionStreamChoice, ChatCompletionStreamResponse,
@@ -40,7 +40,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     budget = resolve_max_tokens(body.requested_max_tokens, None, len(ids), engine.max_seq_len, param)
     params = body.to_sampling_params(budget)
-    await check_sampling(engine, params)
+    await state.check_sampling(engine, params)
     choices = make_choices([ids], body.n, [params])
     tracker = request.state.tracker = state.admit(len(choices))
     tracker.timeout_s = state.config.request_timeout_s

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from engine.types import GenerationOutput, TokenLogprob
-from server.generation import (Choice, ServerState, check_model, check_prompt_ids, check_sampling,
+from server.generation import (Choice, ServerState, check_model, check_prompt_ids,
                                completion_logprobs, finish_reason, make_choices, resolve_max_tokens, run_to_end,
                                start_stream, usage_of)
 from server.protocol import (CompletionChoice, CompletionRequest, CompletionResponse, CompletionStreamResponse,
@@ -53,7 +53,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         check_prompt_ids(ids, len(engine.tokenizer))
         budget = resolve_max_tokens(body.max_tokens, DEFAULT_MAX_TOKENS, len(ids), engine.max_seq_len)
         params.append(body.to_sampling_params(budget))
-    await check_sampling(engine, params[0])
+    await state.check_sampling(engine, params[0])
     choices = make_choices(prompt_ids, body.n, params)
     tracker = request.state.tracker = state.admit(len(choices))
     tracker.timeout_s = state.config.request_timeout_s

@@ -52,6 +52,7 @@ CONTRACT_OTHER = {
     "fbserve_qdec_bytes_fetched_total",
     "fbserve_prefix_cache_queries_total",
     "fbserve_prefix_cache_hits_total",
+    "fbserve_structured_output_requests_total",
     "fbserve_requests_running",
     "fbserve_requests_waiting",
     "fbserve_model_weight_bytes",

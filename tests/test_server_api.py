@@ -260,6 +260,9 @@ def test_response_format_and_logit_bias_reach_the_engine_or_get_a_400(client, fa
     params = fake_engine.requests[-1].params
     assert params.structured.kind == "json_schema" and params.logit_bias == {65: 3.0}
     assert fake_engine.grammars.compiled == [params.structured]  # compiled before the request ran
+    metrics = client.get("/metrics").text
+    assert 'fbserve_structured_output_requests_total{format="json_schema"} 1.0' in metrics
+    assert 'fbserve_structured_output_requests_total{format="json_object"} 0.0' in metrics
     bad = {"type": "json_schema", "json_schema": {"name": "p", "schema": {"type": "FAIL"}}}
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "response_format": bad}), 400,
                          "response_format")
