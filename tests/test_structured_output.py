@@ -154,3 +154,14 @@ def test_a_tokenizer_xgrammar_cannot_read_makes_json_requests_a_clear_400_not_a_
         assert err.value.param == "response_format" and "unavailable" in str(err.value)
     status = grammars.status()
     assert not status["loaded"] and status["error"]
+
+
+def test_compiled_grammars_are_bounded_whatever_the_schemas_clients_send(engine):
+    """xgrammar's own cache keeps every grammar (1,000 distinct schemas: 1.3 GB); ours keeps the last few."""
+    from engine.structured import CACHED_GRAMMARS
+
+    for i in range(CACHED_GRAMMARS + 8):
+        schema = {"type": "object", "properties": {f"field_{i}": {"type": "string", "maxLength": 30}}}
+        engine.grammars.compile(StructuredOutput("json_schema", json.dumps(schema)))
+    assert engine.structured_outputs_status()["cached_grammars"] == CACHED_GRAMMARS
+    assert engine.grammars._xgrammar_compiler().get_cache_size_bytes() == 0
