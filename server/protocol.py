@@ -21,6 +21,7 @@ COMPLETION_MAX_LOGPROBS = 5  # OpenAI's limit for the legacy completions `logpro
 CHAT_MAX_TOP_LOGPROBS = 20
 MAX_N = 128
 MAX_SCHEMA_CHARS = 64 * 1024  # a response format's JSON schema, serialized
+MAX_SCHEMA_DEPTH = 64  # its nesting of JSON objects and arrays (~30 levels of nested schemas: ~15 ms to compile)
 
 
 def random_id(prefix: str) -> str:
@@ -87,6 +88,16 @@ class RequestModel(OpenAIModel):
         return data
 
 
+def nesting_depth(value: Any) -> int:
+    """How deeply JSON objects and arrays nest in `value` (a scalar: 0)."""
+    depth, level = 0, [value]
+    while level:
+        level = [v for item in level if isinstance(item, (dict, list))
+                 for v in (item.values() if isinstance(item, dict) else item)]
+        depth += 1
+    return depth - 1
+
+
 class JSONSchemaFormat(OpenAIModel):
     name: str = Field(max_length=64)
     description: str | None = None
@@ -114,6 +125,10 @@ class ResponseFormat(OpenAIModel):
         schema = self.json_schema.schema_ if self.type == "json_schema" else None
         if schema is None:
             return StructuredOutput("json_object")
+        depth = nesting_depth(schema)
+        if depth > MAX_SCHEMA_DEPTH:  # compile time grows fast with depth: 300 nested objects took 5 s
+            raise ValueError(f"the JSON schema nests {depth} levels deep (objects and arrays); at most "
+                             f"{MAX_SCHEMA_DEPTH} are accepted")
         text = json.dumps(schema)  # key order kept: the properties are generated in the order given
         if len(text) > MAX_SCHEMA_CHARS:
             raise ValueError(f"the JSON schema has {len(text)} characters; at most {MAX_SCHEMA_CHARS} are accepted")

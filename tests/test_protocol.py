@@ -102,6 +102,23 @@ def test_chat_accepts_requests_that_ask_for_plain_text(fields):
     assert ChatCompletionRequest(messages=MESSAGES, **fields).to_sampling_params(4).max_tokens == 4
 
 
+def nested_schema(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def test_a_schema_nested_too_deep_is_refused_before_it_is_compiled():
+    def fmt(levels: int) -> dict:
+        return {"type": "json_schema", "json_schema": {"name": "n", "schema": nested_schema(levels)}}
+
+    assert ChatCompletionRequest(messages=MESSAGES, response_format=fmt(30)).to_sampling_params(4).structured
+    with pytest.raises(ValidationError) as err:
+        ChatCompletionRequest(messages=MESSAGES, response_format=fmt(300))  # ~5 s of compiling on 2 cores
+    assert err.value.errors()[0]["loc"][0] == "response_format" and "nests 601 levels" in str(err.value)
+
+
 def test_logit_bias_and_response_format_become_engine_params():
     schema = {"type": "object", "properties": {"b": {"type": "integer"}, "a": {"type": "string"}}}
     params = ChatCompletionRequest(messages=MESSAGES, logit_bias={"7": -100, "42": 5.5}, response_format={
