@@ -40,10 +40,10 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
     budget = resolve_max_tokens(body.requested_max_tokens, None, len(ids), engine.max_seq_len, param)
     params = body.to_sampling_params(budget)
-    await state.check_sampling(engine, params)
     choices = make_choices([ids], body.n, [params])
     tracker = request.state.tracker = state.admit(len(choices))
     tracker.timeout_s = state.config.request_timeout_s
+    await state.check_sampling(engine, params)  # admitted first: --max-queue bounds the grammars compiling
     request_id = random_id("chatcmpl")
     model = engine.model_name
     top_n = body.top_logprobs or 0

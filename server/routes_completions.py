@@ -53,10 +53,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         check_prompt_ids(ids, len(engine.tokenizer))
         budget = resolve_max_tokens(body.max_tokens, DEFAULT_MAX_TOKENS, len(ids), engine.max_seq_len)
         params.append(body.to_sampling_params(budget))
-    await state.check_sampling(engine, params[0])
     choices = make_choices(prompt_ids, body.n, params)
     tracker = request.state.tracker = state.admit(len(choices))
     tracker.timeout_s = state.config.request_timeout_s
+    await state.check_sampling(engine, params[0])  # admitted first: --max-queue bounds the grammars compiling
     request_id = random_id("cmpl")
     model = engine.model_name
 

@@ -267,6 +267,8 @@ def test_response_format_and_logit_bias_reach_the_engine_or_get_a_400(client, fa
     error = assert_error(client.post("/v1/chat/completions", json={**CHAT, "response_format": bad}), 400,
                          "response_format")
     assert "cannot be used" in error["message"]
+    assert client.app.state.server.admission.in_flight == 0  # admitted before compiling, then released
+    assert 'fbserve_requests_total{status="invalid"} 1.0' in client.get("/metrics").text
     error = assert_error(client.post("/v1/completions", json={"prompt": "a", "logit_bias": {"256": 1}}), 400,
                          "logit_bias")
     assert "outside the vocabulary" in error["message"]
