@@ -101,9 +101,10 @@ def sample_token(logits: Tensor, params: SamplingParams, generator: torch.Genera
     """Pick the next token from raw fp32 logits (V,) on the CPU, which are left as they are. `allowed`, if
     given, sets the logits of tokens a grammar forbids to -inf (in place), after penalties and bias, before
     temperature and filters. `context_ids` (prompt + output) and `output_ids` are read only if `penalized`."""
-    if penalized(params) or params.logit_bias or allowed is not None:  # in-place changes: on a copy
+    penalties = penalized(params)
+    if penalties or params.logit_bias or allowed is not None:  # in-place changes: on a copy
         logits = logits.clone()
-        if penalized(params):
+        if penalties:
             apply_penalties(logits, params, context_ids, output_ids)
         apply_logit_bias(logits, params.logit_bias)
         if allowed is not None:
