@@ -133,6 +133,10 @@ def test_structured_output_through_the_sdk_parse_helper(client):
                                             response_format={"type": "json_object"},
                                             messages=[{"role": "user", "content": "What is the capital of France?"}])
     assert isinstance(json.loads("".join(c.choices[0].delta.content or "" for c in stream if c.choices)), dict)
+    completion = client.completions.create(model="default", prompt="A JSON object describing Paris:", max_tokens=48,
+                                           temperature=0, extra_body={"response_format": {"type": "json_object"}})
+    assert isinstance(json.loads(completion.choices[0].text), dict)  # the extension on /v1/completions
+    assert completion.choices[0].finish_reason == "stop"
     with pytest.raises(openai.BadRequestError) as err:
         client.chat.completions.create(model="default", max_tokens=4, messages=[{"role": "user", "content": "x"}],
                                        response_format={"type": "json_schema", "json_schema": {
