@@ -56,6 +56,20 @@ class Sequence:
             return self.request.prompt_token_ids[:self.prefilled]
         return self.request.prompt_token_ids + self.output_ids[:-1]
 
+    def _next_token(self, logits: torch.Tensor, context: torch.Tensor, out_t: torch.Tensor) -> int:
+        """The next token; under a grammar, one it allows and takes. Greedy, the model's own choice is tried
+        first: when the grammar allows it, it is also the argmax under the mask, and no mask is computed."""
+        p, c = self.request.params, self.constraint
+        if c is None:
+            return sample_token(logits, p, self.generator, context, out_t)
+        if p.temperature == 0.0:
+            token = sample_token(logits, p, self.generator, context, out_t)
+            if c.accept_if_allowed(token):
+                return token
+        token = sample_token(logits, p, self.generator, context, out_t, c.mask)
+        c.accept(token)
+        return token
+
     def step(self, logits: torch.Tensor, prompt_logprobs: list[TokenLogprob | None] | None = None,
              queue_wait_s: float | None = None) -> GenerationOutput:
         """Sample one token from logits (V,) fp32 CPU, update state, and build this step's event."""
@@ -64,10 +78,7 @@ class Sequence:
         if penalized(p):
             out_t = torch.tensor(self.output_ids, dtype=torch.long)
             context = torch.cat((self.context, out_t))
-        allowed = None if self.constraint is None else self.constraint.mask
-        token = sample_token(logits, p, self.generator, context, out_t, allowed)
-        if self.constraint is not None:
-            self.constraint.accept(token)
+        token = self._next_token(logits, context, out_t)
         self.output_ids.append(token)
         logprobs = None
         if p.logprobs is not None:

@@ -120,6 +120,10 @@ class TokenConstraint:
         self._apply(logits.unsqueeze(0), self.bitmask)
         return logits
 
+    def accept_if_allowed(self, token_id: int) -> bool:
+        """Take `token_id` if the grammar allows it here (no mask computed); False leaves the state as it was."""
+        return self.matcher.accept_token(token_id)
+
     def accept(self, token_id: int) -> None:
         if not self.matcher.accept_token(token_id):
             raise RuntimeError(f"token {token_id} was sampled although the grammar forbids it")

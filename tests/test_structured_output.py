@@ -122,6 +122,9 @@ class DeadEndAfter:
     def accept(self, token_id: int) -> None:
         pass
 
+    def accept_if_allowed(self, token_id: int) -> bool:
+        return False  # greedy requests too go through the mask
+
 
 def test_a_grammar_dead_end_fails_its_own_request_only(engine, monkeypatch):
     alone = run(collect(engine, "a2", ASK_FRANCE, max_tokens=12, temperature=0.0))[0]
@@ -165,3 +168,18 @@ def test_compiled_grammars_are_bounded_whatever_the_schemas_clients_send(engine)
         engine.grammars.compile(StructuredOutput("json_schema", json.dumps(schema)))
     assert engine.structured_outputs_status()["cached_grammars"] == CACHED_GRAMMARS
     assert engine.grammars._xgrammar_compiler().get_cache_size_bytes() == 0
+
+
+def test_greedy_computes_a_mask_only_where_the_model_would_leave_the_grammar(engine, monkeypatch):
+    from engine.structured import TokenConstraint
+
+    spec = StructuredOutput("json_schema", json.dumps(PERSON))
+    masks = []
+    real_mask = TokenConstraint.mask
+    monkeypatch.setattr(TokenConstraint, "mask", lambda self, logits: masks.append(1) or real_mask(self, logits))
+    fast, reason, tokens = run(collect(engine, "g1", ASK_PERSON, max_tokens=64, temperature=0.0, structured=spec))
+    fast_masks = len(masks)
+    monkeypatch.setattr(TokenConstraint, "accept_if_allowed", lambda self, token_id: False)  # always mask
+    masked, _, _ = run(collect(engine, "g2", ASK_PERSON, max_tokens=64, temperature=0.0, structured=spec))
+    assert fast == masked and reason == "stop"
+    assert 0 < fast_masks < len(tokens) == len(masks) - fast_masks
