@@ -2,7 +2,7 @@
 
 One engine, one chat prompt asking for a person as JSON, two schemas: with length bounds on its strings and
 array (`maxLength`, `maxItems`: masks that take xgrammar longer) and without. For each, the constrained answer
-is generated first (greedy); then, `--rounds` times, the same number of tokens with the schema and without it
+is generated first (greedy, or `--temperature T` with seed 0); then, `--rounds` times, the same number of tokens with the schema and without it
 (`ignore_eos`), alternating, each request timed from its first token to its last. Prints the median ms per
 token of each, the difference, and the constrained answers (the bounded one must parse; the unbounded one
 loops inside a string until `--max-tokens` on this 135M model).
@@ -51,11 +51,12 @@ def measure(eng, ids: list[int], name: str, schema: dict, args) -> tuple[str, in
     from engine.types import SamplingParams, StructuredOutput
 
     spec = StructuredOutput("json_schema", json.dumps(schema))
-    answer, times = asyncio.run(token_times(eng, ids, SamplingParams(max_tokens=args.max_tokens, temperature=0.0,
-                                                                     structured=spec)))
+    sampling = {"temperature": args.temperature, "seed": 0}
+    answer, times = asyncio.run(token_times(eng, ids, SamplingParams(max_tokens=args.max_tokens, structured=spec,
+                                                                     **sampling)))
     n = len(times)
-    runs = {"with": SamplingParams(max_tokens=n, temperature=0.0, structured=spec),
-            "without": SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)}
+    runs = {"with": SamplingParams(max_tokens=n, structured=spec, **sampling),
+            "without": SamplingParams(max_tokens=n, ignore_eos=True, **sampling)}
     ms: dict[str, list[float]] = {key: [] for key in runs}
     for _ in range(args.rounds):
         for key, params in runs.items():
@@ -69,6 +70,7 @@ def main() -> None:
     parser.add_argument("--model", default="default-fbquant")
     parser.add_argument("--max-tokens", type=int, default=120)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy; else sampled with seed 0")
     args = parser.parse_args()
     before = os.getloadavg()
 
@@ -85,7 +87,8 @@ def main() -> None:
                 for name, schema in (("bounded", PERSON), ("unbounded", UNBOUNDED))]
     finally:
         eng.shutdown()
-    print(f"model {args.model}, greedy, {args.rounds} rounds of each schema with and without it, alternating\n")
+    how = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, seed 0"
+    print(f"model {args.model}, {how}, {args.rounds} rounds of each schema with and without it, alternating\n")
     print("| schema | tokens | ms per token with it (median) | without | cost | rounds with / without |")
     print("|---|---:|---:|---:|---:|---|")
     for name, n, with_, without, _ in rows:

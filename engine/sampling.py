@@ -24,6 +24,11 @@ def penalized(params: SamplingParams) -> bool:
     return params.repetition_penalty != 1.0 or bool(params.presence_penalty) or bool(params.frequency_penalty)
 
 
+def filtered(params: SamplingParams) -> bool:
+    """Whether top-k, top-p or min-p drop tokens before a draw."""
+    return bool(params.top_k) or params.top_p < 1.0 or params.min_p > 0.0
+
+
 def apply_penalties(logits: Tensor, params: SamplingParams, context_ids: Tensor, output_ids: Tensor) -> Tensor:
     """Penalise tokens already seen. logits (V,) fp32; context_ids: prompt + output ids; output_ids: output only."""
     if params.repetition_penalty != 1.0 and context_ids.numel():

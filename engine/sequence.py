@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from engine.detokenizer import IncrementalDetokenizer
-from engine.sampling import make_generator, penalized, sample_token, token_logprobs
+from engine.sampling import filtered, make_generator, penalized, sample_token, token_logprobs
 from engine.stop import StopStringMatcher
 from engine.structured import TokenConstraint
 from engine.types import GenerationOutput, GenerationRequest, TokenLogprob
@@ -57,12 +57,15 @@ class Sequence:
         return self.request.prompt_token_ids + self.output_ids[:-1]
 
     def _next_token(self, logits: torch.Tensor, context: torch.Tensor, out_t: torch.Tensor) -> int:
-        """The next token; under a grammar, one it allows and takes. Greedy, the model's own choice is tried
-        first: when the grammar allows it, it is also the argmax under the mask, and no mask is computed."""
+        """The next token; under a grammar, one it allows and takes. Unless top-k / top-p / min-p filter the
+        tokens, the model's own choice is tried first, without computing the mask: greedy, an allowed argmax
+        is also the argmax under the mask; sampled, a token drawn from all tokens is kept if allowed, else one
+        is drawn under the mask, which draws each allowed token with its probability among the allowed ones
+        (p(x) + (1 - p(allowed)) p(x) / p(allowed)). Filters would pick their tokens among all, not the allowed."""
         p, c = self.request.params, self.constraint
         if c is None:
             return sample_token(logits, p, self.generator, context, out_t)
-        if p.temperature == 0.0:
+        if p.temperature == 0.0 or not filtered(p):
             token = sample_token(logits, p, self.generator, context, out_t)
             if c.accept_if_allowed(token):
                 return token

@@ -117,3 +117,41 @@ def test_logit_bias_and_a_grammar_mask_apply_before_top_k():
     top1 = SamplingParams(temperature=1.0, top_k=1)  # top-k over the allowed tokens, not over all of them
     assert {sample_token(logits, top1, make_generator(s), EMPTY, EMPTY, allowed=only_odd) for s in range(5)} == {1}
     assert logits.tolist() == [5.0, 4.0, 3.0, 2.0, 1.0]  # the caller's logits are left as they were
+
+
+class AllowOnly:
+    """A grammar stand-in that allows `tokens` at every step and counts the masks it computes."""
+
+    def __init__(self, tokens: set[int]) -> None:
+        self.tokens, self.masks = tokens, 0
+
+    def mask(self, logits: torch.Tensor) -> torch.Tensor:
+        self.masks += 1
+        logits[[t for t in range(logits.numel()) if t not in self.tokens]] = float("-inf")
+        return logits
+
+    def accept_if_allowed(self, token_id: int) -> bool:
+        return token_id in self.tokens
+
+    def accept(self, token_id: int) -> None:
+        assert token_id in self.tokens
+
+
+def test_sampling_under_a_grammar_draws_each_allowed_token_with_its_share_of_the_allowed_mass():
+    """Without filters a token is first drawn from all of them and kept if allowed, else drawn under the mask:
+    20,000 draws from (0.4, 0.3, 0.2, 0.1) allowing tokens 1 and 3 give 0.75 / 0.25 (4 standard errors), and a
+    mask only for the ~60% of draws that fell outside; with top_p every draw is masked first."""
+    from engine.sequence import Sequence
+    from engine.types import GenerationRequest
+
+    logits = torch.tensor([0.4, 0.3, 0.2, 0.1]).log()
+    n = 20_000
+    for params, masked_share in [(SamplingParams(temperature=1.0, seed=5), (0.55, 0.65)),
+                                 (SamplingParams(temperature=1.0, top_p=0.99, seed=5), (1.0, 1.0))]:
+        grammar = AllowOnly({1, 3})
+        seq = Sequence(GenerationRequest("g", [1, 2], params), emit=None, eos_ids=set(), tokenizer=None,
+                       constraint=grammar)
+        draws = [seq._next_token(logits, EMPTY, EMPTY) for _ in range(n)]
+        assert set(draws) == {1, 3}
+        assert abs(draws.count(1) / n - 0.75) < 4 * math.sqrt(0.75 * 0.25 / n), params
+        assert masked_share[0] <= grammar.masks / n <= masked_share[1], (params, grammar.masks)
