@@ -196,8 +196,6 @@ class Engine:
         bad = next((t for t in request.params.logit_bias if not 0 <= t < vocab), None)
         if bad is not None:
             raise EngineError(f"logit_bias: token id {bad} is outside the vocabulary [0, {vocab})", param="logit_bias")
-        if request.params.structured is not None:
-            self.grammars.compile(request.params.structured)  # cached: the server compiled it off the event loop
 
     async def generate(self, request: GenerationRequest) -> AsyncIterator[GenerationOutput]:
         """Stream a request's events; closing or cancelling the iterator cancels the request."""
@@ -211,8 +209,8 @@ class Engine:
             except RuntimeError:  # the consumer's event loop is closed: nobody is left to tell
                 log.debug("dropped an event of %s: its event loop is closed", request.request_id)
 
-        structured = request.params.structured
-        constraint = None if structured is None else self.grammars.constraint(structured)
+        structured = request.params.structured  # a schema it cannot use raises EngineError here, like validate
+        constraint = None if structured is None else self.grammars.constraint(structured)  # compiled: cached
         seq = Sequence(request, emit, self.eos_ids, self.tokenizer, constraint=constraint)
         self._inbox.put(seq)
         finished = False
