@@ -18,7 +18,7 @@ from typing import Any
 
 from torch import Tensor
 
-from engine.types import EngineError, StructuredOutput
+from engine.types import STRUCTURED_KINDS, EngineError, StructuredOutput
 
 log = logging.getLogger("fbserve.engine")
 
@@ -98,7 +98,7 @@ class GrammarCompiler:
     def status(self) -> dict[str, object]:
         """/health: the backend, whether it is loaded (or why it cannot be), how many grammars are cached."""
         return {"backend": "xgrammar", "loaded": self._compiler is not None, "version": xgrammar_version(),
-                "error": self._unavailable, "formats": ["text", "json_object", "json_schema"],
+                "error": self._unavailable, "formats": ["text", *STRUCTURED_KINDS],
                 "cached_grammars": len(self._cache)}
 
 

@@ -4,6 +4,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
+STRUCTURED_KINDS = ("json_object", "json_schema")  # what StructuredOutput.kind may be
+
+
 @dataclass(frozen=True)
 class StructuredOutput:
     """A constraint on the generated text: `kind` "json_object" (any JSON object) or "json_schema" (`schema`,

@@ -21,6 +21,8 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
+from engine.types import STRUCTURED_KINDS
+
 log = logging.getLogger("fbserve.metrics")
 # the Engine's optional paths that report `<path>_status()` (/health and fbserve_path_enabled; qdec apart)
 ENGINE_PATHS = ("cpu_decode", "cuda_graph", "merged_projections", "prefix_cache")
@@ -32,7 +34,6 @@ disable_created_metrics()
 TOKEN_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 REQUEST_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0)
 REQUEST_STATUSES = ("success", "error", "invalid", "cancelled", "rejected")
-STRUCTURED_FORMATS = ("json_object", "json_schema")
 REJECT_REASONS = ("loading", "queue_full", "timeout", "too_large", "shutting_down")
 
 
@@ -222,7 +223,7 @@ class Metrics:
             self.requests.labels(status=status)
         for reason in REJECT_REASONS:
             self.requests_rejected.labels(reason=reason)
-        for fmt in STRUCTURED_FORMATS:
+        for fmt in STRUCTURED_KINDS:
             self.structured_requests.labels(format=fmt)
         self.engine_collector = EngineCollector()
         r.register(self.engine_collector)
